@@ -1,0 +1,1 @@
+"""Benchmarks of resilient against its peer libraries: ``python -m benchmarks``."""

@@ -1,0 +1,367 @@
+"""Rate limiting, side by side with limits, pyrate-limiter and slowapi, in one run.
+
+Sections:
+
+* ``redis``: checks per second and latency (p50, p99) at concurrency 1 and 64 against a
+  dedicated local redis-server, next to the ceiling of a raw redis-py ``EVALSHA`` of
+  ``return 1``;
+* ``middleware``: microseconds per request that each middleware adds to a bare Starlette
+  app called in process (no network, no HTTP client);
+* ``http``: requests per second under uvicorn (httptools) driven by wrk.
+
+Every figure is the median of ``--repeat`` runs; contenders alternate within each run so
+that drift of the machine touches them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio
+
+from benchmarks._common import RESULTS, Run, machine_facts, measure, median_run, table
+from resilient import (
+    MemoryBackend,
+    RateLimiter,
+    RateLimitMiddleware,
+    RedisBackend,
+    Rule,
+    SlidingWindow,
+    TokenBucket,
+)
+from resilient.testing import RedisServer, find_redis_server
+
+PACKAGES = [
+    "resilient-asgi",
+    "redis",
+    "hiredis",
+    "limits",
+    "pyrate-limiter",
+    "slowapi",
+    "starlette",
+    "uvicorn",
+    "httptools",
+]
+BIG = "1000000000/minute"  # nothing is denied: what is measured is the cost of a check
+
+Op = Callable[[], Awaitable[object]]
+
+
+# --- redis -------------------------------------------------------------------------------
+
+
+async def redis_contenders(url: str, stack: list[Callable[[], Awaitable[None]]]) -> dict[str, Op]:
+    from limits import parse
+    from limits.aio.storage import RedisStorage
+    from limits.aio.strategies import (
+        FixedWindowRateLimiter,
+        MovingWindowRateLimiter,
+        SlidingWindowCounterRateLimiter,
+    )
+    from pyrate_limiter import Duration, Limiter, RedisBucket
+    from pyrate_limiter import Rate as PyrateRate
+
+    client = redis.asyncio.Redis.from_url(url, max_connections=256)
+    stack.append(client.aclose)
+    sha = await client.script_load("return 1")
+    ours = RedisBackend(client)
+    stack.append(ours.aclose)
+    limiter = RateLimiter(ours)
+    sliding, bucket = SlidingWindow(BIG), TokenBucket(BIG)
+
+    storage = RedisStorage(f"async+{url}", implementation="redispy", max_connections=256)
+    item = parse("1000000/minute")
+    moving = MovingWindowRateLimiter(storage)
+    counter = SlidingWindowCounterRateLimiter(storage)
+    fixed = FixedWindowRateLimiter(storage)
+
+    pyrate_client = redis.asyncio.Redis.from_url(url, max_connections=256)
+    stack.append(pyrate_client.aclose)
+    rate = PyrateRate(1_000_000, Duration.MINUTE)
+    pyrate = Limiter(await RedisBucket.init([rate], pyrate_client, "bench-pyrate"))
+
+    keys = iter(range(10**12))
+
+    def key(kind: str) -> str:  # 64 keys in turn per contender: no hot spot
+        return f"{kind}:user:{next(keys) % 64}"
+
+    return {
+        "raw EVALSHA `return 1` (ceiling)": lambda: client.evalsha(sha, 0),
+        "resilient SlidingWindow": lambda: limiter.hit(key("sw"), sliding),
+        "resilient TokenBucket": lambda: limiter.hit(key("tb"), bucket),
+        "resilient TokenBucket, one hot key": lambda: limiter.hit("hot", bucket),
+        "limits moving window": lambda: moving.hit(item, key("moving")),
+        "limits sliding window counter": lambda: counter.hit(item, key("counter")),
+        "limits fixed window": lambda: fixed.hit(item, key("fixed")),
+        "pyrate-limiter RedisBucket": lambda: pyrate.try_acquire_async("k", blocking=False),
+    }
+
+
+async def bench_redis(url: str, repeat: int, quick: bool) -> str:
+    stack: list[Callable[[], Awaitable[None]]] = []
+    try:
+        contenders = await redis_contenders(url, stack)
+        sections = []
+        for concurrency, per_worker in ((1, 300 if quick else 3000), (64, 10 if quick else 100)):
+            runs: dict[str, list[Run]] = {name: [] for name in contenders}
+            for op in contenders.values():  # warm up: connections, scripts, caches
+                await measure(op, concurrency=concurrency, per_worker=max(1, per_worker // 10))
+            for _ in range(repeat):
+                for name, op in contenders.items():
+                    runs[name].append(
+                        await measure(op, concurrency=concurrency, per_worker=per_worker)
+                    )
+            medians = {name: median_run(r) for name, r in runs.items()}
+            ceiling = next(iter(medians.values())).per_second
+            rows = [
+                (name, m.per_second, f"{m.per_second / ceiling:.2f}x", m.p50_us, m.p99_us)
+                for name, m in medians.items()
+            ]
+            sections.append(
+                f"#### Concurrency {concurrency}\n\n"
+                + table(["contender", "checks/s", "vs ceiling", "p50 µs", "p99 µs"], rows)
+            )
+        return "\n\n".join(sections)
+    finally:
+        for close in reversed(stack):
+            await close()
+
+
+def redis_benchmark(port: int) -> str:
+    tool = shutil.which("redis-benchmark")
+    if tool is None:
+        return "(redis-benchmark not installed)"
+    out = subprocess.run(
+        [tool, "-p", str(port), "-t", "ping", "-P", "16", "-c", "64", "-n", "200000", "--csv"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    rates = [line.split(",")[1].strip('"') for line in out.splitlines()[1:] if "," in line]
+    return " / ".join(f"{float(rate):,.0f} PING/s" for rate in rates) or "(no output)"
+
+
+# --- middleware in process --------------------------------------------------------------
+
+
+def middleware_apps() -> dict[str, Any]:
+    from slowapi import Limiter as SlowLimiter
+    from slowapi.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+    from slowapi.util import get_remote_address
+    from starlette.middleware import Middleware
+
+    from benchmarks._apps import starlette_app
+
+    def ours(headers: str) -> Any:
+        limiter = RateLimiter(MemoryBackend())
+        rules = [Rule(TokenBucket(BIG))]
+        return RateLimitMiddleware(
+            starlette_app(),
+            limiter=limiter,
+            rules=rules,
+            headers=headers,  # type: ignore[arg-type]
+        )
+
+    def slow(middleware: Any) -> Any:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        from benchmarks._apps import hello
+
+        app = Starlette(routes=[Route("/", hello)], middleware=[Middleware(middleware)])
+        app.state.limiter = SlowLimiter(key_func=get_remote_address, default_limits=[BIG])
+        return app
+
+    return {
+        "bare Starlette": starlette_app(),
+        "resilient RateLimitMiddleware (memory, IETF headers)": ours("ietf"),
+        "resilient RateLimitMiddleware (memory, no headers)": ours("none"),
+        "slowapi SlowAPIASGIMiddleware (memory)": slow(SlowAPIASGIMiddleware),
+        "slowapi SlowAPIMiddleware (BaseHTTPMiddleware, memory)": slow(SlowAPIMiddleware),
+    }
+
+
+async def per_request_us(app: Any, n: int) -> float:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"bench")],
+        "client": ("203.0.113.7", 40000),
+        "server": ("bench", 80),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        await app(dict(scope), receive, send)
+    return (time.perf_counter_ns() - start) / n / 1000
+
+
+async def bench_middleware(repeat: int, quick: bool) -> str:
+    apps = middleware_apps()
+    n = 2000 if quick else 20000
+    samples: dict[str, list[float]] = {name: [] for name in apps}
+    for app in apps.values():
+        await per_request_us(app, n // 10)
+    for _ in range(repeat):
+        for name, app in apps.items():
+            samples[name].append(await per_request_us(app, n))
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    bare = medians["bare Starlette"]
+    rows = [(name, us, us - bare) for name, us in medians.items()]
+    return table(["app", "µs per request", "µs added"], rows)
+
+
+# --- HTTP under uvicorn + wrk ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def serve(kind: str, redis_url: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {**os.environ, "BENCH_APP": kind, "REDIS_URL": redis_url}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks._apps:app",
+            "--port",
+            str(port),
+            "--http",
+            "httptools",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        time.sleep(0.05)
+    process.kill()
+    msg = f"uvicorn ({kind}) did not start"
+    raise RuntimeError(msg)
+
+
+def wrk(port: int, seconds: int) -> tuple[float, str]:
+    out = subprocess.run(
+        ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"^\s*99%\s+(\S+)", out, re.MULTILINE)
+    return (float(rate[1]) if rate else 0.0), (p99[1] if p99 else "?")
+
+
+def bench_http(redis_url: str, repeat: int, quick: bool) -> str:
+    if shutil.which("wrk") is None:
+        return "(wrk is not installed: `apt-get install wrk` to run this section)"
+    seconds = 3 if quick else 10
+    results: dict[str, list[float]] = {"bare": [], "memory": [], "redis": []}
+    p99s: dict[str, list[str]] = {kind: [] for kind in results}
+    for _ in range(repeat):
+        for kind, rates in results.items():
+            process, port = serve(kind, redis_url)
+            try:
+                wrk(port, 1)  # warm up
+                rate, p99 = wrk(port, seconds)
+            finally:
+                process.terminate()
+                process.wait(timeout=10)
+            rates.append(rate)
+            p99s[kind].append(p99)
+    bare = statistics.median(results["bare"])
+    rows = []
+    for kind, rates in results.items():
+        rate = statistics.median(rates)
+        rows.append((kind, rate, f"{rate / bare:.2f}x", ", ".join(p99s[kind])))
+    return (
+        "uvicorn, 1 worker, httptools; wrk -t2 -c64 on the same 2 cores "
+        f"({seconds} s per run)\n\n" + table(["app", "requests/s", "vs bare", "wrk p99"], rows)
+    )
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+SECTIONS = ("redis", "middleware", "http")
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    only = set(args.only or SECTIONS)
+    parts = ["# Rate limiting benchmarks", ""]
+    with RedisServer() as server:
+        parts += ["## Machine", "", machine_facts(PACKAGES, find_redis_server()), ""]
+        if "redis" in only:
+            print("redis section...", file=sys.stderr, flush=True)
+            parts += ["## Redis: checks per second", ""]
+            alone = redis_benchmark(server.port)
+            parts += [f"Redis alone (redis-benchmark PING, -P 16 -c 64): {alone}", ""]
+            parts += [await bench_redis(server.url, args.repeat, args.quick), ""]
+        if "middleware" in only:
+            print("middleware section...", file=sys.stderr, flush=True)
+            parts += ["## Middleware cost, in process", ""]
+            parts += [await bench_middleware(args.repeat, args.quick), ""]
+        if "http" in only:
+            print("http section...", file=sys.stderr, flush=True)
+            parts += ["## HTTP: uvicorn + wrk", ""]
+            parts += [bench_http(server.url, args.repeat, args.quick), ""]
+    parts.append(
+        f"Medians of {args.repeat} runs. Rerun: `python dev.py bench ratelimit"
+        f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."
+    )
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these")
+    args = parser.parse_args(argv)
+    report = asyncio.run(main_async(args))
+    print(report)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "ratelimit.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""resilient: composable resilience middleware for ASGI services.
+
+Each block works alone or composed, on an in-process backend by default and on Redis
+(standalone or Cluster) when several processes must agree.
+"""
+
+from __future__ import annotations
+
+from resilient.__about__ import __version__
+from resilient.backends import MemoryBackend, RedisBackend
+from resilient.clock import Clock, SystemClock
+from resilient.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    RateLimitExceeded,
+    ResilienceError,
+)
+from resilient.events import Event, LoggingObserver, Observer
+from resilient.keys import KeyFunc, by_header, by_ip, by_user
+from resilient.ratelimit import (
+    Decision,
+    Rate,
+    RateLimiter,
+    RateLimitMiddleware,
+    Rule,
+    SlidingWindow,
+    TokenBucket,
+    rate_limit,
+)
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "Clock",
+    "ConfigurationError",
+    "Decision",
+    "Event",
+    "KeyFunc",
+    "LoggingObserver",
+    "MemoryBackend",
+    "Observer",
+    "Rate",
+    "RateLimitExceeded",
+    "RateLimitMiddleware",
+    "RateLimiter",
+    "RedisBackend",
+    "ResilienceError",
+    "Rule",
+    "SlidingWindow",
+    "SystemClock",
+    "TokenBucket",
+    "__version__",
+    "by_header",
+    "by_ip",
+    "by_user",
+    "rate_limit",
+]

@@ -1,0 +1,347 @@
+"""The Redis backend: Redis or Redis Cluster through redis-py's asyncio client.
+
+Everything a block does in Redis is one Lua script, run with EVALSHA in one round trip.
+Scripts live one per file next to the block that owns them and are loaded with
+:mod:`importlib.resources`; when Redis answers NOSCRIPT (after a restart, a failover or
+``SCRIPT FLUSH``) the call is repeated once with EVAL, which loads the script again.
+
+Every key a script touches carries the same ``{hash tag}``, so each call runs on one
+Redis Cluster node. Exceptions of redis-py never escape: they become
+:class:`~resilient.errors.BackendError` here, once.
+
+Concurrent calls of one script on one hash slot are *coalesced*: while a call is in flight
+the next ones queue, and the queue goes out as a single script call when the first
+returns. An idle backend therefore adds no wait, and a busy one pays one round trip for a
+whole batch instead of one per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from resilient.errors import BackendError, ConfigurationError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+__all__ = ["Coalescer", "RedisBackend", "Script"]
+
+_T = TypeVar("_T")
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class Script:
+    """A Lua script shipped in a package, with its SHA1 computed once."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, package: str, filename: str) -> None:
+        self.name = filename
+        self.source = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Script({self.name!r}, sha={self.sha[:10]})"
+
+
+class Coalescer(Generic[_Item, _Result]):
+    """Send items one at a time when idle, in batches when busy.
+
+    *send* takes a list of items and returns one result per item, in order. At most one
+    call of *send* is in flight per coalescer; items that arrive meanwhile wait for the
+    next call, which takes up to *max_batch* of them.
+    """
+
+    __slots__ = ("_busy", "_drainer", "_max_batch", "_pending", "_send")
+
+    def __init__(
+        self, send: Callable[[list[_Item]], Awaitable[Sequence[_Result]]], max_batch: int
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._pending: list[tuple[_Item, asyncio.Future[_Result]]] = []
+        self._busy = False
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def submit(self, item: _Item) -> _Result:
+        """Send *item* (alone, or in the next batch) and return its result."""
+        if self._busy:
+            future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
+            self._pending.append((item, future))
+            return await future
+        self._busy = True
+        try:
+            results = await self._send([item])
+        finally:
+            self._release()
+        return results[0]
+
+    def _release(self) -> None:
+        if self._pending:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        else:
+            self._busy = False
+
+    async def _drain(self) -> None:
+        batch: list[tuple[_Item, asyncio.Future[_Result]]] = []
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                try:
+                    results = await self._send([item for item, _ in batch])
+                except Exception as exc:  # every waiter of the batch gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._busy = False
+            self._drainer = None
+            # Only when the drainer itself was cancelled: nobody may wait forever.
+            for _, future in (*batch, *self._pending):
+                if not future.done():
+                    future.set_exception(BackendError("the batch was cancelled"))
+            self._pending.clear()
+
+
+def _pack(args: tuple[str | int | bytes, ...]) -> bytes:
+    """Encode one command in RESP: what redis-py does, for the few types scripts take."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:  # pragma: no cover - the stores only pass str, bytes and int
+            msg = f"cannot send {arg!r} to Redis"
+            raise TypeError(msg)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Channel:
+    """A connection of its own, made like the client's, kept for script calls.
+
+    Going through the client costs a pool checkout, a release, redis-py's
+    instrumentation and a task per socket write (its per-call timeout) on every call: a
+    busy limiter would pay that per request. The channel makes one connection with the
+    client's settings but no socket timeout (the backend bounds each call with one
+    ``asyncio.timeout`` instead) and sends each command on it under a lock; callers are
+    few, since the coalescers batch everything else. A failure other than an error
+    reply drops the connection. A connection that worked before and fails to send
+    (Redis restarted, say) is replaced and the command sent once more, as redis-py's own
+    retry would.
+    """
+
+    __slots__ = ("_connection", "_kwargs", "_lock", "_pool", "_reply_errors", "_stale_errors")
+
+    def __init__(self, client: Redis) -> None:
+        from redis.exceptions import ConnectionError as RedisConnectionError  # noqa: PLC0415
+        from redis.exceptions import ResponseError  # noqa: PLC0415
+
+        self._pool = client.connection_pool
+        self._kwargs = {**self._pool.connection_kwargs, "socket_timeout": None}
+        self._connection: Any = None
+        self._lock = asyncio.Lock()
+        self._reply_errors = (ResponseError,)
+        self._stale_errors = (RedisConnectionError, ConnectionError)
+
+    @property
+    def socket_timeout(self) -> float | None:
+        """The client's own socket timeout, in seconds."""
+        timeout = self._pool.connection_kwargs.get("socket_timeout")
+        return float(timeout) if timeout else None
+
+    async def execute(self, *args: str | int | bytes) -> Any:
+        async with self._lock:
+            reused = self._connection is not None
+            try:
+                return await self._execute(args)
+            except self._stale_errors:
+                if not reused:
+                    raise
+            return await self._execute(args)
+
+    async def _execute(self, args: tuple[str | int | bytes, ...]) -> Any:
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = self._pool.connection_class(**self._kwargs)
+        try:
+            await connection.send_packed_command(_pack(args), False)
+            return await connection.read_response()
+        except self._reply_errors:
+            raise  # an error reply was read whole: the connection is still in step
+        except BaseException:
+            self._connection = None
+            await asyncio.shield(connection.disconnect())
+            raise
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                await connection.disconnect()
+
+
+class RedisBackend:
+    """Keep state in Redis (standalone) or Redis Cluster.
+
+    *client* is a :class:`redis.asyncio.Redis` or :class:`redis.asyncio.cluster.RedisCluster`.
+    Every key starts with *prefix*. *timeout* bounds each call in seconds (default: the
+    client's ``socket_timeout``); a call that times out is a backend failure, handled by
+    each block's ``on_backend_error`` policy. *max_batch* caps how many concurrent calls
+    are coalesced into one script call.
+
+    On a standalone server the backend keeps one connection of its own, made with the
+    client's settings, for its script calls: close it with :meth:`aclose` (or use the
+    backend as an async context manager) when you close the client.
+
+    >>> import redis.asyncio
+    >>> backend = RedisBackend(redis.asyncio.Redis(), prefix="shop")
+    """
+
+    __slots__ = (
+        "_channel",
+        "_errors",
+        "_key_slot",
+        "_noscript",
+        "_stores",
+        "client",
+        "is_cluster",
+        "max_batch",
+        "prefix",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        prefix: str = "resilient",
+        timeout: float | None = None,
+        max_batch: int = 256,
+    ) -> None:
+        from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415 (redis is optional)
+        from redis.exceptions import NoScriptError, RedisError  # noqa: PLC0415
+
+        if not prefix or "{" in prefix or "}" in prefix:
+            msg = f"prefix must be non-empty and free of braces (they make hash tags): {prefix!r}"
+            raise ConfigurationError(msg)
+        if timeout is not None and not timeout > 0:
+            msg = f"timeout must be a positive number of seconds or None, not {timeout!r}"
+            raise ConfigurationError(msg)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            msg = f"max_batch must be a positive integer, not {max_batch!r}"
+            raise ConfigurationError(msg)
+        self.client = client
+        self.prefix = prefix
+        self.timeout = timeout
+        self.max_batch = max_batch
+        self.is_cluster = isinstance(client, RedisCluster)
+        self._key_slot: Callable[[bytes], int] | None = None
+        if self.is_cluster:
+            from redis.crc import key_slot  # noqa: PLC0415
+
+            self._key_slot = key_slot
+        self._channel = None if self.is_cluster else _Channel(client)  # type: ignore[arg-type]
+        if timeout is None and self._channel is not None:
+            self.timeout = self._channel.socket_timeout
+        self._noscript = NoScriptError
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._stores: dict[str, Any] = {}
+
+    async def aclose(self) -> None:
+        """Close the connection this backend keeps besides the client's pool.
+
+        Close the client yourself: the backend does not own it.
+        """
+        if self._channel is not None:
+            await self._channel.aclose()
+
+    async def __aenter__(self) -> RedisBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def key(self, block: str, tag: str, suffix: str) -> str:
+        """Return ``prefix:block:{tag}:suffix``; *tag* is the hash tag, placing the key's slot.
+
+        Braces in *tag* would end the hash tag early (or empty it, and Redis would hash
+        the whole key): they are escaped, with ``%``, so distinct tags stay distinct.
+        """
+        if "{" in tag or "}" in tag or "%" in tag:
+            tag = tag.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+        return f"{self.prefix}:{block}:{{{tag}}}:{suffix}"
+
+    def store(self, name: str, factory: Callable[[RedisBackend], _T]) -> _T:
+        """Return this backend's store called *name*, made by *factory* on first use."""
+        store = self._stores.get(name)
+        if store is None:
+            store = self._stores[name] = factory(self)
+        return store
+
+    async def run_script(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes]
+    ) -> Any:
+        """Run *script* on *keys* and *args* in one round trip, reloading it after NOSCRIPT.
+
+        Raise :class:`~resilient.errors.BackendError` for any failure of Redis or of the
+        connection, including a timeout.
+        """
+        try:
+            if self.timeout is None:
+                return await self._run(script, keys, args)
+            async with asyncio.timeout(self.timeout):
+                return await self._run(script, keys, args)
+        except self._errors as exc:
+            kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
+            msg = f"Redis {kind} running {script.name}: {exc!r}"
+            raise BackendError(msg) from exc
+
+    async def _run(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes]
+    ) -> Any:
+        channel = self._channel
+        if channel is None:  # a cluster: the client routes by key and follows MOVED
+            try:
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except self._noscript:
+                return await self.client.eval(script.source, len(keys), *keys, *args)
+        try:
+            return await channel.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._noscript:
+            return await channel.execute("EVAL", script.source, len(keys), *keys, *args)
+
+    async def guard(self, operation: str, call: Awaitable[_T]) -> _T:
+        """Await *call*, translating any Redis failure into :class:`BackendError`."""
+        try:
+            if self.timeout is None:
+                return await call
+            async with asyncio.timeout(self.timeout):
+                return await call
+        except self._errors as exc:
+            msg = f"Redis failed {operation}: {exc!r}"
+            raise BackendError(msg) from exc
+
+    def slot(self, key: str) -> int:
+        """Return the cluster hash slot of *key* (0 on a standalone server)."""
+        if self._key_slot is None:
+            return 0
+        return self._key_slot(key.encode())
+
+    def __repr__(self) -> str:
+        kind = "cluster" if self.is_cluster else "standalone"
+        return f"RedisBackend(<{kind}>, prefix={self.prefix!r})"

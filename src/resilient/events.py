@@ -1,0 +1,111 @@
+"""Events: what the blocks report about themselves, and the hook that receives them.
+
+Every block takes an ``observer``: any callable that accepts an :class:`Event`. Events
+are frozen, slotted dataclasses, cheap to build and safe to keep. The default observer,
+:class:`LoggingObserver`, writes them to the ``resilient`` logger; Prometheus or
+OpenTelemetry adapters are observers too, and :func:`observe_all` fans one event out to
+several of them.
+
+An observer runs on the request path: it must be quick and must not raise (an exception
+from an observer is logged and swallowed, so a broken metrics exporter never fails a
+request).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+__all__ = [
+    "BackendFailed",
+    "Event",
+    "LoggingObserver",
+    "Observer",
+    "RateLimited",
+    "emit",
+    "observe_all",
+]
+
+logger = logging.getLogger("resilient")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of every event; ``block`` names the block that emitted it."""
+
+    level: ClassVar[int] = logging.DEBUG
+    block: str
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited(Event):
+    """A rate limit denied a request or call for ``key``."""
+
+    key: str
+    policy: str
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackendFailed(Event):
+    """A backend call failed; ``outcome`` says what the block did about it."""
+
+    level: ClassVar[int] = logging.WARNING
+    operation: str
+    error: BaseException
+    outcome: str
+
+
+class Observer(Protocol):
+    """Anything that can receive an :class:`Event`."""
+
+    def __call__(self, event: Event, /) -> None:
+        """Receive *event*; must return quickly and should not raise."""
+        ...
+
+
+class LoggingObserver:
+    """Log each event to the ``resilient`` logger, at the event class's level.
+
+    Backend failures are warnings; decisions are debug messages.
+    """
+
+    __slots__ = ("_logger",)
+
+    def __init__(self, logger_: logging.Logger | None = None) -> None:
+        self._logger = logger_ or logger
+
+    def __call__(self, event: Event, /) -> None:
+        """Log *event*."""
+        if self._logger.isEnabledFor(event.level):
+            self._logger.log(event.level, "%s", event)
+
+    def __repr__(self) -> str:
+        return f"LoggingObserver({self._logger.name!r})"
+
+
+class _Fanout:
+    __slots__ = ("observers",)
+
+    def __init__(self, observers: tuple[Observer, ...]) -> None:
+        self.observers = observers
+
+    def __call__(self, event: Event, /) -> None:
+        for observer in self.observers:
+            emit(observer, event)
+
+
+def observe_all(*observers: Observer) -> Observer:
+    """Return one observer that passes each event to every one of *observers*, in order."""
+    return _Fanout(observers)
+
+
+def emit(observer: Observer | None, event: Event) -> None:
+    """Give *event* to *observer*, logging and swallowing anything it raises."""
+    if observer is None:
+        return
+    try:
+        observer(event)
+    except Exception:
+        logger.exception("observer %r failed on %r", observer, event)

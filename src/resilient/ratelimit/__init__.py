@@ -1,0 +1,27 @@
+"""Rate limiting: sliding windows and token buckets, in memory or on Redis.
+
+* :mod:`~resilient.ratelimit.core`: the pure algorithms (no I/O);
+* :class:`RateLimiter`: checks keys against policies on a backend;
+* :class:`RateLimitMiddleware` and :class:`Rule`: limits at the ASGI edge;
+* :func:`rate_limit`: a decorator for async functions.
+"""
+
+from __future__ import annotations
+
+from resilient.ratelimit.core import Decision, Policy, Rate, SlidingWindow, TokenBucket
+from resilient.ratelimit.decorator import rate_limit
+from resilient.ratelimit.limiter import RateLimiter, RateLimitStore
+from resilient.ratelimit.middleware import RateLimitMiddleware, Rule
+
+__all__ = [
+    "Decision",
+    "Policy",
+    "Rate",
+    "RateLimitMiddleware",
+    "RateLimitStore",
+    "RateLimiter",
+    "Rule",
+    "SlidingWindow",
+    "TokenBucket",
+    "rate_limit",
+]

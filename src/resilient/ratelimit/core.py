@@ -1,0 +1,493 @@
+"""Rate limiting decisions: pure functions of (policy, stored state, now, cost).
+
+Nothing here does I/O. The memory backend calls :func:`evaluate` directly; the Redis
+backend runs the same algorithm as ``lua/ratelimit.lua``, and the test suite checks that
+both agree with a plain model on random traces.
+
+Arithmetic is exact. Time is an integer number of milliseconds, counts are integers, and
+every quantity stays an integer below 2**53, so Python's ``int`` and Lua's doubles compute
+bit-for-bit the same values. Two algorithms:
+
+* :class:`SlidingWindow`, the sliding-window counter: the count of the current fixed window
+  plus the previous window's count weighted by how much of it still overlaps the sliding
+  window. State ``(window index, current count, previous count, blocked until)``.
+* :class:`TokenBucket`, an exact token bucket written as GCRA: the state is the bucket's
+  *debt* (how far its theoretical arrival time runs ahead of now), scaled so that one
+  millisecond of refill is ``limit`` units and one token is ``period_ms`` units. Fractions
+  of a token refill exactly; nothing is floored away. State
+  ``(updated at, debt, 0, blocked until)``.
+
+``blocked until`` implements the optional block period: once a policy with ``block_for``
+denies, it keeps denying until the period ends, whatever the counts say.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple, TypeAlias
+
+from resilient.errors import ConfigurationError
+
+__all__ = [
+    "Decision",
+    "Outcome",
+    "Policy",
+    "Rate",
+    "SlidingWindow",
+    "State",
+    "TokenBucket",
+    "Write",
+    "charge",
+    "combine",
+    "evaluate",
+]
+
+# Integers must stay exactly representable as doubles inside Lua (2**53); keep headroom
+# for the sums and products the algorithms form.
+_MAX_PRODUCT: Final = 2**50
+
+_UNITS: Final = {
+    "ms": 0.001,
+    "millisecond": 0.001,
+    "milliseconds": 0.001,
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "seconds": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "minutes": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "hours": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+    "days": 86400.0,
+}
+_RATE_RE: Final = re.compile(
+    r"""^\s*(?P<limit>\d+)\s*(?:/|\s+per\s+)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$""",
+    re.IGNORECASE,
+)
+_UNIT_NAMES: Final = ((86400.0, "day"), (3600.0, "hour"), (60.0, "minute"), (1.0, "second"))
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """*limit* units per *period* seconds.
+
+    >>> Rate.parse("100/minute")
+    Rate(limit=100, period=60.0)
+    >>> Rate.parse("5/15minutes").period
+    900.0
+    """
+
+    limit: int
+    period: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            msg = f"a rate's limit must be a positive integer, not {self.limit!r}"
+            raise ConfigurationError(msg)
+        period_ms = self.period * 1000
+        if not math.isfinite(period_ms) or period_ms < 1 or period_ms != int(period_ms):
+            msg = (
+                f"a rate's period must be a whole number of milliseconds >= 1, not {self.period!r}s"
+            )
+            raise ConfigurationError(msg)
+        object.__setattr__(self, "period", float(self.period))
+
+    @classmethod
+    def parse(cls, text: str | Rate) -> Rate:
+        """Parse ``"100/minute"``, ``"10/second"``, ``"5/15minutes"``, ``"1000 per day"``.
+
+        Units: ms, s/sec/second, m/min/minute, h/hour, d/day (plurals accepted).
+        Raise :class:`~resilient.errors.ConfigurationError` (a ``ValueError``) on anything else.
+        """
+        if isinstance(text, Rate):
+            return text
+        if not isinstance(text, str):
+            msg = f"a rate is a string like '100/minute', not {text!r}"
+            raise ConfigurationError(msg)
+        match = _RATE_RE.match(text)
+        unit = _UNITS.get(match["unit"].lower()) if match else None
+        if match is None or unit is None:
+            msg = (
+                f"cannot parse the rate {text!r}: expected '<limit>/<unit>' or "
+                "'<limit>/<count><unit>', e.g. '100/minute' or '5/15minutes'"
+            )
+            raise ConfigurationError(msg)
+        count = float(match["count"]) if match["count"] else 1.0
+        return cls(int(match["limit"]), round(count * unit * 1000) / 1000)
+
+    @property
+    def period_ms(self) -> int:
+        """The period in whole milliseconds."""
+        return round(self.period * 1000)
+
+    def __str__(self) -> str:
+        for seconds, name in _UNIT_NAMES:
+            if self.period == seconds:
+                return f"{self.limit}/{name}"
+            if self.period % seconds == 0:
+                return f"{self.limit}/{self.period / seconds:g}{name}s"
+        return f"{self.limit}/{self.period_ms}ms"
+
+
+def _block_ms(block_for: float) -> int:
+    if not math.isfinite(block_for) or block_for < 0:
+        msg = f"block_for must be a number of seconds >= 0, not {block_for!r}"
+        raise ConfigurationError(msg)
+    return math.ceil(block_for * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Base of the rate-limiting algorithms. Use :class:`SlidingWindow` or :class:`TokenBucket`."""
+
+    rate: Rate
+    block_for: float = 0.0
+    name: str = ""
+    # Derived at construction so the hot path reads plain attributes.
+    kind: int = field(init=False, repr=False, compare=False)
+    limit: int = field(init=False, repr=False, compare=False)
+    capacity: int = field(init=False, repr=False, compare=False)
+    period_ms: int = field(init=False, repr=False, compare=False)
+    block_ms: int = field(init=False, repr=False, compare=False)
+    id: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        msg = "Policy is abstract: use SlidingWindow(...) or TokenBucket(...)"
+        raise TypeError(msg)
+
+    @property
+    def window(self) -> float:
+        """Seconds for a full quota to come back from empty (RateLimit-Policy's ``w``)."""
+        return self.capacity * self.period_ms / self.limit / 1000
+
+
+class SlidingWindow(Policy):
+    """A sliding-window counter: at most ``rate.limit`` units in any ``rate.period``.
+
+    Two fixed windows weighted by overlap approximate the true sliding window in O(1)
+    memory per key. ``block_for`` (seconds) keeps denying for that long after a denial.
+
+    >>> SlidingWindow("5/minute", block_for=900).limit
+    5
+    """
+
+    __slots__ = ()
+
+    def __init__(self, rate: str | Rate, *, block_for: float = 0.0, name: str = "") -> None:
+        parsed = Rate.parse(rate)
+        _init_policy(
+            self, 1, parsed, capacity=parsed.limit, block_for=block_for, name=name or f"{parsed}"
+        )
+
+    def __repr__(self) -> str:
+        extra = f", block_for={self.block_for!r}" if self.block_for else ""
+        return f"SlidingWindow({str(self.rate)!r}{extra})"
+
+
+class TokenBucket(Policy):
+    """A token bucket refilled at ``rate`` and holding at most ``burst`` tokens.
+
+    ``burst`` defaults to the rate's limit. Refill is continuous and exact (GCRA), so
+    fractions of a token are never lost to rounding.
+
+    >>> TokenBucket(rate="10/second", burst=20).capacity
+    20
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        rate: str | Rate,
+        *,
+        burst: int | None = None,
+        block_for: float = 0.0,
+        name: str = "",
+    ) -> None:
+        parsed = Rate.parse(rate)
+        capacity = parsed.limit if burst is None else burst
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            msg = f"burst must be a positive integer, not {burst!r}"
+            raise ConfigurationError(msg)
+        default_name = f"{parsed};burst={capacity}" if burst is not None else f"{parsed}"
+        _init_policy(
+            self, 2, parsed, capacity=capacity, block_for=block_for, name=name or default_name
+        )
+
+    def __repr__(self) -> str:
+        extra = f", burst={self.capacity}" if self.capacity != self.rate.limit else ""
+        if self.block_for:
+            extra += f", block_for={self.block_for!r}"
+        return f"TokenBucket({str(self.rate)!r}{extra})"
+
+
+def _init_policy(
+    policy: Policy, kind: int, rate: Rate, *, capacity: int, block_for: float, name: str
+) -> None:
+    block_ms = _block_ms(block_for)
+    if capacity * rate.period_ms > _MAX_PRODUCT or rate.limit * rate.period_ms > _MAX_PRODUCT:
+        msg = (
+            f"the rate {rate} is too large to count exactly; "
+            "use a shorter period or a smaller limit"
+        )
+        raise ConfigurationError(msg)
+    if not (name.isascii() and name.isprintable()) or '"' in name or "\\" in name:
+        msg = f"a policy name must be printable and free of quotes and backslashes: {name!r}"
+        raise ConfigurationError(msg)
+    prefix = "sw" if kind == 1 else "tb"
+    tail = f":b{block_ms}" if block_ms else ""
+    values = {
+        "rate": rate,
+        "block_for": float(block_for),
+        "name": name,
+        "kind": kind,
+        "limit": rate.limit,
+        "capacity": capacity,
+        "period_ms": rate.period_ms,
+        "block_ms": block_ms,
+        "id": f"{prefix}:{capacity}:{rate.limit}:{rate.period_ms}{tail}",
+    }
+    for attribute, value in values.items():
+        object.__setattr__(policy, attribute, value)
+
+
+State: TypeAlias = tuple[int, int, int, int]
+"""A policy's stored state: four integers whose meaning depends on the algorithm."""
+
+
+class Outcome(NamedTuple):
+    """One policy's verdict; durations in milliseconds."""
+
+    allowed: bool
+    remaining: int
+    reset_after_ms: int
+    retry_after_ms: int
+
+
+class Write(NamedTuple):
+    """State to store for a policy, and for how long it matters (milliseconds, >= 1)."""
+
+    state: State
+    ttl_ms: int
+
+
+# Named tuples built from a tuple skip their Python-level __new__: half the cost.
+_new: Final = tuple.__new__
+
+# Integer division below is written inline (``a // b`` floors, ``-(-a // b)`` rounds up):
+# these functions run on every request. The Lua twin spells the same operations out.
+
+
+def _sliding_window(  # noqa: PLR0912 (one branch per case of the algorithm)
+    policy: Policy, state: State | None, now: int, cost: int
+) -> tuple[Outcome, State, int]:
+    """Return (outcome if *cost* were taken, state after taking it, its ttl)."""
+    limit, window = policy.limit, policy.period_ms
+    index = now // window
+    if state is None:
+        current = previous = blocked = 0
+    else:
+        stored, current, previous, blocked = state
+        if index < stored:  # a clock behind the one that wrote the state
+            index, now = stored, stored * window
+        elif index == stored + 1:
+            previous, current = current, 0
+        elif index > stored + 1:
+            previous = current = 0
+    elapsed = now - index * window
+    weighted = previous * (window - elapsed) + current * window
+    fits = weighted + cost * window <= limit * window
+    allowed = fits and blocked <= now
+    taken = cost if allowed else 0
+    remaining = (limit * window - weighted - taken * window) // window
+    if remaining < 0:
+        remaining = 0
+    if current + taken > 0:
+        reset = window - elapsed + window
+    elif previous > 0:
+        reset = window - elapsed
+    else:
+        reset = 0
+    retry = 0
+    if not fits:
+        if current + cost <= limit:
+            # Still in this window: wait for the previous window's weight to fall enough.
+            need = previous * (window - elapsed) - (limit - current - cost) * window
+            retry = max(0, -(-need // previous))
+        else:
+            # In the next window the current count becomes the weighted previous one.
+            later = -(-(current + cost - limit) * window // current) if current > 0 else 0
+            retry = window - elapsed + max(0, later)
+    if blocked > now:
+        retry = max(retry, blocked - now)
+        reset = max(reset, blocked - now)
+    return (
+        _new(Outcome, (allowed, remaining, reset, retry)),
+        (index, current + taken, previous, blocked),
+        reset,
+    )
+
+
+def _token_bucket(
+    policy: Policy, state: State | None, now: int, cost: int
+) -> tuple[Outcome, State, int]:
+    """Return (outcome if *cost* were taken, state after taking it, its ttl)."""
+    rate, unit = policy.limit, policy.period_ms
+    capacity = policy.capacity * unit
+    if state is None:
+        debt = blocked = 0
+    else:
+        updated, debt, _, blocked = state
+        if now < updated:  # a clock behind the one that wrote the state waits for it
+            now = updated
+        elapsed = now - updated
+        # Compare before multiplying so a long-idle key cannot overflow 2**53.
+        debt = 0 if elapsed >= -(-debt // rate) else debt - elapsed * rate
+    wanted = debt + cost * unit
+    allowed = blocked <= now and wanted <= capacity
+    if allowed:
+        debt = wanted
+    remaining = (capacity - debt) // unit
+    if remaining < 0:
+        remaining = 0
+    reset = -(-debt // rate)
+    retry = 0 if allowed else -(-(wanted - capacity) // rate)
+    if blocked > now:
+        retry = max(retry, blocked - now)
+        reset = max(reset, blocked - now)
+    elif retry < 0:
+        retry = 0
+    return _new(Outcome, (allowed, remaining, reset, retry)), (now, debt, 0, blocked), reset
+
+
+_ALGORITHMS: Final = (None, _sliding_window, _token_bucket)  # indexed by Policy.kind
+
+
+def charge(
+    policy: Policy, state: State | None, now_ms: int, cost: int
+) -> tuple[Outcome, State, int]:
+    """Run one policy's algorithm: (outcome, state after charging *cost*, its TTL in ms).
+
+    The fast path for a single policy: when the outcome allows, store the state for the
+    TTL and the check is done. When it denies, call :func:`evaluate` instead, which also
+    applies the block period.
+    """
+    return _ALGORITHMS[policy.kind](policy, state, now_ms, cost)  # type: ignore[misc]
+
+
+def evaluate(
+    policies: Sequence[Policy],
+    states: Sequence[State | None],
+    now_ms: int,
+    cost: int,
+    *,
+    consume: bool = True,
+) -> tuple[list[Outcome], list[Write | None]]:
+    """Decide a check of *cost* units against every policy at once.
+
+    The check is all-or-nothing: when any policy denies, none is charged (a denying policy
+    with ``block_for`` records its block, nothing else). With ``consume=False`` nothing is
+    charged either; the outcomes then say what a check of *cost* would get, with
+    ``remaining`` counting the units left now.
+
+    Return one :class:`Outcome` per policy and, per policy, the :class:`Write` to store
+    (``None``: leave the stored state as it is).
+    """
+    results = [
+        _ALGORITHMS[policy.kind](policy, state, now_ms, cost)  # type: ignore[misc]
+        for policy, state in zip(policies, states, strict=True)
+    ]
+    admitted = all(outcome.allowed for outcome, _, _ in results)
+    outcomes: list[Outcome] = []
+    writes: list[Write | None] = []
+    for policy, state, (result, new_state, ttl) in zip(policies, states, results, strict=True):
+        if admitted and consume:
+            outcomes.append(result)
+            writes.append(Write(new_state, ttl) if cost > 0 else None)
+            continue
+        outcome = result
+        if result.allowed:
+            # Charged nothing after all: report what is left without this check.
+            uncharged, _, _ = _ALGORITHMS[policy.kind](policy, state, now_ms, 0)  # type: ignore[misc]
+            outcome = uncharged._replace(retry_after_ms=0)
+            writes.append(None)
+        elif consume and policy.block_ms and new_state[3] <= now_ms:
+            blocked_state = (*new_state[:3], now_ms + policy.block_ms)
+            retry = max(result.retry_after_ms, policy.block_ms)
+            reset = max(result.reset_after_ms, policy.block_ms)
+            outcome = result._replace(retry_after_ms=retry, reset_after_ms=reset)
+            writes.append(Write(blocked_state, reset))
+        else:
+            writes.append(None)
+        outcomes.append(outcome)
+    return outcomes, writes
+
+
+class Decision(NamedTuple):
+    """The answer to a rate-limit check.
+
+    ``allowed`` says whether the call may go ahead. ``limit`` and ``remaining`` are those of
+    the *binding* policy (``policy``): the one that denied with the longest wait, or, when
+    everything allowed, the one with the fewest units left. ``reset_after`` is how many
+    seconds until that policy's quota is full again; ``retry_after`` how many seconds to
+    wait before the same check can pass (0 when allowed). ``details`` holds one decision
+    per policy, in the order given, when the check had several (:attr:`per_policy` reads
+    it either way). ``degraded`` is true when the backend failed and the limiter failed
+    open.
+
+    Decisions are immutable named tuples: cheap to make on every request.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+    retry_after: float
+    policy: Policy
+    details: tuple[Decision, ...] = ()
+    degraded: bool = False
+
+    @property
+    def per_policy(self) -> tuple[Decision, ...]:
+        """One decision per policy checked, in the order given."""
+        return self.details or (self,)
+
+
+def _single(policy: Policy, outcome: Outcome) -> Decision:
+    return Decision(
+        outcome.allowed,
+        policy.capacity,
+        outcome.remaining,
+        outcome.reset_after_ms / 1000,
+        outcome.retry_after_ms / 1000,
+        policy,
+    )
+
+
+def combine(policies: Sequence[Policy], outcomes: Sequence[Outcome]) -> Decision:
+    """Fold per-policy outcomes into one :class:`Decision` around the binding policy."""
+    if len(policies) == 1:
+        return _single(policies[0], outcomes[0])
+    details = tuple(_single(p, o) for p, o in zip(policies, outcomes, strict=True))
+    denied = [d for d in details if not d.allowed]
+    if denied:
+        binding = max(denied, key=lambda d: d.retry_after)
+    else:
+        binding = min(details, key=lambda d: (d.remaining, -d.reset_after))
+    return Decision(
+        not denied,
+        binding.limit,
+        binding.remaining,
+        binding.reset_after,
+        binding.retry_after,
+        binding.policy,
+        details,
+    )

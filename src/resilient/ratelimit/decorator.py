@@ -1,0 +1,91 @@
+"""``@rate_limit``: rate-limit calls of an async function."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import string
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+from resilient.errors import ConfigurationError, RateLimitExceeded
+from resilient.ratelimit.core import Policy
+from resilient.ratelimit.limiter import RateLimiter, validate_cost, validate_policies
+
+__all__ = ["rate_limit"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def rate_limit(
+    limiter: RateLimiter,
+    *policies: Policy,
+    key: str | Callable[..., str],
+    cost: int = 1,
+) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Awaitable[_R]]]:
+    """Admit calls of the decorated ``async def`` within *policies*, per *key*.
+
+    *key* is a template formatted with the call's arguments (``"user:{user_id}"``) or a
+    callable given the same arguments as the function. A denied call raises
+    :class:`~resilient.RateLimitExceeded` (with ``retry_after``) without running the
+    function. When the backend fails, the limiter's ``on_backend_error`` decides.
+
+    >>> from resilient import RateLimiter, TokenBucket
+    >>> limiter = RateLimiter()
+    >>> @rate_limit(limiter, TokenBucket("5/second"), key="tenant:{tenant}")
+    ... async def export(tenant: str) -> None: ...
+    """
+    validate_policies(policies)
+    validate_cost(cost, policies)
+
+    def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+        if not inspect.iscoroutinefunction(function):
+            msg = f"rate_limit decorates async functions; {function!r} is not one"
+            raise TypeError(msg)
+        key_of = _key_function(key, function)
+
+        @functools.wraps(function)
+        async def limited(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            name = key_of(*args, **kwargs)
+            if not isinstance(name, str) or not name:
+                msg = f"the rate-limit key must be a non-empty string, got {name!r}"
+                raise ConfigurationError(msg)
+            decision = await limiter.check(name, policies, cost, consume=True)
+            if not decision.allowed:
+                raise RateLimitExceeded(decision)
+            return await function(*args, **kwargs)
+
+        return limited
+
+    return decorate
+
+
+def _key_function(
+    key: str | Callable[..., str], function: Callable[..., Any]
+) -> Callable[..., str]:
+    if callable(key):
+        return key
+    if not isinstance(key, str) or not key:
+        msg = f"key must be a template string or a callable, not {key!r}"
+        raise ConfigurationError(msg)
+    signature = inspect.signature(function)
+    fields = {
+        name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(key) if name
+    }
+    unknown = fields - set(signature.parameters)
+    if unknown or any(not name for name in fields):
+        msg = (
+            f"the key template {key!r} names {sorted(unknown)}, "
+            f"which {function.__qualname__} does not take"
+        )
+        raise ConfigurationError(msg)
+    if not fields:
+        return lambda *args, **kwargs: key
+
+    def render(*args: Any, **kwargs: Any) -> str:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return key.format_map(bound.arguments)
+
+    return render

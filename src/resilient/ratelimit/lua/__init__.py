@@ -1,0 +1,1 @@
+"""Lua scripts of the rate limiter, loaded with importlib.resources."""

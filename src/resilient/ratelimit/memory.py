@@ -1,0 +1,111 @@
+"""The rate-limit store of :class:`~resilient.MemoryBackend`: the core, run in process."""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Sequence
+from time import monotonic_ns
+
+from resilient.backends.memory import MemoryBackend
+from resilient.ratelimit.core import Outcome, Policy, State, charge, evaluate
+
+__all__ = ["MemoryRateLimitStore"]
+
+
+class MemoryRateLimitStore:
+    """Rate-limit state in a dict, bounded by the backend's ``max_keys``.
+
+    Every check runs under one lock and never awaits inside it, so it is atomic for
+    coroutines and threads alike. Entries expire when their state stops mattering; when
+    the store is full, expired entries go first, then those closest to expiring, down to
+    90% of the bound so that the sweep is paid once per many inserts.
+    """
+
+    __slots__ = ("_data", "_lock", "max_keys")
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.max_keys = backend.max_keys
+        self._data: dict[str, tuple[State, int]] = {}
+        self._lock = threading.Lock()
+
+    async def check(
+        self,
+        key: str,
+        policies: Sequence[Policy],
+        cost: int,
+        now_ms: int | None,
+        consume: bool,
+    ) -> list[Outcome]:
+        """Check *cost* units of *key* against *policies*; see :func:`evaluate`."""
+        return self.check_now(key, policies, cost, now_ms, consume)
+
+    def check_now(
+        self,
+        key: str,
+        policies: Sequence[Policy],
+        cost: int,
+        now_ms: int | None,
+        consume: bool,
+    ) -> list[Outcome]:
+        """Do :meth:`check` synchronously (it never blocks on I/O)."""
+        if now_ms is None:
+            now_ms = monotonic_ns() // 1_000_000
+        if consume and len(policies) == 1:
+            outcome = self.hit_one(key, policies[0], cost, now_ms)
+            if outcome is not None:
+                return [outcome]
+            # Denied: the general path below also records a block period.
+        data = self._data
+        names = [key + "\x00" + policy.id for policy in policies]
+        with self._lock:
+            entries = [data.get(name) for name in names]
+            states = [e[0] if e is not None and e[1] > now_ms else None for e in entries]
+            outcomes, writes = evaluate(policies, states, now_ms, cost, consume=consume)
+            for name, entry, write in zip(names, entries, writes, strict=True):
+                if write is not None:
+                    if entry is None and len(data) >= self.max_keys:
+                        self._make_room(now_ms)
+                    data[name] = (write.state, now_ms + write.ttl_ms)
+        return outcomes
+
+    def hit_one(self, key: str, policy: Policy, cost: int, now_ms: int | None) -> Outcome | None:
+        """Charge one policy if it allows, and return its outcome; else change nothing.
+
+        ``None`` means denied: :meth:`check_now` then gives the full answer (and records
+        a block period). This is the hot path of every admitted request.
+        """
+        if now_ms is None:
+            now_ms = monotonic_ns() // 1_000_000
+        name = key + "\x00" + policy.id
+        data = self._data
+        with self._lock:
+            entry = data.get(name)
+            state = entry[0] if entry is not None and entry[1] > now_ms else None
+            outcome, new_state, ttl = charge(policy, state, now_ms, cost)
+            if not outcome[0]:
+                return None
+            if cost > 0:
+                if entry is None and len(data) >= self.max_keys:
+                    self._make_room(now_ms)
+                data[name] = (new_state, now_ms + ttl)
+        return outcome
+
+    async def clear(self, key: str, policies: Sequence[Policy]) -> None:
+        """Forget *key*'s state for *policies*."""
+        with self._lock:
+            for policy in policies:
+                self._data.pop(f"{key}\x00{policy.id}", None)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def _make_room(self, now_ms: int) -> None:
+        data = self._data
+        for name in [name for name, (_, expires) in data.items() if expires <= now_ms]:
+            del data[name]
+        excess = len(data) - self.max_keys * 9 // 10
+        if excess > 0:
+            # Forget first what would have expired first: it matters least.
+            for name, _ in heapq.nsmallest(excess, data.items(), key=lambda item: item[1][1]):
+                del data[name]

@@ -1,0 +1,247 @@
+"""``RateLimitMiddleware``: rate limits at the edge of an ASGI application."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from math import ceil
+from typing import Literal
+
+from resilient._asgi import ASGIApp, Message, Receive, Scope, Send
+from resilient._routing import PathPattern
+from resilient.errors import BackendUnavailable, ConfigurationError
+from resilient.keys import KeyFunc, as_key_func, by_ip
+from resilient.problem import send_problem
+from resilient.ratelimit.core import Decision, Policy
+from resilient.ratelimit.limiter import RateLimiter, validate_cost, validate_policies
+
+__all__ = ["RateLimitMiddleware", "Rule"]
+
+_Headers = list[tuple[bytes, bytes]]
+_ALL_METHODS = frozenset[str]()
+
+
+class Rule:
+    """Which requests a set of policies applies to, and what they count against.
+
+    *policies* are checked together, atomically: a request denied by one is charged to
+    none. *path* is an exact path, a route template (``"/api/users/{id}"``) or a prefix
+    (``"/api/*"``); ``None`` matches every path. *methods* restricts the rule to those
+    HTTP methods. *key* turns the request into the key to count (default: the client's
+    IP, :func:`~resilient.by_ip`); a request it yields no key for is not limited by this
+    rule. *cost* is what one request charges. *name* scopes the counters (default: from
+    the methods and path), so two rules never share a counter by accident.
+
+    >>> from resilient import SlidingWindow
+    >>> Rule(SlidingWindow("5/minute"), path="/api/login", methods=["POST"])
+    Rule(SlidingWindow('5/minute'), path='/api/login', methods=['POST'])
+    """
+
+    __slots__ = (
+        "_pattern",
+        "_policy_header",
+        "_scope",
+        "_state_prefixes",
+        "cost",
+        "key",
+        "methods",
+        "name",
+        "path",
+        "policies",
+    )
+
+    def __init__(
+        self,
+        *policies: Policy,
+        path: str | None = None,
+        methods: Iterable[str] | None = None,
+        key: KeyFunc | Callable[[Scope], str | None] | None = None,
+        cost: int = 1,
+        name: str | None = None,
+    ) -> None:
+        validate_policies(policies)
+        validate_cost(cost, policies)
+        if isinstance(methods, str):
+            methods = [methods]
+        self.policies = policies
+        self.path = path
+        self.methods = frozenset(m.upper() for m in methods) if methods else _ALL_METHODS
+        self.key = by_ip() if key is None else as_key_func(key)
+        self.cost = cost
+        methods_label = ",".join(sorted(self.methods)) or "*"
+        self.name = name or f"{methods_label} {path or '*'}"
+        self._scope = f"{self.name}|"
+        self._pattern = None if path is None else PathPattern(path)
+        self._policy_header = ", ".join(
+            f'"{p.name}";q={p.capacity};w={math.ceil(p.window)}' for p in policies
+        ).encode()
+        self._state_prefixes = {p.id: f'"{p.name}";r='.encode() for p in policies}
+
+    def applies(self, method: str, path: str) -> bool:
+        """Return whether this rule applies to a request for *method* and *path*."""
+        if self.methods and method not in self.methods:
+            return False
+        return self._pattern is None or self._pattern.matches(path)
+
+    def __repr__(self) -> str:
+        parts = [repr(p) for p in self.policies]
+        if self.path is not None:
+            parts.append(f"path={self.path!r}")
+        if self.methods:
+            parts.append(f"methods={sorted(self.methods)!r}")
+        if self.cost != 1:
+            parts.append(f"cost={self.cost}")
+        return f"Rule({', '.join(parts)})"
+
+
+HeaderStyle = Literal["ietf", "legacy", "both", "none"]
+
+
+class RateLimitMiddleware:
+    """Pure ASGI middleware applying :class:`Rule` s with a :class:`~resilient.RateLimiter`.
+
+    Every rule that applies to a request is checked, in order; the first denial answers
+    ``429 Too Many Requests`` with ``Retry-After`` and an RFC 9457 problem body, and the
+    application is not called. (Rules are charged one after another: a request denied by
+    a later rule has been charged by the earlier ones; put policies that must be charged
+    all-or-nothing into one rule.)
+
+    *headers* chooses the quota headers added to allowed and denied responses: ``"ietf"``
+    (default) the ``RateLimit-Policy`` and ``RateLimit`` fields of the IETF httpapi draft,
+    ``"legacy"`` the ``X-RateLimit-Limit/Remaining/Reset`` trio, ``"both"``, or ``"none"``.
+    Paths matching *exempt* patterns are never limited. When the limiter's backend fails
+    and it fails closed, the answer is ``503`` with ``Retry-After``; never a 500.
+
+    >>> from resilient import RateLimiter, SlidingWindow
+    >>> async def app(scope, receive, send): ...
+    >>> app = RateLimitMiddleware(app, limiter=RateLimiter(), rules=[
+    ...     Rule(SlidingWindow("5/minute"), path="/api/login", methods=["POST"]),
+    ... ])
+    """
+
+    __slots__ = ("_exempt", "_ietf", "_legacy", "app", "limiter", "rules")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter,
+        rules: Sequence[Rule],
+        exempt: Iterable[str] = (),
+        headers: HeaderStyle = "ietf",
+    ) -> None:
+        if not isinstance(limiter, RateLimiter):
+            msg = f"limiter must be a RateLimiter, not {limiter!r}"
+            raise ConfigurationError(msg)
+        if headers not in ("ietf", "legacy", "both", "none"):
+            msg = f"headers must be 'ietf', 'legacy', 'both' or 'none', not {headers!r}"
+            raise ConfigurationError(msg)
+        for rule in rules:
+            if not isinstance(rule, Rule):
+                msg = f"rules must be Rule objects, not {rule!r}"
+                raise ConfigurationError(msg)
+        self.app = app
+        self.limiter = limiter
+        self.rules = tuple(rules)
+        self._exempt = tuple(PathPattern(p) for p in exempt)
+        self._ietf = headers in ("ietf", "both")
+        self._legacy = headers in ("legacy", "both")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if self._exempt and any(pattern.matches(path) for pattern in self._exempt):
+            await self.app(scope, receive, send)
+            return
+        method: str = scope["method"]
+        applied: list[tuple[Rule, Decision]] = []
+        for rule in self.rules:
+            # Rule.applies, inlined: this loop runs on every request.
+            if rule.methods and method not in rule.methods:
+                continue
+            if rule._pattern is not None and not rule._pattern.matches(path):
+                continue
+            value = rule.key(scope)
+            if value is None:
+                continue
+            try:
+                name = rule._scope + value
+                decision = self.limiter.check_nowait(name, rule.policies, rule.cost)
+                if decision is None:
+                    decision = await self.limiter.check(
+                        name, rule.policies, rule.cost, consume=True
+                    )
+            except BackendUnavailable as exc:
+                retry = str(max(1, math.ceil(exc.retry_after))).encode()
+                await send_problem(
+                    send,
+                    503,
+                    "The rate limiter cannot reach its backend; try again shortly.",
+                    headers=[(b"retry-after", retry)],
+                )
+                return
+            if not decision.allowed:
+                await self._deny(send, rule, decision, applied)
+                return
+            if not decision.degraded:
+                applied.append((rule, decision))
+        if not applied or not (self._ietf or self._legacy):
+            await self.app(scope, receive, send)
+            return
+        extra = self._headers(applied)
+
+        def send_with_headers(message: Message) -> Awaitable[None]:
+            # A plain function returning send's awaitable: no coroutine frame per message.
+            if message["type"] == "http.response.start":
+                # A new list: the app's own may be shared (a constant, a cached response).
+                message["headers"] = [*message.get("headers", ()), *extra]
+            return send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _deny(
+        self, send: Send, rule: Rule, decision: Decision, applied: list[tuple[Rule, Decision]]
+    ) -> None:
+        retry = max(1, math.ceil(decision.retry_after))
+        headers = [(b"retry-after", str(retry).encode())]
+        headers += self._headers([*applied, (rule, decision)])
+        await send_problem(
+            send,
+            429,
+            f"Rate limit {decision.policy.name!r} exceeded; retry in {retry} s.",
+            headers=headers,
+            extra={"retry_after": retry},
+        )
+
+    def _headers(self, applied: list[tuple[Rule, Decision]]) -> _Headers:
+        if self._ietf and not self._legacy and len(applied) == 1 and not applied[0][1].details:
+            # The common case, one rule of one policy, without building lists to join.
+            rule, d = applied[0]
+            state = b"%s%d;t=%d" % (
+                rule._state_prefixes[d.policy.id],
+                d.remaining,
+                ceil(d.reset_after),
+            )
+            return [(b"ratelimit-policy", rule._policy_header), (b"ratelimit", state)]
+        headers: _Headers = []
+        if self._ietf:
+            policy_fields: list[bytes] = []
+            state_fields: list[bytes] = []
+            for rule, decision in applied:
+                policy_fields.append(rule._policy_header)
+                prefixes = rule._state_prefixes
+                for d in decision.details or (decision,):
+                    fields = (prefixes[d.policy.id], d.remaining, ceil(d.reset_after))
+                    state_fields.append(b"%s%d;t=%d" % fields)
+            headers.append((b"ratelimit-policy", b", ".join(policy_fields)))
+            headers.append((b"ratelimit", b", ".join(state_fields)))
+        if self._legacy:
+            binding = min((d for _, d in applied), key=lambda d: (d.allowed, d.remaining))
+            headers.append((b"x-ratelimit-limit", str(binding.limit).encode()))
+            headers.append((b"x-ratelimit-remaining", str(binding.remaining).encode()))
+            reset = math.ceil(binding.reset_after)
+            headers.append((b"x-ratelimit-reset", str(reset).encode()))
+        return headers

@@ -1,0 +1,325 @@
+"""RateLimitMiddleware in front of a real Starlette app, driven through httpx."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import redis.asyncio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from resilient import (
+    ConfigurationError,
+    RateLimiter,
+    RateLimitMiddleware,
+    RedisBackend,
+    Rule,
+    SlidingWindow,
+    TokenBucket,
+    by_header,
+    by_ip,
+)
+from resilient._asgi import ASGIApp
+from resilient.testing import FakeClock, RedisServer
+
+calls: list[str] = []
+
+
+async def handler(request: Request) -> PlainTextResponse:
+    calls.append(request.url.path)
+    return PlainTextResponse("ok", headers={"x-app": "1"})
+
+
+async def login(request: Request) -> JSONResponse:
+    calls.append("login")
+    return JSONResponse({"token": "t"})
+
+
+async def ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.close()
+
+
+def make_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/api/login", login, methods=["POST", "GET"]),
+            Route("/api/users/{id}", handler),
+            Route("/api/items", handler),
+            Route("/healthz", handler),
+            WebSocketRoute("/ws", ws),
+        ]
+    )
+
+
+def client_for(app: ASGIApp, ip: str = "203.0.113.7") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(ip, 4711))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+@pytest.fixture(autouse=True)
+def _clear_calls() -> None:
+    calls.clear()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(start=1_700_000_040.0)  # on a minute boundary: windows start now
+
+
+@pytest.fixture
+def limiter(clock: FakeClock) -> RateLimiter:
+    return RateLimiter(clock=clock)
+
+
+async def test_denies_with_429_retry_after_and_a_problem_body(limiter: RateLimiter) -> None:
+    rule = Rule(SlidingWindow("2/minute"), path="/api/login", methods=["POST"])
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app) as client:
+        statuses = [(await client.post("/api/login")).status_code for _ in range(3)]
+        denied = await client.post("/api/login")
+    assert statuses == [200, 200, 429]
+    assert calls == ["login", "login"]
+    assert denied.headers["content-type"] == "application/problem+json"
+    body = denied.json()
+    assert body["status"] == 429
+    assert body["title"] == "Too Many Requests"
+    assert "2/minute" in body["detail"]
+    assert int(denied.headers["retry-after"]) == body["retry_after"] >= 1
+
+
+async def test_allowed_responses_carry_ietf_headers(limiter: RateLimiter) -> None:
+    rule = Rule(
+        SlidingWindow("10/minute"), TokenBucket("1/second", burst=5, name="burst"), path="/api/*"
+    )
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app) as client:
+        response = await client.get("/api/items")
+    assert response.status_code == 200
+    assert response.headers["x-app"] == "1"  # the app's own headers are kept
+    assert response.headers["ratelimit-policy"] == '"10/minute";q=10;w=60, "burst";q=5;w=5'
+    assert response.headers["ratelimit"] == '"10/minute";r=9;t=120, "burst";r=4;t=1'
+
+
+async def test_legacy_headers_on_request(limiter: RateLimiter) -> None:
+    rule = Rule(TokenBucket("10/minute"), path="/api/*")
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule], headers="legacy")
+    async with client_for(app) as client:
+        response = await client.get("/api/items")
+    assert "ratelimit" not in response.headers
+    assert response.headers["x-ratelimit-limit"] == "10"
+    assert response.headers["x-ratelimit-remaining"] == "9"
+    assert response.headers["x-ratelimit-reset"] == "6"
+
+
+async def test_no_headers_when_turned_off(limiter: RateLimiter) -> None:
+    rule = Rule(TokenBucket("10/minute"))
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule], headers="none")
+    async with client_for(app) as client:
+        response = await client.get("/api/items")
+    assert not any(h.startswith(("ratelimit", "x-ratelimit")) for h in response.headers)
+
+
+async def test_rules_match_methods_templates_and_prefixes(limiter: RateLimiter) -> None:
+    rules = [
+        Rule(SlidingWindow("1/minute"), path="/api/login", methods=["POST"]),
+        Rule(SlidingWindow("1/minute"), path="/api/users/{id}"),
+    ]
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=rules)
+    async with client_for(app) as client:
+        assert (await client.post("/api/login")).status_code == 200
+        assert (await client.post("/api/login")).status_code == 429
+        assert (await client.get("/api/login")).status_code == 200  # GET is not limited
+        assert (await client.get("/api/users/1")).status_code == 200
+        assert (await client.get("/api/users/2")).status_code == 429  # one rule, one counter
+        assert (await client.get("/api/users/1/x")).status_code == 404  # template: no match
+        assert (await client.get("/api/items")).status_code == 200
+
+
+async def test_exempt_paths_are_never_limited(limiter: RateLimiter) -> None:
+    app = RateLimitMiddleware(
+        make_app(), limiter=limiter, rules=[Rule(SlidingWindow("1/minute"))], exempt=["/healthz"]
+    )
+    async with client_for(app) as client:
+        statuses = [(await client.get("/healthz")).status_code for _ in range(5)]
+    assert statuses == [200] * 5
+
+
+async def test_each_client_ip_has_its_own_counter(limiter: RateLimiter) -> None:
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("1/minute"))])
+    async with client_for(app, "198.51.100.1") as one, client_for(app, "198.51.100.2") as two:
+        assert (await one.get("/api/items")).status_code == 200
+        assert (await one.get("/api/items")).status_code == 429
+        assert (await two.get("/api/items")).status_code == 200
+
+
+async def test_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key(
+    limiter: RateLimiter,
+) -> None:
+    rule = Rule(TokenBucket("1/minute"), key=by_ip(trusted_proxies=["10.0.0.0/8"]))
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app, "203.0.113.9") as client:
+        assert (await client.get("/api/items", headers={"x-forwarded-for": "1.1.1.1"})).is_success
+        spoofed = await client.get("/api/items", headers={"x-forwarded-for": "2.2.2.2"})
+    assert spoofed.status_code == 429
+
+
+async def test_forwarded_for_from_a_trusted_proxy_sets_the_key(limiter: RateLimiter) -> None:
+    rule = Rule(TokenBucket("1/minute"), key=by_ip(trusted_proxies=["10.0.0.0/8"]))
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app, "10.1.2.3") as proxy:
+        assert (await proxy.get("/api/items", headers={"x-forwarded-for": "1.1.1.1"})).is_success
+        assert (await proxy.get("/api/items", headers={"x-forwarded-for": "2.2.2.2"})).is_success
+        again = await proxy.get("/api/items", headers={"x-forwarded-for": "1.1.1.1"})
+    assert again.status_code == 429
+
+
+async def test_requests_without_a_key_are_not_limited_by_that_rule(limiter: RateLimiter) -> None:
+    rule = Rule(TokenBucket("1/minute"), key=by_header("X-API-Key"))
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app) as client:
+        assert [(await client.get("/api/items")).status_code for _ in range(3)] == [200] * 3
+        keyed = [
+            (await client.get("/api/items", headers={"x-api-key": "k1"})).status_code
+            for _ in range(2)
+        ]
+    assert keyed == [200, 429]
+
+
+async def test_cost_per_rule(limiter: RateLimiter) -> None:
+    rule = Rule(TokenBucket("10/minute"), cost=4)
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app) as client:
+        statuses = [(await client.get("/api/items")).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+async def test_block_period_outlasts_the_window(clock: FakeClock, limiter: RateLimiter) -> None:
+    rule = Rule(SlidingWindow("2/minute", block_for=900), path="/api/login")
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app) as client:
+        for _ in range(2):
+            await client.post("/api/login")
+        blocked = await client.post("/api/login")
+        assert int(blocked.headers["retry-after"]) == 900
+        clock.advance(600)
+        assert (await client.post("/api/login")).status_code == 429
+        clock.advance(301)
+        assert (await client.post("/api/login")).status_code == 200
+
+
+async def test_retry_after_passes_with_the_clock(clock: FakeClock, limiter: RateLimiter) -> None:
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("1/minute"))])
+    async with client_for(app) as client:
+        await client.get("/api/items")
+        denied = await client.get("/api/items")
+        clock.advance(int(denied.headers["retry-after"]))
+        assert (await client.get("/api/items")).status_code == 200
+
+
+async def test_deny_cache_answers_without_the_backend(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock=clock, deny_cache=100)
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("1/minute"))])
+    async with client_for(app) as client:
+        await client.get("/api/items")
+        first = await client.get("/api/items")
+        clock.advance(30)
+        second = await client.get("/api/items")
+        clock.advance(31)
+        third = await client.get("/api/items")
+    assert first.status_code == second.status_code == 429
+    assert first.headers["retry-after"] == "60"
+    assert second.headers["retry-after"] == "30"
+    assert third.status_code == 200
+
+
+async def test_websockets_and_lifespan_pass_through(limiter: RateLimiter) -> None:
+    seen: list[str] = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        seen.append(scope["type"])
+
+    middleware = RateLimitMiddleware(app, limiter=limiter, rules=[Rule(TokenBucket("1/hour"))])
+    for kind in ("websocket", "lifespan", "websocket"):
+        await middleware({"type": kind, "path": "/ws"}, None, None)  # type: ignore[arg-type]
+    assert seen == ["websocket", "lifespan", "websocket"]
+
+
+@pytest.fixture
+async def dead_redis(fresh_redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url)
+    fresh_redis_server.stop()
+    async with RedisBackend(client) as backend:
+        yield backend
+    await client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_down_fail_closed_answers_503_never_500(
+    dead_redis: RedisBackend,
+) -> None:
+    limiter = RateLimiter(dead_redis, on_backend_error="closed")
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("5/minute"))])
+    async with client_for(app) as client:
+        response = await client.get("/api/items")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert json.loads(response.content)["status"] == 503
+    assert calls == []
+
+
+@pytest.mark.redis
+async def test_redis_down_fail_open_serves_without_quota_headers(
+    dead_redis: RedisBackend,
+) -> None:
+    limiter = RateLimiter(dead_redis, on_backend_error="open", observer=None)
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("1/minute"))])
+    async with client_for(app) as client:
+        statuses = [(await client.get("/api/items")).status_code for _ in range(3)]
+        response = await client.get("/api/items")
+    assert statuses == [200, 200, 200]
+    assert "ratelimit" not in response.headers
+
+
+@pytest.mark.redis
+async def test_middleware_on_redis_shares_counters_between_apps(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    def instance(backend: RedisBackend) -> ASGIApp:
+        limiter = RateLimiter(backend)
+        return RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("2/hour"))])
+
+    async with (
+        RedisBackend(redis_client) as first,
+        RedisBackend(redis_client) as second,
+        client_for(instance(first)) as one,
+        client_for(instance(second)) as two,
+    ):
+        statuses = [
+            (await one.get("/api/items")).status_code,
+            (await two.get("/api/items")).status_code,
+            (await one.get("/api/items")).status_code,
+        ]
+    assert statuses == [200, 200, 429]
+
+
+def test_configuration_errors_are_clear() -> None:
+    limiter = RateLimiter()
+    with pytest.raises(ConfigurationError, match="at least one policy"):
+        Rule()
+    with pytest.raises(ConfigurationError, match="start with '/'"):
+        Rule(TokenBucket("1/second"), path="api")
+    with pytest.raises(ConfigurationError, match="exceeds the capacity"):
+        Rule(TokenBucket("1/second"), cost=2)
+    with pytest.raises(ConfigurationError, match="headers"):
+        RateLimitMiddleware(make_app(), limiter=limiter, rules=[], headers="x")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="Rule objects"):
+        RateLimitMiddleware(make_app(), limiter=limiter, rules=[TokenBucket("1/s")])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="malformed route template"):
+        Rule(TokenBucket("1/second"), path="/a/{b")

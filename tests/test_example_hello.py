@@ -1,0 +1,68 @@
+"""The quickstart's example server really runs and rate-limits."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from examples.hello import create_app
+from resilient import RateLimiter
+from resilient._asgi import ASGIApp
+from resilient.testing import FakeClock
+
+
+def client(app: ASGIApp, ip: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(ip, 1234))
+    return httpx.AsyncClient(transport=transport, base_url="http://example")
+
+
+async def test_the_example_limits_login_and_api_calls() -> None:
+    app = create_app(RateLimiter(clock=FakeClock()))
+    async with client(app, "203.0.113.5") as attacker, client(app, "203.0.113.6") as reader:
+        logins = [(await attacker.post("/api/login")).status_code for _ in range(4)]
+        hellos = [(await reader.get("/api/hello")).status_code for _ in range(6)]
+        health = [(await reader.get("/healthz")).status_code for _ in range(20)]
+    assert logins == [200, 200, 200, 429]
+    assert hellos == [200] * 5 + [429]  # the burst of 5 is spent
+    assert health == [200] * 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_the_example_server_runs_under_uvicorn() -> None:
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "examples.hello", "--port", str(port)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the example server did not start"
+                time.sleep(0.1)
+        statuses = [httpx.post(f"{base}/api/login").status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        denied = httpx.post(f"{base}/api/login")
+        assert denied.headers["content-type"] == "application/problem+json"
+        assert int(denied.headers["retry-after"]) > 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -1,0 +1,87 @@
+"""The public surface: what `import resilient` promises."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+import resilient
+
+PUBLIC_MODULES = [
+    "resilient",
+    "resilient.backends",
+    "resilient.clock",
+    "resilient.errors",
+    "resilient.events",
+    "resilient.keys",
+    "resilient.problem",
+    "resilient.ratelimit",
+    "resilient.testing",
+]
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_all_is_sorted_and_every_name_exists(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = module.__all__
+    assert list(exported) == sorted(exported)
+    for attribute in exported:
+        assert hasattr(module, attribute), f"{name}.{attribute}"
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_every_public_name_has_a_docstring(name: str) -> None:
+    module = importlib.import_module(name)
+    assert inspect.getdoc(module)
+    for attribute in module.__all__:
+        value = getattr(module, attribute)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert inspect.getdoc(value), f"{name}.{attribute} has no docstring"
+
+
+def test_the_design_names_are_importable_from_the_top() -> None:
+    for name in [
+        "RateLimiter",
+        "Rate",
+        "SlidingWindow",
+        "TokenBucket",
+        "Decision",
+        "RateLimitExceeded",
+        "RateLimitMiddleware",
+        "Rule",
+        "rate_limit",
+        "MemoryBackend",
+        "RedisBackend",
+        "by_ip",
+        "by_header",
+        "by_user",
+        "ResilienceError",
+    ]:
+        assert name in resilient.__all__
+
+
+def test_every_module_imports_without_optional_extras() -> None:
+    # redis, starlette and httpx are extras: nothing may need them at import time.
+    code = """
+import sys, importlib, pkgutil
+for blocked in ("redis", "starlette", "httpx", "hiredis"):
+    sys.modules[blocked] = None
+import resilient
+for info in pkgutil.walk_packages(resilient.__path__, "resilient."):
+    importlib.import_module(info.name)
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_exceptions_share_one_root() -> None:
+    for name in ["BackendError", "BackendUnavailable", "ConfigurationError", "RateLimitExceeded"]:
+        assert issubclass(getattr(resilient, name), resilient.ResilienceError)
+    assert issubclass(resilient.ConfigurationError, ValueError)
