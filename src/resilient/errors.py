@@ -6,7 +6,10 @@
     ├── ConfigurationError (also a ValueError)   bad arguments, found at construction
     ├── BackendError                             the store failed (Redis down, timeout, ...)
     │   └── BackendUnavailable                   ... and the policy says fail closed
-    └── RateLimitExceeded                        a rate limit denied the call
+    ├── RateLimitExceeded                        a rate limit denied the call
+    └── IdempotencyError                         an idempotent call could not run
+        ├── IdempotencyConflict                  ... its key is in progress elsewhere
+        └── IdempotencyMismatch                  ... its key was used for another request
 
 Every exception carries a message written for the person reading the log. Exceptions
 from a backend's client library (``redis.exceptions.*``) never escape: backends translate
@@ -24,6 +27,9 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "ConfigurationError",
+    "IdempotencyConflict",
+    "IdempotencyError",
+    "IdempotencyMismatch",
     "RateLimitExceeded",
     "ResilienceError",
 ]
@@ -73,3 +79,22 @@ class RateLimitExceeded(ResilienceError):
             message
             or f"rate limit exceeded ({decision.policy}); retry in {decision.retry_after:.3f}s"
         )
+
+
+class IdempotencyError(ResilienceError):
+    """An idempotent call could not run, nor replay a stored result."""
+
+
+class IdempotencyConflict(IdempotencyError):
+    """Another call with the same key is still in progress.
+
+    ``retry_after`` is how many seconds to wait before asking again.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IdempotencyMismatch(IdempotencyError):
+    """The key was first used for a different request (another fingerprint)."""

@@ -20,6 +20,9 @@ from typing import ClassVar, Protocol
 __all__ = [
     "BackendFailed",
     "Event",
+    "IdempotencyConflict",
+    "IdempotencyReplayed",
+    "LeaseLost",
     "LoggingObserver",
     "Observer",
     "RateLimited",
@@ -55,6 +58,34 @@ class BackendFailed(Event):
     operation: str
     error: BaseException
     outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyReplayed(Event):
+    """A duplicate request or call got the stored result of the first one."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyConflict(Event):
+    """A duplicate was refused: ``reason`` is ``"in_progress"`` or ``"mismatch"``."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseLost(Event):
+    """An owner lost its claim on ``key`` before ``operation`` (complete, release, extend).
+
+    Its lease ran out (the handler outlived it, or its heartbeat could not reach the
+    store), so another request may have claimed the key: the result was not stored.
+    """
+
+    level: ClassVar[int] = logging.WARNING
+    key: str
+    operation: str
 
 
 class Observer(Protocol):

@@ -152,7 +152,12 @@ class _Channel:
         from redis.exceptions import ResponseError  # noqa: PLC0415
 
         self._pool = client.connection_pool
-        self._kwargs = {**self._pool.connection_kwargs, "socket_timeout": None}
+        # Scripts return bytes (stored responses are binary), whatever the client decodes.
+        self._kwargs = {
+            **self._pool.connection_kwargs,
+            "socket_timeout": None,
+            "decode_responses": False,
+        }
         self._connection: Any = None
         self._lock = asyncio.Lock()
         self._reply_errors = (ResponseError,)

@@ -1,0 +1,158 @@
+"""The part the middleware and the decorator share: claims, leases and their heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from math import ceil
+from typing import Literal
+
+from resilient.backends.memory import MemoryBackend
+from resilient.backends.redis import RedisBackend
+from resilient.clock import Clock
+from resilient.errors import BackendError, ConfigurationError
+from resilient.events import BackendFailed, LeaseLost, LoggingObserver, Observer, emit
+from resilient.idempotency.core import Claim, ClaimStatus, IdempotencyStore, validate_seconds
+
+__all__ = ["Keeper", "store_for"]
+
+DEFAULT_OBSERVER = LoggingObserver()
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def store_for(backend: MemoryBackend | RedisBackend | IdempotencyStore) -> IdempotencyStore:
+    """Return the idempotency store of *backend* (or *backend* itself, if it is a store)."""
+    if isinstance(backend, MemoryBackend):
+        from resilient.idempotency.memory import MemoryIdempotencyStore  # noqa: PLC0415
+
+        return backend.store("idempotency", MemoryIdempotencyStore)
+    if isinstance(backend, RedisBackend):
+        from resilient.idempotency.redis import RedisIdempotencyStore  # noqa: PLC0415
+
+        return backend.store("idempotency", RedisIdempotencyStore)
+    if all(callable(getattr(backend, name, None)) for name in ("claim", "complete", "release")):
+        return backend
+    msg = (
+        f"backend must be a MemoryBackend, a RedisBackend or an idempotency store, not {backend!r}"
+    )
+    raise ConfigurationError(msg)
+
+
+class Keeper:
+    """Claims keys on a store for one owner at a time, and keeps their leases alive."""
+
+    __slots__ = (
+        "backend_retry_after",
+        "block",
+        "clock",
+        "lease",
+        "lease_ms",
+        "observer",
+        "on_backend_error",
+        "sleep",
+        "store",
+        "ttl",
+        "ttl_ms",
+    )
+
+    def __init__(
+        self,
+        backend: MemoryBackend | RedisBackend | IdempotencyStore | None,
+        *,
+        block: str,
+        ttl: float,
+        lease: float,
+        clock: Clock | None,
+        on_backend_error: Literal["open", "closed"],
+        backend_retry_after: float,
+        observer: Observer | None,
+        sleep: Sleep | None,
+    ) -> None:
+        if on_backend_error not in ("open", "closed"):
+            msg = f"on_backend_error must be 'open' or 'closed', not {on_backend_error!r}"
+            raise ConfigurationError(msg)
+        self.ttl = validate_seconds("ttl", ttl)
+        self.lease = validate_seconds("lease", lease)
+        self.backend_retry_after = validate_seconds("backend_retry_after", backend_retry_after)
+        self.ttl_ms = max(1, ceil(self.ttl * 1000))
+        self.lease_ms = max(1, ceil(self.lease * 1000))
+        self.store = store_for(MemoryBackend() if backend is None else backend)
+        self.block = block
+        self.clock = clock
+        self.on_backend_error = on_backend_error
+        self.observer = observer
+        self.sleep: Sleep = asyncio.sleep if sleep is None else sleep
+
+    def now_ms(self) -> int | None:
+        """Return the injected clock's wall time in ms, or ``None`` for the store's own clock."""
+        clock = self.clock
+        return None if clock is None else int(clock.time() * 1000)
+
+    async def claim(self, key: str, fingerprint: str) -> tuple[Claim, str]:
+        """Claim *key* for a new owner; return the claim and the owner's token.
+
+        Raise :class:`~resilient.errors.BackendError` when the store fails.
+        """
+        owner = secrets.token_hex(16)
+        claim = await self.store.claim(key, fingerprint, owner, self.lease_ms, self.now_ms())
+        return claim, owner
+
+    async def wait(self, key: str, fingerprint: str, seconds: float) -> tuple[Claim, str]:
+        """Claim *key*, waiting up to *seconds* while another owner holds it.
+
+        The store is asked again after 10 ms, then after doubling intervals capped at
+        200 ms: a bounded number of calls per waiting request.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        interval = 0.01
+        while True:
+            claim, owner = await self.claim(key, fingerprint)
+            left = deadline - loop.time()
+            if claim.status is not ClaimStatus.IN_PROGRESS or left <= 0:
+                return claim, owner
+            await asyncio.sleep(min(interval, left, claim.retry_after_ms / 1000 or interval))
+            interval = min(interval * 2, 0.2)
+
+    async def complete(self, key: str, owner: str, payload: bytes) -> bool:
+        """Store *payload* for *key*; report (and return False) when that fails."""
+        try:
+            stored = await self.store.complete(key, owner, payload, self.ttl_ms, self.now_ms())
+        except BackendError as exc:
+            emit(self.observer, BackendFailed(self.block, "complete", exc, "result not stored"))
+            return False
+        if not stored:
+            emit(self.observer, LeaseLost(self.block, key, "complete"))
+        return stored
+
+    async def release(self, key: str, owner: str) -> None:
+        """Release *key*, whatever happens to the caller meanwhile (shielded)."""
+        try:
+            released = await asyncio.shield(self.store.release(key, owner, self.now_ms()))
+        except BackendError as exc:
+            emit(
+                self.observer,
+                BackendFailed(self.block, "release", exc, "key kept until its lease ends"),
+            )
+            return
+        if not released:
+            emit(self.observer, LeaseLost(self.block, key, "release"))
+
+    def heartbeat(self, key: str, owner: str) -> asyncio.Task[None]:
+        """Start renewing *owner*'s lease on *key* every third of the lease; cancel when done."""
+        return asyncio.get_running_loop().create_task(self._heartbeat(key, owner))
+
+    async def _heartbeat(self, key: str, owner: str) -> None:
+        interval = self.lease / 3
+        while True:
+            await self.sleep(interval)
+            try:
+                extended = await self.store.extend(key, owner, self.lease_ms, self.now_ms())
+            except BackendError as exc:
+                emit(self.observer, BackendFailed(self.block, "extend", exc, "lease not extended"))
+                continue
+            if not extended:
+                emit(self.observer, LeaseLost(self.block, key, "extend"))
+                return

@@ -1,0 +1,23 @@
+-- Complete an idempotency record: store the payload, if the caller owns a live lease.
+--
+-- KEYS[1]: the record (see claim.lua). ARGV: now in ms (or "r"), owner, ttl_ms, payload.
+-- Returns 1 when stored, 0 when the caller no longer owns the record.
+
+local now, margin = ARGV[1], 0
+if now == 'r' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+else
+  now, margin = tonumber(now), 60000
+end
+local key, owner, ttl = KEYS[1], ARGV[2], tonumber(ARGV[3])
+
+local record = redis.call('HMGET', key, 's', 'o', 'd')
+local deadline = tonumber(record[3])
+if record[1] ~= 'p' or record[2] ~= owner or not deadline or deadline <= now then
+  return 0
+end
+redis.call('HDEL', key, 'o')
+redis.call('HSET', key, 's', 'c', 'r', ARGV[4], 'd', string.format('%.0f', now + ttl))
+redis.call('PEXPIRE', key, ttl + margin)
+return 1

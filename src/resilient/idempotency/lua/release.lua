@@ -1,0 +1,21 @@
+-- Release an idempotency record: delete it, if the caller owns a live lease.
+--
+-- KEYS[1]: the record (see claim.lua). ARGV: now in ms (or "r"), owner.
+-- Returns 1 when deleted, 0 when the caller no longer owns the record.
+
+local now = ARGV[1]
+if now == 'r' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+else
+  now = tonumber(now)
+end
+local key = KEYS[1]
+
+local record = redis.call('HMGET', key, 's', 'o', 'd')
+local deadline = tonumber(record[3])
+if record[1] ~= 'p' or record[2] ~= ARGV[2] or not deadline or deadline <= now then
+  return 0
+end
+redis.call('DEL', key)
+return 1

@@ -1,0 +1,484 @@
+"""``IdempotencyMiddleware``: retried writes made safe at the edge of an ASGI application.
+
+It follows the IETF httpapi draft "The Idempotency-Key HTTP Header Field" and Stripe's
+semantics: the first request with a key runs and its response is stored; a retry with the
+same key gets that response back, byte for byte, with ``Idempotent-Replayed: true``; a
+retry while the first is still running gets ``409``; the same key with a different
+request gets ``422``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from math import ceil
+from typing import Literal
+
+from resilient._asgi import ASGIApp, Message, Receive, Scope, Send
+from resilient._routing import PathPattern
+from resilient.backends.memory import MemoryBackend
+from resilient.backends.redis import RedisBackend
+from resilient.clock import Clock
+from resilient.errors import BackendError, ConfigurationError
+from resilient.events import (
+    BackendFailed,
+    IdempotencyConflict,
+    IdempotencyReplayed,
+    Observer,
+    emit,
+)
+from resilient.idempotency.core import (
+    ClaimStatus,
+    IdempotencyStore,
+    StoredResponse,
+    decode_response,
+    encode_response,
+    validate_seconds,
+)
+from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
+from resilient.keys import by_user
+from resilient.problem import send_problem
+
+__all__ = ["IdempotencyMiddleware", "default_scope_key", "fingerprint_request", "parse_key"]
+
+MAX_KEY_LENGTH = 255
+_NEVER_STORED = frozenset({b"set-cookie", b"authorization", b"proxy-authorization"})
+_STORED_FALSE = (b"idempotency-stored", b"false")
+_REPLAYED = (b"idempotent-replayed", b"true")
+_user_key = by_user()
+
+
+def parse_key(raw: bytes) -> str | None:
+    """Return the key in an ``Idempotency-Key`` field value, or ``None`` if it is invalid.
+
+    The draft makes the value a structured-field string (``"8e03978e-..."``); a bare
+    token (``8e03978e-...``) is accepted too, as most clients send one. The key must be 1
+    to 255 printable ASCII characters.
+
+    >>> parse_key(b'"a b"'), parse_key(b"abc"), parse_key(b"a b"), parse_key(b'""')
+    ('a b', 'abc', None, None)
+    """
+    if raw[:1] == b'"':
+        if len(raw) < 2 or raw[-1:] != b'"':
+            return None
+        out = bytearray()
+        inner = raw[1:-1]
+        i = 0
+        while i < len(inner):
+            c = inner[i]
+            if c == 0x5C:  # backslash: only \" and \\ are escapes
+                if i + 1 >= len(inner) or inner[i + 1] not in b'"\\':
+                    return None
+                out.append(inner[i + 1])
+                i += 2
+                continue
+            if c == 0x22 or not 0x20 <= c <= 0x7E:
+                return None
+            out.append(c)
+            i += 1
+        key = out.decode("ascii")
+    else:
+        if any(not 0x21 <= c <= 0x7E or c == 0x22 for c in raw):
+            return None
+        key = raw.decode("ascii")
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        return None
+    return key
+
+
+def fingerprint_request(scope: Scope, body: bytes) -> str:
+    """Return the default request fingerprint: a SHA-256 of method, path, query string and body."""
+    digest = hashlib.sha256()
+    for part in (scope["method"].encode(), scope["path"].encode("utf-8", "surrogateescape")):
+        digest.update(part)
+        digest.update(b"\x00")
+    digest.update(scope.get("query_string", b""))
+    digest.update(b"\x00")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def default_scope_key(scope: Scope, key: str) -> str:
+    """Return the default scope of a key: the authenticated user (if any), the method, the path.
+
+    So the same key sent by two users, or to two routes, names two records.
+    """
+    user = _user_key(scope) or ""
+    path = scope.get("root_path", "") + scope["path"]
+    return f"{user}\x1f{scope['method']}\x1f{path}\x1f{key}"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class IdempotencyMiddleware:
+    """Make requests that carry an ``Idempotency-Key`` run once, and replay their response.
+
+    Only *methods* (default ``POST`` and ``PATCH``) are guarded. A request without the
+    *header* passes through, unless *required* says it needs one (``True`` for every
+    guarded request, or path patterns such as ``["/api/orders"]``): then it gets ``400``.
+
+    The first request with a key claims it for *lease* seconds, renewed while the handler
+    runs; its response is stored for *ttl* seconds unless its status is 500 or more, it is
+    larger than *max_body* bytes, or the handler raised: those release the key and carry
+    ``Idempotency-Stored: false``. ``Set-Cookie`` and ``Authorization`` fields are never
+    stored nor replayed. The end of the response reaches the client only once it is stored.
+
+    A duplicate gets the stored response with ``Idempotent-Replayed: true``; while the
+    first is still running, ``409`` with ``Retry-After`` (or, with *wait* > 0, it waits up
+    to *wait* seconds for the first to finish and replays its response). A key reused with
+    a different request (by *fingerprint*: method, path, query and body by default) gets
+    ``422``. Keys are scoped by *scope_key* (default: user, method and path).
+
+    When the backend fails, ``on_backend_error="closed"`` (the default) answers ``503``
+    with ``Retry-After``, since running unguarded could run a payment twice; ``"open"``
+    runs the request unguarded and reports the failure to the *observer*. Request bodies
+    over *max_request_body* bytes get ``413``.
+
+    >>> from starlette.applications import Starlette
+    >>> app = IdempotencyMiddleware(Starlette(), required=["/api/orders"])
+    """
+
+    __slots__ = (
+        "_keeper",
+        "_required",
+        "app",
+        "conflict_retry_after",
+        "fingerprint",
+        "header",
+        "max_body",
+        "max_request_body",
+        "methods",
+        "observer",
+        "scope_key",
+        "wait",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        backend: MemoryBackend | RedisBackend | IdempotencyStore | None = None,
+        *,
+        methods: Iterable[str] = ("POST", "PATCH"),
+        header: str = "Idempotency-Key",
+        required: bool | Iterable[str] = False,
+        ttl: float = 86_400.0,
+        lease: float = 30.0,
+        wait: float = 0.0,
+        conflict_retry_after: float = 1.0,
+        max_body: int = 1 << 20,
+        max_request_body: int = 10 << 20,
+        fingerprint: Callable[[Scope, bytes], str] | None = fingerprint_request,
+        scope_key: Callable[[Scope, str], str] = default_scope_key,
+        on_backend_error: Literal["open", "closed"] = "closed",
+        backend_retry_after: float = 1.0,
+        clock: Clock | None = None,
+        observer: Observer | None = DEFAULT_OBSERVER,
+        sleep: Sleep | None = None,
+    ) -> None:
+        if isinstance(methods, str):
+            methods = [methods]
+        self.methods = frozenset(m.upper() for m in methods)
+        if not self.methods:
+            msg = "methods must name at least one HTTP method"
+            raise ConfigurationError(msg)
+        if not isinstance(header, str) or not header or not header.isascii():
+            msg = f"header must be a non-empty ASCII header name, not {header!r}"
+            raise ConfigurationError(msg)
+        for name, value in (("max_body", max_body), ("max_request_body", max_request_body)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                msg = f"{name} must be an integer number of bytes >= 0, not {value!r}"
+                raise ConfigurationError(msg)
+        self.app = app
+        self.header = header.lower().encode("ascii")
+        if isinstance(required, bool):
+            self._required: bool | tuple[PathPattern, ...] = required
+        else:
+            self._required = tuple(
+                PathPattern(p) for p in ([required] if isinstance(required, str) else required)
+            )
+        self.wait = validate_seconds("wait", wait, allow_zero=True)
+        self.conflict_retry_after = validate_seconds("conflict_retry_after", conflict_retry_after)
+        self.max_body = max_body
+        self.max_request_body = max_request_body
+        self.fingerprint = fingerprint
+        self.scope_key = scope_key
+        self.observer = observer
+        self._keeper = Keeper(
+            backend,
+            block="idempotency",
+            ttl=ttl,
+            lease=lease,
+            clock=clock,
+            on_backend_error=on_backend_error,
+            backend_retry_after=backend_retry_after,
+            observer=observer,
+            sleep=sleep,
+        )
+
+    def _is_required(self, path: str) -> bool:
+        required = self._required
+        if isinstance(required, bool):
+            return required
+        return any(pattern.matches(path) for pattern in required)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Guard one request (HTTP requests with a guarded method), pass the rest through."""
+        if scope["type"] != "http" or scope["method"] not in self.methods:
+            await self.app(scope, receive, send)
+            return
+        header = self.header
+        values = [value for name, value in scope["headers"] if name == header]
+        if not values:
+            if self._is_required(scope["path"]):
+                await send_problem(send, 400, f"This request needs an {self._header_name} header.")
+                return
+            await self.app(scope, receive, send)
+            return
+        key = parse_key(values[0]) if len(values) == 1 else None
+        if key is None:
+            detail = (
+                f"The {self._header_name} header must appear once and hold 1 to "
+                f"{MAX_KEY_LENGTH} printable ASCII characters."
+            )
+            await send_problem(send, 400, detail)
+            return
+        try:
+            body = await _read_body(receive, self.max_request_body)
+        except _TooLarge:
+            detail = f"An idempotent request body may not exceed {self.max_request_body} bytes."
+            await send_problem(send, 413, detail)
+            return
+        if body is None:  # the client went away before sending its request
+            return
+        replay_receive = _replaying(body, receive)
+        await self._guard(scope, replay_receive, send, key, body)
+
+    @property
+    def _header_name(self) -> str:
+        return "-".join(part.capitalize() for part in self.header.decode().split("-"))
+
+    async def _guard(
+        self, scope: Scope, receive: Receive, send: Send, key: str, body: bytes
+    ) -> None:
+        keeper = self._keeper
+        fingerprint = "" if self.fingerprint is None else self.fingerprint(scope, body)
+        scoped = self.scope_key(scope, key)
+        try:
+            if self.wait > 0:
+                claim, owner = await keeper.wait(scoped, fingerprint, self.wait)
+            else:
+                claim, owner = await keeper.claim(scoped, fingerprint)
+        except BackendError as exc:
+            if keeper.on_backend_error == "open":
+                emit(self.observer, BackendFailed("idempotency", "claim", exc, "ran unguarded"))
+                await self.app(scope, receive, send)
+                return
+            emit(self.observer, BackendFailed("idempotency", "claim", exc, "answered 503"))
+            retry_after = str(ceil(keeper.backend_retry_after)).encode()
+            await send_problem(
+                send,
+                503,
+                "The idempotency store is unavailable; the request was not run.",
+                headers=[(b"retry-after", retry_after)],
+            )
+            return
+        status = claim.status
+        if status is ClaimStatus.CLAIMED:
+            await self._run(scope, receive, send, scoped, owner)
+        elif status is ClaimStatus.COMPLETED:
+            await self._replay(send, scoped, claim.payload or b"")
+        elif status is ClaimStatus.IN_PROGRESS:
+            emit(self.observer, IdempotencyConflict("idempotency", scoped, "in_progress"))
+            wait_s = min(claim.retry_after_ms / 1000, self.conflict_retry_after)
+            await send_problem(
+                send,
+                409,
+                "A request with this idempotency key is still being processed; retry later.",
+                headers=[(b"retry-after", str(max(1, ceil(wait_s))).encode())],
+            )
+        else:
+            emit(self.observer, IdempotencyConflict("idempotency", scoped, "mismatch"))
+            await send_problem(
+                send,
+                422,
+                "This idempotency key was already used for a different request.",
+            )
+
+    async def _replay(self, send: Send, scoped: str, payload: bytes) -> None:
+        try:
+            response = decode_response(payload)
+        except (ValueError, KeyError, TypeError, UnicodeError) as exc:
+            error = BackendError(f"unreadable stored response: {exc}")
+            emit(self.observer, BackendFailed("idempotency", "replay", error, "answered 503"))
+            await send_problem(send, 503, "The stored response for this key cannot be read.")
+            return
+        emit(self.observer, IdempotencyReplayed("idempotency", scoped))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [*response.headers, _REPLAYED],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _run(
+        self, scope: Scope, receive: Receive, send: Send, scoped: str, owner: str
+    ) -> None:
+        keeper = self._keeper
+        capture = _Capture(send, self.max_body)
+        heartbeat = keeper.heartbeat(scoped, owner)
+        try:
+            await self.app(scope, receive, capture.send)
+        except BaseException:
+            heartbeat.cancel()
+            await keeper.release(scoped, owner)
+            raise
+        heartbeat.cancel()
+        if capture.storable and capture.finished:
+            response = StoredResponse(
+                capture.status, capture.stored_headers(), b"".join(capture.chunks)
+            )
+            stored = await keeper.complete(scoped, owner, encode_response(response))
+        else:
+            await keeper.release(scoped, owner)
+            stored = False
+        await capture.flush(stored)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay
+
+
+class _Capture:
+    """Pass a response through while keeping a copy of it, and hold back its end.
+
+    The end of the response (or, without a ``content-length``, the whole response, up to
+    *max_body*) is held until :meth:`flush`, so that the client sees it complete only once
+    it is stored.
+    """
+
+    __slots__ = (
+        "chunks",
+        "finished",
+        "headers",
+        "held_end",
+        "held_start",
+        "max_body",
+        "send_downstream",
+        "size",
+        "status",
+        "storable",
+    )
+
+    def __init__(self, send: Send, max_body: int) -> None:
+        self.send_downstream = send
+        self.max_body = max_body
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.storable = True
+        self.finished = False
+        self.held_start: Message | None = None
+        self.held_end: Message | None = None
+
+    def stored_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(n, v) for n, v in self.headers if n.lower() not in _NEVER_STORED]
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = status = message["status"]
+            self.headers = headers = list(message.get("headers", ()))
+            length = _content_length(headers)
+            if status >= 500 or (length is not None and length > self.max_body):
+                self.storable = False
+                message = {**message, "headers": [*headers, _STORED_FALSE]}
+            elif length is None:
+                self.held_start = message  # until we know whether the body fits
+                return
+            await self.send_downstream(message)
+            return
+        if kind != "http.response.body" or not self.storable:
+            if self.storable:  # trailers or an extension: not a response we can replay
+                await self._give_up()
+            await self.send_downstream(message)
+            return
+        chunk = message.get("body", b"")
+        self.size += len(chunk)
+        if self.size > self.max_body:
+            await self._give_up()
+            await self.send_downstream(message)
+            return
+        self.chunks.append(chunk)
+        if message.get("more_body", False):
+            if self.held_start is None:
+                await self.send_downstream(message)
+            return
+        self.finished = True
+        self.held_end = message
+
+    async def _give_up(self) -> None:
+        """Stop keeping a copy; send what was held back, marked as not stored."""
+        self.storable = False
+        start, self.held_start = self.held_start, None
+        if start is not None:
+            await self.send_downstream({**start, "headers": [*self.headers, _STORED_FALSE]})
+            if self.chunks:
+                body = b"".join(self.chunks)
+                await self.send_downstream(
+                    {"type": "http.response.body", "body": body, "more_body": True}
+                )
+        self.chunks = []
+
+    async def flush(self, stored: bool) -> None:
+        """Send what was held back; mark the response as not stored unless *stored*."""
+        start, self.held_start = self.held_start, None
+        end, self.held_end = self.held_end, None
+        if start is not None:
+            headers = self.headers if stored else [*self.headers, _STORED_FALSE]
+            await self.send_downstream({**start, "headers": headers})
+            body = b"".join(self.chunks)
+            more = end is None  # the handler returned without finishing its response
+            await self.send_downstream(
+                {"type": "http.response.body", "body": body, "more_body": more}
+            )
+            return
+        if end is not None:
+            await self.send_downstream(end)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,75 @@
+"""The idempotency store of :class:`~resilient.RedisBackend`: one Lua script per operation."""
+
+from __future__ import annotations
+
+import hashlib
+
+from resilient.backends.redis import RedisBackend, Script
+from resilient.idempotency.core import Claim, ClaimStatus
+
+__all__ = ["RedisIdempotencyStore"]
+
+_PACKAGE = "resilient.idempotency.lua"
+_CLAIM = Script(_PACKAGE, "claim.lua")
+_COMPLETE = Script(_PACKAGE, "complete.lua")
+_RELEASE = Script(_PACKAGE, "release.lua")
+_EXTEND = Script(_PACKAGE, "extend.lua")
+
+
+class RedisIdempotencyStore:
+    """Idempotency records in Redis: one hash per key, one script call per operation.
+
+    The Redis key is ``prefix:idem:{digest}:r``, where *digest* is a SHA-256 of the scoped
+    key: bounded in length, free of the caller's identity, and spread over cluster slots.
+    """
+
+    __slots__ = ("_backend",)
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+
+    def _key(self, key: str) -> str:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return self._backend.key("idem", digest, "r")
+
+    async def claim(
+        self, key: str, fingerprint: str, owner: str, lease_ms: int, now_ms: int | None
+    ) -> Claim:
+        """Take *key* for *owner*, or report what holds it (see :mod:`.core`)."""
+        now = "r" if now_ms is None else now_ms
+        reply = await self._backend.run_script(
+            _CLAIM, [self._key(key)], (now, fingerprint, owner, lease_ms)
+        )
+        kind = reply[0]
+        if kind == b"n":
+            return Claim(ClaimStatus.CLAIMED)
+        if kind == b"p":
+            return Claim(ClaimStatus.IN_PROGRESS, retry_after_ms=int(reply[1]))
+        if kind == b"c":
+            return Claim(ClaimStatus.COMPLETED, bytes(reply[1]))
+        return Claim(ClaimStatus.MISMATCH)
+
+    async def complete(
+        self, key: str, owner: str, payload: bytes, ttl_ms: int, now_ms: int | None
+    ) -> bool:
+        """Store *payload* for *ttl_ms* if *owner* holds a live lease on *key*."""
+        now = "r" if now_ms is None else now_ms
+        reply = await self._backend.run_script(
+            _COMPLETE, [self._key(key)], (now, owner, ttl_ms, payload)
+        )
+        return bool(reply == 1)
+
+    async def release(self, key: str, owner: str, now_ms: int | None) -> bool:
+        """Delete *key* if *owner* holds a live lease on it."""
+        now = "r" if now_ms is None else now_ms
+        reply = await self._backend.run_script(_RELEASE, [self._key(key)], (now, owner))
+        return bool(reply == 1)
+
+    async def extend(self, key: str, owner: str, lease_ms: int, now_ms: int | None) -> bool:
+        """Renew *owner*'s live lease on *key* to *lease_ms* from now."""
+        now = "r" if now_ms is None else now_ms
+        reply = await self._backend.run_script(_EXTEND, [self._key(key)], (now, owner, lease_ms))
+        return bool(reply == 1)
+
+    def __repr__(self) -> str:
+        return f"RedisIdempotencyStore({self._backend!r})"
