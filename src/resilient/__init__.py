@@ -13,10 +13,14 @@ from resilient.errors import (
     BackendError,
     BackendUnavailable,
     ConfigurationError,
+    IdempotencyConflict,
+    IdempotencyError,
+    IdempotencyMismatch,
     RateLimitExceeded,
     ResilienceError,
 )
 from resilient.events import Event, LoggingObserver, Observer
+from resilient.idempotency import IdempotencyMiddleware, idempotent
 from resilient.keys import KeyFunc, by_header, by_ip, by_user
 from resilient.ratelimit import (
     Decision,
@@ -36,6 +40,10 @@ __all__ = [
     "ConfigurationError",
     "Decision",
     "Event",
+    "IdempotencyConflict",
+    "IdempotencyError",
+    "IdempotencyMiddleware",
+    "IdempotencyMismatch",
     "KeyFunc",
     "LoggingObserver",
     "MemoryBackend",
@@ -54,5 +62,6 @@ __all__ = [
     "by_header",
     "by_ip",
     "by_user",
+    "idempotent",
     "rate_limit",
 ]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from resilient.idempotency.core import Claim, ClaimStatus, IdempotencyStore, StoredResponse
+from resilient.idempotency.decorator import idempotent
 from resilient.idempotency.middleware import (
     IdempotencyMiddleware,
     default_scope_key,
@@ -23,5 +24,6 @@ __all__ = [
     "StoredResponse",
     "default_scope_key",
     "fingerprint_request",
+    "idempotent",
     "parse_key",
 ]

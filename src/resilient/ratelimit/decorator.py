@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import string
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
+from resilient._templates import key_function
 from resilient.errors import ConfigurationError, RateLimitExceeded
 from resilient.ratelimit.core import Policy
 from resilient.ratelimit.limiter import RateLimiter, validate_cost, validate_policies
@@ -43,7 +43,7 @@ def rate_limit(
         if not inspect.iscoroutinefunction(function):
             msg = f"rate_limit decorates async functions; {function!r} is not one"
             raise TypeError(msg)
-        key_of = _key_function(key, function)
+        key_of = key_function(key, function)
 
         @functools.wraps(function)
         async def limited(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -59,33 +59,3 @@ def rate_limit(
         return limited
 
     return decorate
-
-
-def _key_function(
-    key: str | Callable[..., str], function: Callable[..., Any]
-) -> Callable[..., str]:
-    if callable(key):
-        return key
-    if not isinstance(key, str) or not key:
-        msg = f"key must be a template string or a callable, not {key!r}"
-        raise ConfigurationError(msg)
-    signature = inspect.signature(function)
-    fields = {
-        name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(key) if name
-    }
-    unknown = fields - set(signature.parameters)
-    if unknown or any(not name for name in fields):
-        msg = (
-            f"the key template {key!r} names {sorted(unknown)}, "
-            f"which {function.__qualname__} does not take"
-        )
-        raise ConfigurationError(msg)
-    if not fields:
-        return lambda *args, **kwargs: key
-
-    def render(*args: Any, **kwargs: Any) -> str:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return key.format_map(bound.arguments)
-
-    return render

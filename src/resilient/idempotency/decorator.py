@@ -1,0 +1,148 @@
+"""``@idempotent``: run an async function once per key; duplicates get its stored result."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, ParamSpec, TypeVar
+
+from resilient._templates import key_function
+from resilient.backends.memory import MemoryBackend
+from resilient.backends.redis import RedisBackend
+from resilient.clock import Clock
+from resilient.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    IdempotencyConflict,
+    IdempotencyError,
+    IdempotencyMismatch,
+)
+from resilient.events import BackendFailed, IdempotencyReplayed, Observer, emit
+from resilient.events import IdempotencyConflict as ConflictEvent
+from resilient.idempotency.core import ClaimStatus, IdempotencyStore, validate_seconds
+from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
+
+__all__ = ["idempotent"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def idempotent(
+    key: str | Callable[..., str],
+    *,
+    backend: MemoryBackend | RedisBackend | IdempotencyStore | None = None,
+    ttl: float = 86_400.0,
+    lease: float = 60.0,
+    wait: float = 0.0,
+    name: str | None = None,
+    on_backend_error: Literal["open", "closed"] = "closed",
+    backend_retry_after: float = 1.0,
+    clock: Clock | None = None,
+    observer: Observer | None = DEFAULT_OBSERVER,
+    sleep: Sleep | None = None,
+) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Awaitable[Any]]]:
+    """Run the decorated ``async def`` once per *key*; a duplicate gets the stored result.
+
+    Made for consumers of at-least-once queues and for jobs: the key comes from the
+    arguments, as a template (``"payment:{event.id}"``) or a callable given the same
+    arguments as the function. The first call claims the key (renewing its *lease* while
+    it runs) and stores its result for *ttl* seconds; later calls with the key return
+    that result without running the function. The result must be JSON-serialisable (no
+    pickle: a writable store must not mean code execution), and every caller, the first
+    included, gets its JSON round trip, so all of them see the same value.
+
+    A call whose key is still in progress raises :class:`~resilient.IdempotencyConflict`
+    (with ``retry_after``), or with *wait* > 0 waits up to *wait* seconds for the result.
+    An exception from the function releases the key, so a retry runs it again. When the
+    backend fails, ``"closed"`` (the default) raises
+    :class:`~resilient.BackendUnavailable` without running the function; ``"open"`` runs
+    it unguarded. Keys are scoped by *name* (default: the function's qualified name).
+
+    >>> from resilient import MemoryBackend
+    >>> @idempotent("charge:{event_id}", backend=MemoryBackend())
+    ... async def charge(event_id: str, cents: int) -> dict[str, int]:
+    ...     return {"charged": cents}
+    """
+    wait = validate_seconds("wait", wait, allow_zero=True)
+    keeper = Keeper(
+        backend,
+        block="idempotent",
+        ttl=ttl,
+        lease=lease,
+        clock=clock,
+        on_backend_error=on_backend_error,
+        backend_retry_after=backend_retry_after,
+        observer=observer,
+        sleep=sleep,
+    )
+
+    def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[Any]]:
+        if not inspect.iscoroutinefunction(function):
+            msg = f"idempotent decorates async functions; {function!r} is not one"
+            raise TypeError(msg)
+        key_of = key_function(key, function)
+        scope = name or f"{function.__module__}.{function.__qualname__}"
+
+        @functools.wraps(function)
+        async def once(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+            given = key_of(*args, **kwargs)
+            if not isinstance(given, str) or not given:
+                msg = f"the idempotency key must be a non-empty string, got {given!r}"
+                raise ConfigurationError(msg)
+            scoped = f"fn\x1f{scope}\x1f{given}"
+            try:
+                if wait > 0:
+                    claim, owner = await keeper.wait(scoped, "", wait)
+                else:
+                    claim, owner = await keeper.claim(scoped, "")
+            except BackendError as exc:
+                if keeper.on_backend_error == "open":
+                    emit(observer, BackendFailed("idempotent", "claim", exc, "ran unguarded"))
+                    return await function(*args, **kwargs)
+                emit(observer, BackendFailed("idempotent", "claim", exc, "raised"))
+                msg = f"the idempotency store is unavailable; {scope} was not run: {exc}"
+                raise BackendUnavailable(msg, retry_after=keeper.backend_retry_after) from exc
+            status = claim.status
+            if status is ClaimStatus.COMPLETED:
+                emit(observer, IdempotencyReplayed("idempotent", scoped))
+                return json.loads(claim.payload or b"null")
+            if status is ClaimStatus.IN_PROGRESS:
+                emit(observer, ConflictEvent("idempotent", scoped, "in_progress"))
+                msg = f"{scope} is already running for key {given!r}"
+                raise IdempotencyConflict(msg, retry_after=claim.retry_after_ms / 1000)
+            if status is ClaimStatus.MISMATCH:  # only a store shared with other callers
+                msg = f"key {given!r} of {scope} was used for a different request"
+                raise IdempotencyMismatch(msg)
+            return await _run_once(keeper, scope, scoped, owner, function(*args, **kwargs))
+
+        return once
+
+    return decorate
+
+
+async def _run_once(
+    keeper: Keeper, scope: str, scoped: str, owner: str, call: Awaitable[Any]
+) -> Any:
+    heartbeat = keeper.heartbeat(scoped, owner)
+    try:
+        result = await call
+    except BaseException:
+        heartbeat.cancel()
+        await keeper.release(scoped, owner)
+        raise
+    heartbeat.cancel()
+    try:
+        payload = json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        await keeper.release(scoped, owner)
+        msg = (
+            f"{scope} returned a {type(result).__name__}, which JSON cannot encode: "
+            "an idempotent function must return JSON-serialisable data"
+        )
+        raise IdempotencyError(msg) from exc
+    await keeper.complete(scoped, owner, payload)
+    return json.loads(payload)
