@@ -127,8 +127,8 @@ async def test_a_result_json_cannot_encode_is_a_clear_error(backend: Any) -> Non
 def test_sync_functions_and_bad_templates_are_refused() -> None:
     with pytest.raises(TypeError, match="async functions"):
 
-        @idempotent("{n}")
-        def sync(n: int) -> int:  # type: ignore[type-var]
+        @idempotent("{n}")  # type: ignore[arg-type]
+        def sync(n: int) -> int:
             return n
 
     with pytest.raises(ConfigurationError, match="does not take"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from resilient._templates import key_function
@@ -44,7 +44,7 @@ def idempotent(
     clock: Clock | None = None,
     observer: Observer | None = DEFAULT_OBSERVER,
     sleep: Sleep | None = None,
-) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Awaitable[Any]]]:
+) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Coroutine[Any, Any, Any]]]:
     """Run the decorated ``async def`` once per *key*; a duplicate gets the stored result.
 
     Made for consumers of at-least-once queues and for jobs: the key comes from the
@@ -80,7 +80,7 @@ def idempotent(
         sleep=sleep,
     )
 
-    def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[Any]]:
+    def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, Any]]:
         if not inspect.iscoroutinefunction(function):
             msg = f"idempotent decorates async functions; {function!r} is not one"
             raise TypeError(msg)
