@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("ratelimit",)
+MODULES = ("ratelimit", "idempotency")
 
 
 def main(argv: list[str]) -> int:
