@@ -474,3 +474,19 @@ async def test_the_client_sees_the_end_of_the_response_only_once_it_is_stored(
     assert response.status_code == 201
     assert replay.headers["idempotent-replayed"] == "true"
     assert order == ["stored", "end sent", "end sent"]
+
+
+async def test_the_default_heartbeat_renews_on_the_event_loop_s_timers(shop: Shop) -> None:
+    # The one test on real time: the default heartbeat is a loop timer, not a sleep hook.
+    app = middleware(shop, MemoryBackend(), lease=0.15)
+    shop.gate.clear()
+    async with client_for(app) as client:
+        first = asyncio.create_task(client.post("/api/slow", headers=KEY))
+        await shop.entered.wait()
+        await asyncio.sleep(0.4)  # over twice the lease: alive only if it was renewed
+        # Were the lease lost, the duplicate would run and wait at the gate: bound it.
+        duplicate = await asyncio.wait_for(client.post("/api/slow", headers=KEY), 2)
+        shop.gate.set()
+        await first
+    assert duplicate.status_code == 409
+    assert shop.runs == {"slow": 1}

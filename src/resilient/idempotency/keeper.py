@@ -15,7 +15,7 @@ from resilient.errors import BackendError, ConfigurationError
 from resilient.events import BackendFailed, LeaseLost, LoggingObserver, Observer, emit
 from resilient.idempotency.core import Claim, ClaimStatus, IdempotencyStore, validate_seconds
 
-__all__ = ["Keeper", "store_for"]
+__all__ = ["Heartbeat", "Keeper", "store_for"]
 
 DEFAULT_OBSERVER = LoggingObserver()
 
@@ -83,7 +83,7 @@ class Keeper:
         self.clock = clock
         self.on_backend_error = on_backend_error
         self.observer = observer
-        self.sleep: Sleep = asyncio.sleep if sleep is None else sleep
+        self.sleep = sleep
 
     def now_ms(self) -> int | None:
         """Return the injected clock's wall time in ms, or ``None`` for the store's own clock."""
@@ -140,19 +140,64 @@ class Keeper:
         if not released:
             emit(self.observer, LeaseLost(self.block, key, "release"))
 
-    def heartbeat(self, key: str, owner: str) -> asyncio.Task[None]:
+    def heartbeat(self, key: str, owner: str) -> Heartbeat:
         """Start renewing *owner*'s lease on *key* every third of the lease; cancel when done."""
-        return asyncio.get_running_loop().create_task(self._heartbeat(key, owner))
+        return Heartbeat(self, key, owner)
 
-    async def _heartbeat(self, key: str, owner: str) -> None:
-        interval = self.lease / 3
+    async def beat(self, key: str, owner: str) -> bool:
+        """Renew the lease once; return whether to go on (the lease is still ours)."""
+        try:
+            extended = await self.store.extend(key, owner, self.lease_ms, self.now_ms())
+        except BackendError as exc:
+            emit(self.observer, BackendFailed(self.block, "extend", exc, "lease not extended"))
+            return True
+        if not extended:
+            emit(self.observer, LeaseLost(self.block, key, "extend"))
+        return extended
+
+
+class Heartbeat:
+    """Renews a lease every third of it until cancelled.
+
+    Most requests end long before their first renewal, so it starts as a timer on the
+    event loop, cheaper than a task, and makes a task only when a renewal is due. With an
+    injected *sleep* (tests), it is a task looping on that sleep instead.
+    """
+
+    __slots__ = ("_handle", "_interval", "_keeper", "_key", "_owner", "_stopped", "_task")
+
+    def __init__(self, keeper: Keeper, key: str, owner: str) -> None:
+        self._keeper = keeper
+        self._key = key
+        self._owner = owner
+        self._interval = keeper.lease / 3
+        self._stopped = False
+        self._task: asyncio.Task[None] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        if keeper.sleep is None:
+            self._handle = loop.call_later(self._interval, self._due)
+        else:
+            self._task = loop.create_task(self._loop(keeper.sleep))
+
+    def _due(self) -> None:
+        self._handle = None
+        self._task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        if await self._keeper.beat(self._key, self._owner) and not self._stopped:
+            self._handle = asyncio.get_running_loop().call_later(self._interval, self._due)
+
+    async def _loop(self, sleep: Sleep) -> None:
         while True:
-            await self.sleep(interval)
-            try:
-                extended = await self.store.extend(key, owner, self.lease_ms, self.now_ms())
-            except BackendError as exc:
-                emit(self.observer, BackendFailed(self.block, "extend", exc, "lease not extended"))
-                continue
-            if not extended:
-                emit(self.observer, LeaseLost(self.block, key, "extend"))
+            await sleep(self._interval)
+            if not await self._keeper.beat(self._key, self._owner):
                 return
+
+    def cancel(self) -> None:
+        """Stop renewing."""
+        self._stopped = True
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
