@@ -490,3 +490,25 @@ async def test_the_default_heartbeat_renews_on_the_event_loop_s_timers(shop: Sho
         await first
     assert duplicate.status_code == 409
     assert shop.runs == {"slow": 1}
+
+
+async def test_redis_stopping_mid_request_still_answers_and_reports(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    recorder = Recorder()
+    shop.gate.clear()
+    async with RedisBackend(client) as backend:
+        app = middleware(shop, backend, observer=recorder)
+        async with client_for(app) as http:
+            first = asyncio.create_task(http.post("/api/slow", headers=KEY))
+            await shop.entered.wait()
+            fresh_redis_server.stop()  # the claim went through; storing the result cannot
+            shop.gate.set()
+            response = await first
+            retry = await http.post("/api/slow", headers=KEY)
+    await client.aclose()
+    assert response.status_code == 201  # the client still gets its answer
+    assert retry.status_code == 503  # and the retry is refused, not run unguarded
+    assert shop.runs == {"slow": 1}
+    assert [e.outcome for e in recorder.of(BackendFailed)] == ["result not stored", "answered 503"]
