@@ -1,9 +1,11 @@
-"""A small rate-limited API: the quickstart's server, until the e-commerce example lands.
+"""A small guarded API: the quickstart's server, until the e-commerce example lands.
 
 Run it with ``python dev.py example`` (or ``python -m examples.hello``), then::
 
     curl -i http://127.0.0.1:8000/api/hello          # 10 requests a minute per client IP
     curl -i -X POST http://127.0.0.1:8000/api/login  # 3 a minute, then blocked 5 minutes
+    curl -i -X POST -H 'Idempotency-Key: k1' -d '{"sku": "A1"}' \
+        http://127.0.0.1:8000/api/orders             # twice: one order, then its replay
 
 State lives in memory; set ``REDIS_URL=redis://localhost:6379/0`` to keep it in Redis (a
 ``redis+cluster://`` URL, or ``REDIS_CLUSTER=1``, for Redis Cluster), so that several
@@ -23,6 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from resilient import (
+    IdempotencyMiddleware,
     MemoryBackend,
     RateLimiter,
     RateLimitMiddleware,
@@ -41,6 +44,20 @@ async def hello(request: Request) -> JSONResponse:
 
 async def login(request: Request) -> JSONResponse:
     return JSONResponse({"token": "not-a-real-token"})
+
+
+class Orders:
+    """Creates orders; the idempotency middleware makes sure retries create none twice."""
+
+    def __init__(self) -> None:
+        self.created = 0
+
+    async def create(self, request: Request) -> JSONResponse:
+        body = await request.body()
+        self.created += 1
+        return JSONResponse(
+            {"order": self.created, "request": body.decode("utf-8", "replace")}, status_code=201
+        )
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -73,17 +90,20 @@ def create_app(limiter: RateLimiter | None = None) -> ASGIApp:
             await backend.aclose()
             await backend.client.aclose()
 
+    orders = Orders()
     app = Starlette(
         routes=[
             Route("/api/hello", hello),
             Route("/api/login", login, methods=["POST"]),
+            Route("/api/orders", orders.create, methods=["POST"]),
             Route("/healthz", healthz),
         ],
         lifespan=lifespan,
     )
     client = by_ip(trusted_proxies=["127.0.0.1/32"])
+    guarded = IdempotencyMiddleware(app, backend, required=["/api/orders"])
     return RateLimitMiddleware(
-        app,
+        guarded,
         limiter=limiter,
         rules=[
             Rule(

@@ -1,4 +1,4 @@
-"""The quickstart's example server really runs and rate-limits."""
+"""The quickstart's example server really runs, rate-limits and replays retried orders."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ async def test_the_example_limits_login_and_api_calls() -> None:
     assert logins == [200, 200, 200, 429]
     assert hellos == [200] * 5 + [429]  # the burst of 5 is spent
     assert health == [200] * 20
+
+
+async def test_the_example_creates_one_order_per_idempotency_key() -> None:
+    app = create_app(RateLimiter(clock=FakeClock()))
+    key = {"Idempotency-Key": '"order-1"'}
+    async with client(app, "203.0.113.8") as shopper:
+        first = await shopper.post("/api/orders", json={"sku": "A1"}, headers=key)
+        retry = await shopper.post("/api/orders", json={"sku": "A1"}, headers=key)
+        keyless = await shopper.post("/api/orders", json={"sku": "A1"})
+    assert first.status_code == retry.status_code == 201
+    assert retry.content == first.content
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert keyless.status_code == 400
 
 
 def free_port() -> int:
