@@ -512,3 +512,25 @@ async def test_redis_stopping_mid_request_still_answers_and_reports(
     assert retry.status_code == 503  # and the retry is refused, not run unguarded
     assert shop.runs == {"slow": 1}
     assert [e.outcome for e in recorder.of(BackendFailed)] == ["result not stored", "answered 503"]
+
+
+async def test_a_decoding_client_still_replays_bytes(shop: Shop, redis_server: RedisServer) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+    async with RedisBackend(client) as backend, client_for(middleware(shop, backend)) as http:
+        first = await http.post("/api/stream?size=3", headers=KEY)
+        again = await http.post("/api/stream?size=3", headers=KEY)
+    await client.aclose()
+    assert again.content == first.content == b"aaa1"
+    assert again.headers["idempotent-replayed"] == "true"
+
+
+@pytest.mark.cluster
+async def test_a_decoding_cluster_client_is_refused_up_front(redis_cluster: Any) -> None:
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    from resilient import ConfigurationError
+
+    client = AsyncRedisCluster.from_url(redis_cluster.url, decode_responses=True)
+    with pytest.raises(ConfigurationError, match="decode_responses=False"):
+        IdempotencyMiddleware(Shop().app, RedisBackend(client))
+    await client.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from resilient.backends.redis import RedisBackend, Script
+from resilient.errors import ConfigurationError
 from resilient.idempotency.core import Claim, ClaimStatus
 
 __all__ = ["RedisIdempotencyStore"]
@@ -26,6 +27,14 @@ class RedisIdempotencyStore:
     __slots__ = ("_backend",)
 
     def __init__(self, backend: RedisBackend) -> None:
+        if backend.is_cluster and getattr(backend.client.get_encoder(), "decode_responses", False):
+            # A standalone backend reads script replies as bytes on its own connection; a
+            # cluster client's replies go through its decoder, which would mangle bodies.
+            msg = (
+                "idempotency on Redis Cluster stores response bodies as bytes: make the "
+                "RedisCluster client with decode_responses=False (the default)"
+            )
+            raise ConfigurationError(msg)
         self._backend = backend
 
     def _key(self, key: str) -> str:
