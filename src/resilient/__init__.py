@@ -12,6 +12,7 @@ from resilient.clock import Clock, SystemClock
 from resilient.errors import (
     BackendError,
     BackendUnavailable,
+    CircuitOpenError,
     ConfigurationError,
     IdempotencyConflict,
     IdempotencyError,
@@ -36,6 +37,7 @@ from resilient.ratelimit import (
 __all__ = [
     "BackendError",
     "BackendUnavailable",
+    "CircuitOpenError",
     "Clock",
     "ConfigurationError",
     "Decision",

@@ -7,6 +7,7 @@
     ├── BackendError                             the store failed (Redis down, timeout, ...)
     │   └── BackendUnavailable                   ... and the policy says fail closed
     ├── RateLimitExceeded                        a rate limit denied the call
+    ├── CircuitOpenError                         a circuit breaker rejected the call
     └── IdempotencyError                         an idempotent call could not run
         ├── IdempotencyConflict                  ... its key is in progress elsewhere
         └── IdempotencyMismatch                  ... its key was used for another request
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BackendError",
     "BackendUnavailable",
+    "CircuitOpenError",
     "ConfigurationError",
     "IdempotencyConflict",
     "IdempotencyError",
@@ -79,6 +81,19 @@ class RateLimitExceeded(ResilienceError):
             message
             or f"rate limit exceeded ({decision.policy}); retry in {decision.retry_after:.3f}s"
         )
+
+
+class CircuitOpenError(ResilienceError):
+    """A circuit breaker rejected the call without running it.
+
+    ``breaker`` names the breaker; ``retry_after`` is how many seconds until it lets a
+    probe through (0 when it is half-open and only its probe slots are taken).
+    """
+
+    def __init__(self, message: str, *, breaker: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.breaker = breaker
+        self.retry_after = retry_after
 
 
 class IdempotencyError(ResilienceError):
