@@ -19,6 +19,10 @@ from typing import ClassVar, Protocol
 
 __all__ = [
     "BackendFailed",
+    "BreakerStateChanged",
+    "CallFailed",
+    "CallRejected",
+    "CallSucceeded",
     "Event",
     "IdempotencyConflict",
     "IdempotencyReplayed",
@@ -86,6 +90,43 @@ class LeaseLost(Event):
     level: ClassVar[int] = logging.WARNING
     key: str
     operation: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStateChanged(Event):
+    """Circuit breaker ``name`` moved from ``old`` to ``new`` (state values), and why."""
+
+    level: ClassVar[int] = logging.WARNING
+    name: str
+    old: str
+    new: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallRejected(Event):
+    """Circuit breaker ``name`` rejected a call; it may admit one in ``retry_after`` s."""
+
+    name: str
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class CallFailed(Event):
+    """A call through circuit breaker ``name`` counted as a failure or as slow."""
+
+    name: str
+    error: BaseException | None
+    slow: bool
+    duration: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallSucceeded(Event):
+    """A call through circuit breaker ``name`` succeeded (only with ``observe_successes``)."""
+
+    name: str
+    duration: float | None
 
 
 class Observer(Protocol):

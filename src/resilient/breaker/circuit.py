@@ -1,0 +1,422 @@
+"""``CircuitBreaker``: stop calling a dependency that is failing, and probe its recovery."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
+from types import TracebackType
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from resilient.breaker.core import (
+    FAILED,
+    SLOW,
+    BreakerCore,
+    State,
+    Transition,
+    make_config,
+)
+from resilient.clock import Clock, SystemClock
+from resilient.errors import CircuitOpenError, ConfigurationError
+from resilient.events import (
+    BreakerStateChanged,
+    CallFailed,
+    CallRejected,
+    CallSucceeded,
+    LoggingObserver,
+    Observer,
+    emit,
+)
+
+__all__ = ["BreakerRegistry", "CircuitBreaker"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_DEFAULT_OBSERVER = LoggingObserver()
+_CLOSED = State.CLOSED
+_IGNORED = -1  # classification: neither a success nor a failure
+
+
+class CircuitBreaker:
+    """A circuit breaker with Resilience4j's semantics, for ``def`` and ``async def``.
+
+    Use it as a decorator (``@breaker``), a context manager (``with breaker:`` or
+    ``async with breaker:``) or through :meth:`call`. While *closed* it admits every call
+    and keeps the outcomes of the last *window* calls (``window_type="count"``) or of the
+    last *window* seconds (``"time"``). Once the window holds *minimum_calls*, a share of
+    failures at or above *failure_rate*, or of calls slower than *slow_call_duration* at
+    or above *slow_call_rate*, opens it: every call is rejected with
+    :class:`~resilient.CircuitOpenError` (or answered by *fallback*, called with the
+    call's arguments) for *open_for* seconds. Then it is *half-open*: exactly
+    *half_open_calls* probes are admitted, and their outcomes close it or open it again,
+    for *open_for* times *open_for_growth* per reopening, up to *max_open_for*.
+
+    Exceptions that are instances of *record* count as failures, those of *ignore* (and
+    cancellations) count as nothing, and any other exception counts as a success, as does
+    a return value unless *failure_when* says otherwise (for example
+    ``lambda r: r.status_code >= 500``).
+
+    No lock is held while the protected call runs; the success path of a closed breaker
+    takes none at all once its count window is full of successes.
+
+    >>> breaker = CircuitBreaker("payments", failure_rate=0.5, minimum_calls=10, window=20)
+    >>> @breaker
+    ... async def charge(cents: int) -> str: ...
+    """
+
+    __slots__ = (
+        "_core",
+        "_entered",
+        "_failure_when",
+        "_ignore",
+        "_lock",
+        "_record",
+        "_slow",
+        "_timed",
+        "clock",
+        "fallback",
+        "name",
+        "observe_successes",
+        "observer",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_rate: float = 0.5,
+        minimum_calls: int = 10,
+        window: float = 100,
+        window_type: Literal["count", "time"] = "count",
+        slow_call_duration: float | None = None,
+        slow_call_rate: float = 1.0,
+        open_for: float = 30.0,
+        open_for_growth: float = 1.0,
+        max_open_for: float | None = None,
+        half_open_calls: int = 1,
+        record: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        ignore: type[BaseException] | tuple[type[BaseException], ...] = (),
+        failure_when: Callable[[Any], bool] | None = None,
+        fallback: Callable[..., Any] | None = None,
+        clock: Clock | None = None,
+        observer: Observer | None = _DEFAULT_OBSERVER,
+        observe_successes: bool = False,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            msg = f"a circuit breaker needs a non-empty name, not {name!r}"
+            raise ConfigurationError(msg)
+        if slow_call_duration is not None and not slow_call_duration > 0:
+            msg = f"slow_call_duration must be positive seconds or None, not {slow_call_duration!r}"
+            raise ConfigurationError(msg)
+        config = make_config(
+            failure_rate=failure_rate,
+            slow_call_rate=slow_call_rate,
+            minimum_calls=minimum_calls,
+            window=window,
+            window_type=window_type,
+            open_for=open_for,
+            open_for_growth=open_for_growth,
+            max_open_for=max_open_for,
+            half_open_calls=half_open_calls,
+        )
+        self.name = name
+        self._core = BreakerCore(config)
+        self._lock = threading.Lock()
+        self._record = record
+        self._ignore = ignore
+        self._failure_when = failure_when
+        self._slow = slow_call_duration
+        # Whether outcomes need the time: slow calls, or a time-based window.
+        self._timed = slow_call_duration is not None or window_type == "time"
+        self.fallback = fallback
+        self.clock = clock or SystemClock()
+        self.observer = observer
+        self.observe_successes = observe_successes
+        self._entered: contextvars.ContextVar[tuple[tuple[int, float], ...]] = (
+            contextvars.ContextVar(f"breaker:{name}", default=())
+        )
+
+    # --- state ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The current state (an ``OPEN`` breaker whose time is up reads ``HALF_OPEN``)."""
+        core = self._core
+        if core.state is State.OPEN and self.clock.monotonic() >= core.open_until:
+            return State.HALF_OPEN
+        return core.state
+
+    def metrics(self) -> dict[str, float]:
+        """Return the window's calls, failures and slow calls, and the resulting rates."""
+        with self._lock:
+            calls, failures, slows = self._core.window.totals(self.clock.monotonic())
+        return {
+            "calls": calls,
+            "failures": failures,
+            "slow_calls": slows,
+            "failure_rate": failures / calls if calls else 0.0,
+            "slow_call_rate": slows / calls if calls else 0.0,
+        }
+
+    def force_open(self) -> None:
+        """Reject every call until :meth:`reset` or :meth:`force_closed`."""
+        self._force(State.FORCED_OPEN, "forced open")
+
+    def force_closed(self) -> None:
+        """Close now, with an empty window (it may open again on new failures)."""
+        self._force(State.CLOSED, "forced closed")
+
+    def disable(self) -> None:
+        """Admit every call and record nothing, until :meth:`reset`."""
+        self._force(State.DISABLED, "disabled")
+
+    def reset(self) -> None:
+        """Back to closed, with an empty window and the initial ``open_for``."""
+        with self._lock:
+            transition = self._core.reset()
+        self._report(transition)
+
+    def _force(self, state: State, reason: str) -> None:
+        with self._lock:
+            transition = self._core.force(state, reason)
+        self._report(transition)
+
+    def _report(self, transition: Transition | None) -> None:
+        if transition is not None:
+            old, new, reason = transition
+            emit(
+                self.observer,
+                BreakerStateChanged("breaker", self.name, old.value, new.value, reason),
+            )
+
+    # --- admission and outcomes ---------------------------------------------------------
+
+    def _admit(self) -> int:
+        """Admit a call or raise :class:`CircuitOpenError`; return its generation."""
+        core = self._core
+        generation = core.generation  # read first: a transition after it voids the call
+        if core.state is _CLOSED:
+            return generation
+        now = self.clock.monotonic()
+        with self._lock:
+            admitted, transition = core.admit(now)
+            retry_after = core.retry_after(now) if admitted is None else 0.0
+        self._report(transition)
+        if admitted is None:
+            emit(self.observer, CallRejected("breaker", self.name, retry_after))
+            msg = f"circuit {self.name!r} is {core.state.value}; retry in {retry_after:.3f}s"
+            raise CircuitOpenError(msg, breaker=self.name, retry_after=retry_after)
+        return admitted
+
+    def _succeeded(self, generation: int, start: float, result: object) -> None:
+        flags = 0
+        duration = None
+        if self._timed:
+            now = self.clock.monotonic()
+            duration = now - start
+            if self._slow is not None and duration > self._slow:
+                flags = SLOW
+        else:
+            now = 0.0  # a count window does not read the time
+        if self._failure_when is not None and self._failure_when(result):
+            flags |= FAILED
+        core = self._core
+        if flags:
+            self._failed(generation, flags, now, None, duration)
+            return
+        if core.state is _CLOSED and core.window.clean and generation == core.generation:
+            pass  # a success in a window full of successes changes nothing: no lock
+        else:
+            with self._lock:
+                transition = core.record(generation, 0, now)
+            self._report(transition)
+        if self.observe_successes:
+            emit(self.observer, CallSucceeded("breaker", self.name, duration))
+
+    def _raised(self, generation: int, start: float, exc: BaseException) -> None:
+        if not isinstance(exc, Exception) or isinstance(exc, self._ignore):
+            with self._lock:
+                self._core.release(generation)
+            return
+        if not isinstance(exc, self._record):
+            self._succeeded(generation, start, None)
+            return
+        now = self.clock.monotonic()
+        duration = now - start if self._timed else None
+        flags = FAILED
+        if self._slow is not None and duration is not None and duration > self._slow:
+            flags |= SLOW
+        self._failed(generation, flags, now, exc, duration)
+
+    def _failed(
+        self,
+        generation: int,
+        flags: int,
+        now: float,
+        exc: BaseException | None,
+        duration: float | None,
+    ) -> None:
+        if not self._timed:
+            now = self.clock.monotonic()  # opening needs the time
+        with self._lock:
+            transition = self._core.record(generation, flags, now)
+        emit(self.observer, CallFailed("breaker", self.name, exc, bool(flags & SLOW), duration))
+        self._report(transition)
+
+    def _start(self) -> float:
+        return self.clock.monotonic() if self._timed else 0.0
+
+    # --- the forms: decorator, call, context managers ------------------------------------
+
+    @overload
+    def __call__(
+        self, function: Callable[_P, Coroutine[Any, Any, _R]]
+    ) -> Callable[_P, Coroutine[Any, Any, _R]]: ...
+
+    @overload
+    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]: ...
+
+    def __call__(self, function: Callable[_P, Any]) -> Callable[_P, Any]:
+        """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker."""
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def guarded_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+                return await self._call_async(function, args, kwargs)
+
+            return guarded_async
+
+        @functools.wraps(function)
+        def guarded(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+            return self._call_sync(function, args, kwargs)
+
+        return guarded
+
+    def call(self, function: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
+        """Call *function* through the breaker; for an ``async def``, returns its awaitable."""
+        if inspect.iscoroutinefunction(function):
+            return self._call_async(function, args, kwargs)  # type: ignore[return-value]
+        return self._call_sync(function, args, kwargs)
+
+    def _call_sync(
+        self, function: Callable[..., _R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _R:
+        try:
+            generation = self._admit()
+        except CircuitOpenError:
+            if self.fallback is None:
+                raise
+            return self.fallback(*args, **kwargs)  # type: ignore[no-any-return]
+        start = self.clock.monotonic() if self._timed else 0.0
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as exc:
+            self._raised(generation, start, exc)
+            raise
+        self._succeeded(generation, start, result)
+        return result
+
+    async def _call_async(
+        self,
+        function: Callable[..., Awaitable[_R]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _R:
+        try:
+            generation = self._admit()
+        except CircuitOpenError:
+            if self.fallback is None:
+                raise
+            fallback = self.fallback(*args, **kwargs)
+            return await fallback if inspect.isawaitable(fallback) else fallback  # type: ignore[no-any-return]
+        start = self.clock.monotonic() if self._timed else 0.0
+        try:
+            result = await function(*args, **kwargs)
+        except BaseException as exc:
+            self._raised(generation, start, exc)
+            raise
+        self._succeeded(generation, start, result)
+        return result
+
+    def __enter__(self) -> CircuitBreaker:
+        generation = self._admit()
+        self._entered.set((*self._entered.get(), (generation, self._start())))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        entered = self._entered.get()
+        (generation, start), rest = entered[-1], entered[:-1]
+        self._entered.set(rest)
+        if exc is None:
+            self._succeeded(generation, start, None)
+        else:
+            self._raised(generation, start, exc)
+
+    async def __aenter__(self) -> CircuitBreaker:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, traceback)
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, state={self.state.value!r})"
+
+
+class BreakerRegistry:
+    """One circuit breaker per key (a downstream host, say), made on first use.
+
+    *factory* makes the breaker for a key. At most *max_size* breakers are kept; past
+    that, the least recently used closed one is dropped.
+
+    >>> breakers = BreakerRegistry(lambda host: CircuitBreaker(f"http:{host}"))
+    >>> breakers.get("payments.internal").name
+    'http:payments.internal'
+    """
+
+    __slots__ = ("_breakers", "_factory", "_lock", "max_size")
+
+    def __init__(self, factory: Callable[[str], CircuitBreaker], *, max_size: int = 1024) -> None:
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            msg = f"max_size must be a positive integer, not {max_size!r}"
+            raise ConfigurationError(msg)
+        self._factory = factory
+        self.max_size = max_size
+        self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> CircuitBreaker:
+        """Return the breaker for *key*, making it with the factory the first time."""
+        with self._lock:
+            breaker = self._breakers.get(key)
+            if breaker is not None:
+                self._breakers.move_to_end(key)
+                return breaker
+            breaker = self._breakers[key] = self._factory(key)
+            if len(self._breakers) > self.max_size:
+                for old_key, old in list(self._breakers.items())[:-1]:
+                    if old.state is State.CLOSED:
+                        del self._breakers[old_key]
+                        break
+        return breaker
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._breakers.values()))
+
+    def __repr__(self) -> str:
+        return f"BreakerRegistry({len(self._breakers)} breakers)"
