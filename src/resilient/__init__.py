@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from resilient.__about__ import __version__
 from resilient.backends import MemoryBackend, RedisBackend
+from resilient.breaker import BreakerRegistry, CircuitBreaker
 from resilient.clock import Clock, SystemClock
 from resilient.errors import (
     BackendError,
@@ -37,6 +38,8 @@ from resilient.ratelimit import (
 __all__ = [
     "BackendError",
     "BackendUnavailable",
+    "BreakerRegistry",
+    "CircuitBreaker",
     "CircuitOpenError",
     "Clock",
     "ConfigurationError",

@@ -74,8 +74,6 @@ class ModelBreaker:
         slow_rate = Fraction(str(self.c.slow_call_rate))
         if self.state is State.CLOSED:
             self.outcomes.append((now, flags))
-            if not flags:
-                return
             window = self._window(now)
             calls = len(window)
             failures = sum(1 for f in window if f & FAILED)

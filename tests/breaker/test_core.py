@@ -170,9 +170,14 @@ def test_rates_are_exact_decimals() -> None:
         half_open_calls=1,
     )
     core = BreakerCore(config)
+    for i in range(29):
+        core.record(0, FAILED if i < 2 else 0, 0.0)
+    core.record(0, FAILED, 0.0)
+    assert core.state is State.OPEN  # 3/30 is 0.1 exactly
+    core = BreakerCore(config)
     for i in range(30):
-        core.record(0, FAILED if i < 3 else 0, 0.0)
-    assert core.state is State.CLOSED  # a success never opens; the last failure came early
+        core.record(0, FAILED if i < 2 else 0, 0.0)
+    assert core.state is State.CLOSED  # 2/30 is not
     core = BreakerCore(config)
     for i in range(30):
         core.record(0, FAILED if i >= 27 else 0, 0.0)

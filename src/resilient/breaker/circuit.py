@@ -7,9 +7,9 @@ import functools
 import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from resilient.breaker.core import (
     FAILED,
@@ -220,7 +220,7 @@ class CircuitBreaker:
             if self._slow is not None and duration > self._slow:
                 flags = SLOW
         else:
-            now = 0.0  # a count window does not read the time
+            now = -1.0  # read below, only when the outcome must be recorded
         if self._failure_when is not None and self._failure_when(result):
             flags |= FAILED
         core = self._core
@@ -230,6 +230,8 @@ class CircuitBreaker:
         if core.state is _CLOSED and core.window.clean and generation == core.generation:
             pass  # a success in a window full of successes changes nothing: no lock
         else:
+            if now < 0:
+                now = self.clock.monotonic()
             with self._lock:
                 transition = core.record(generation, 0, now)
             self._report(transition)
@@ -271,15 +273,7 @@ class CircuitBreaker:
 
     # --- the forms: decorator, call, context managers ------------------------------------
 
-    @overload
-    def __call__(
-        self, function: Callable[_P, Coroutine[Any, Any, _R]]
-    ) -> Callable[_P, Coroutine[Any, Any, _R]]: ...
-
-    @overload
-    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]: ...
-
-    def __call__(self, function: Callable[_P, Any]) -> Callable[_P, Any]:
+    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
         """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker."""
         if inspect.iscoroutinefunction(function):
 
@@ -287,10 +281,10 @@ class CircuitBreaker:
             async def guarded_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
                 return await self._call_async(function, args, kwargs)
 
-            return guarded_async
+            return guarded_async  # type: ignore[return-value]
 
         @functools.wraps(function)
-        def guarded(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+        def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             return self._call_sync(function, args, kwargs)
 
         return guarded

@@ -9,8 +9,9 @@
 
 * In ``CLOSED`` every call is admitted and its outcome recorded in a window: the last
   *N* calls (count-based), or the calls of the last *N* seconds, kept in buckets
-  (time-based). Once the window holds ``minimum_calls``, a failure rate or slow-call rate
-  at or above its threshold opens the circuit.
+  (time-based). After each outcome, once the window holds ``minimum_calls``, a failure
+  rate or slow-call rate at or above its threshold opens the circuit (as in
+  Resilience4j, the outcome that tips it may be a success that fills the window).
 * ``OPEN`` rejects every call for ``open_for`` seconds, then the next call moves the
   circuit to ``HALF_OPEN``. Each reopening without a close in between multiplies
   ``open_for`` by ``open_for_growth``, up to ``max_open_for``.
@@ -328,8 +329,8 @@ class BreakerCore:
     def _record_closed(self, flags: int, now: float) -> Transition | None:
         window = self.window
         window.record(flags, now)
-        if not flags:
-            return None  # a success never opens the circuit
+        if window.clean:
+            return None
         config = self.config
         calls, failures, slows = window.totals(now)
         if calls < config.minimum_calls:
