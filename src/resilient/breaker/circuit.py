@@ -275,17 +275,41 @@ class CircuitBreaker:
 
     def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
         """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker."""
+        # The wrappers inline the success path of a closed breaker that needs neither the
+        # time nor a look at the result: that path is most calls, and costs a few reads.
+        core = self._core
+        fast = not self._timed and self._failure_when is None and not self.observe_successes
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)
             async def guarded_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
-                return await self._call_async(function, args, kwargs)
+                generation = core.generation
+                if not fast or core.state is not _CLOSED:
+                    return await self._call_async(function, args, kwargs)
+                try:
+                    result = await function(*args, **kwargs)
+                except BaseException as exc:
+                    self._raised(generation, 0.0, exc)
+                    raise
+                if not core.window.clean or generation != core.generation:
+                    self._succeeded(generation, 0.0, result)
+                return result
 
             return guarded_async  # type: ignore[return-value]
 
         @functools.wraps(function)
         def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            return self._call_sync(function, args, kwargs)
+            generation = core.generation
+            if not fast or core.state is not _CLOSED:
+                return self._call_sync(function, args, kwargs)
+            try:
+                result = function(*args, **kwargs)
+            except BaseException as exc:
+                self._raised(generation, 0.0, exc)
+                raise
+            if not core.window.clean or generation != core.generation:
+                self._succeeded(generation, 0.0, result)
+            return result
 
         return guarded
 

@@ -151,18 +151,16 @@ def _reaches(count: int, calls: int, rate: Fraction) -> bool:
 class CountWindow:
     """The outcomes of the last *size* calls: a ring of flags and running totals."""
 
-    __slots__ = ("calls", "failures", "pos", "ring", "size", "slows")
+    __slots__ = ("calls", "clean", "failures", "pos", "ring", "size", "slows")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.ring = bytearray(size)
         self.pos = 0
         self.calls = self.failures = self.slows = 0
-
-    @property
-    def clean(self) -> bool:
-        """Whether a success would change nothing: the window is full of successes."""
-        return self.calls == self.size and not self.failures and not self.slows
+        # Whether a success would change nothing: the window is full of successes. Kept
+        # as a plain attribute, read without a lock on the success path.
+        self.clean = False
 
     def record(self, flags: int, now: float) -> None:
         """Add one outcome, evicting the oldest once the window is full."""
@@ -177,6 +175,7 @@ class CountWindow:
         self.failures += flags & FAILED
         self.slows += (flags & SLOW) >> 1
         self.pos = pos + 1 if pos + 1 < self.size else 0
+        self.clean = self.calls == self.size and not self.failures and not self.slows
 
     def totals(self, now: float) -> tuple[int, int, int]:
         """Return (calls, failures, slow calls) in the window."""
@@ -190,13 +189,14 @@ class TimeWindow:
     ``n = ceil(seconds / width)`` buckets up to and including ``floor(now / width)``.
     """
 
-    __slots__ = ("buckets", "calls", "current", "failures", "n", "slows", "width")
+    __slots__ = ("buckets", "calls", "clean", "current", "failures", "n", "slows", "width")
 
     def __init__(self, seconds: float, width: float | None = None) -> None:
         self.width = width if width is not None else max(1.0, seconds / 60)
         self.n = max(1, math.ceil(seconds / self.width))
         self.buckets = [[0, 0, 0] for _ in range(self.n)]  # calls, failures, slows
         self.current = -1  # the epoch of the newest bucket
+        self.clean = False  # every call changes the rates' denominator of a time window
         self.calls = self.failures = self.slows = 0
 
     def _roll(self, now: float) -> int:
@@ -228,11 +228,6 @@ class TimeWindow:
         """Return (calls, failures, slow calls) in the window at *now*."""
         self._roll(now)
         return self.calls, self.failures, self.slows
-
-    @property
-    def clean(self) -> bool:
-        """Never: every call changes the rates' denominator of a time window."""
-        return False
 
 
 class Transition(NamedTuple):
