@@ -33,6 +33,7 @@ from resilient.ratelimit import (
     TokenBucket,
     rate_limit,
 )
+from resilient.retry import RetryBudget, retry
 
 __all__ = [
     "BackendError",
@@ -56,6 +57,7 @@ __all__ = [
     "RateLimiter",
     "RedisBackend",
     "ResilienceError",
+    "RetryBudget",
     "Rule",
     "SlidingWindow",
     "SystemClock",
@@ -66,4 +68,5 @@ __all__ = [
     "by_user",
     "idempotent",
     "rate_limit",
+    "retry",
 ]
