@@ -214,7 +214,7 @@ class Retry:
         if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
             msg = f"retry cannot decorate a generator function ({function!r})"
             raise TypeError(msg)
-        name = self.name or f"{function.__module__}.{function.__qualname__}"
+        name = self.name or _name_of(function)
         if inspect.iscoroutinefunction(function):
             return self._decorate_async(function, name)
         self._check_sync_sleep(name)
@@ -581,6 +581,13 @@ def _last_outcome(state: RetryCallState) -> Any:
     """Give up as if never retried: return the last result, or raise the last exception."""
     assert state.outcome is not None
     return state.outcome.result()
+
+
+def _name_of(function: Callable[..., Any]) -> str:
+    """Name *function* for events: ``module.qualname``, or its class for other callables."""
+    qualname = getattr(function, "__qualname__", None) or type(function).__qualname__
+    module = getattr(function, "__module__", None) or type(function).__module__
+    return f"{module}.{qualname}"
 
 
 def _exception_predicate(on: RetryOn) -> Callable[[Exception], bool]:
