@@ -243,16 +243,12 @@ class Retry:
             raise ConfigurationError(msg)
 
     def _decorate_sync(self, function: Callable[_P, _R], name: str) -> Callable[_P, _R]:
-        retryable, wanted, budget, monotonic = (
-            self.retryable,
-            self.result,
-            self.budget,
-            self._monotonic,
-        )
+        retryable, wanted, budget = self.retryable, self.result, self.budget
+        monotonic, timed = self._monotonic, self.deadline is not None
 
         @functools.wraps(function)
         def retried(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            started = monotonic()
+            started = monotonic() if timed else 0.0  # only a deadline needs the time
             if budget is not None:
                 budget.deposit()
             try:
@@ -273,16 +269,12 @@ class Retry:
     def _decorate_async(
         self, function: Callable[_P, Coroutine[Any, Any, _R]], name: str
     ) -> Callable[_P, Coroutine[Any, Any, _R]]:
-        retryable, wanted, budget, monotonic = (
-            self.retryable,
-            self.result,
-            self.budget,
-            self._monotonic,
-        )
+        retryable, wanted, budget = self.retryable, self.result, self.budget
+        monotonic, timed = self._monotonic, self.deadline is not None
 
         @functools.wraps(function)
         async def retried(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            started = monotonic()
+            started = monotonic() if timed else 0.0  # only a deadline needs the time
             if budget is not None:
                 budget.deposit()
             try:
