@@ -165,3 +165,31 @@ def test_bad_budgets_are_refused(options: dict[str, object], message: str) -> No
 
 def test_repr() -> None:
     assert repr(RetryBudget()) == "RetryBudget(ratio=0.2, min_per_second=10.0, window=10.0)"
+
+
+def test_blocks_deposit_and_withdraw_too(clock: FakeClock, sleeper: Sleeper) -> None:
+    budget = RetryBudget(ratio=0.5, min_per_second=0, clock=clock)
+    for _ in range(2):
+        for attempt in retry(budget=budget, sleep=sleeper).attempts():
+            with attempt:
+                pass
+    assert budget.balance == 1.0
+    runs = 0
+    with pytest.raises(OSError):  # noqa: PT012
+        for attempt in retry(attempts=5, budget=budget, sleep=sleeper).attempts():
+            with attempt:
+                runs += 1
+                raise OSError
+    assert runs == 2  # 1.5 tokens: one retry, then the budget is empty
+
+
+async def test_async_blocks_deposit_and_withdraw_too(clock: FakeClock) -> None:
+    budget = RetryBudget(ratio=1.0, min_per_second=0, clock=clock)
+    runs = 0
+    with pytest.raises(OSError):  # noqa: PT012
+        async for attempt in retry(attempts=5, budget=budget, sleep=clock.sleep).attempts():
+            with attempt:
+                runs += 1
+                raise OSError
+    assert runs == 2
+    assert budget.balance == 0.0

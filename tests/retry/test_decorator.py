@@ -486,3 +486,19 @@ def test_methods_and_arguments_pass_through(sleeper: Sleeper) -> None:
     client = Client()
     assert client.get(7, fields="name") == "7:name"
     assert client.calls == [(7, "name"), (7, "name")]
+
+
+async def test_async_functions_retry_only_what_on_names(async_sleeper: AsyncSleeper) -> None:
+    calls = 0
+
+    @retry(on=ConnectionError, result=lambda r: r is None, sleep=async_sleeper)
+    async def parse(text: str) -> int:
+        nonlocal calls
+        calls += 1
+        return int(text)
+
+    assert await parse("12") == 12  # a good result is returned at once
+    with pytest.raises(ValueError, match="invalid literal"):
+        await parse("twelve")
+    assert calls == 2
+    assert async_sleeper.waits == []
