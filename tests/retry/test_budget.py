@@ -175,21 +175,21 @@ def test_blocks_deposit_and_withdraw_too(clock: FakeClock, sleeper: Sleeper) -> 
                 pass
     assert budget.balance == 1.0
     runs = 0
-    with pytest.raises(OSError):  # noqa: PT012
+    with pytest.raises(ConnectionError):  # noqa: PT012
         for attempt in retry(attempts=5, budget=budget, sleep=sleeper).attempts():
             with attempt:
                 runs += 1
-                raise OSError
+                raise ConnectionError
     assert runs == 2  # 1.5 tokens: one retry, then the budget is empty
 
 
 async def test_async_blocks_deposit_and_withdraw_too(clock: FakeClock) -> None:
     budget = RetryBudget(ratio=1.0, min_per_second=0, clock=clock)
     runs = 0
-    with pytest.raises(OSError):  # noqa: PT012
+    with pytest.raises(ConnectionError):  # noqa: PT012
         async for attempt in retry(attempts=5, budget=budget, sleep=clock.sleep).attempts():
             with attempt:
                 runs += 1
-                raise OSError
+                raise ConnectionError
     assert runs == 2
     assert budget.balance == 0.0
