@@ -20,6 +20,8 @@ PUBLIC_MODULES = [
     "resilient.keys",
     "resilient.problem",
     "resilient.ratelimit",
+    "resilient.retry",
+    "resilient.retry.core",
     "resilient.testing",
 ]
 
@@ -60,6 +62,8 @@ def test_the_design_names_are_importable_from_the_top() -> None:
         "by_header",
         "by_user",
         "ResilienceError",
+        "retry",
+        "RetryBudget",
     ]:
         assert name in resilient.__all__
 

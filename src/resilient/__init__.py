@@ -34,6 +34,7 @@ from resilient.ratelimit import (
     TokenBucket,
     rate_limit,
 )
+from resilient.retry import RetryBudget, retry
 
 __all__ = [
     "BackendError",
@@ -59,6 +60,7 @@ __all__ = [
     "RateLimiter",
     "RedisBackend",
     "ResilienceError",
+    "RetryBudget",
     "Rule",
     "SlidingWindow",
     "SystemClock",
@@ -69,4 +71,5 @@ __all__ = [
     "by_user",
     "idempotent",
     "rate_limit",
+    "retry",
 ]

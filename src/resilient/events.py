@@ -30,6 +30,9 @@ __all__ = [
     "LoggingObserver",
     "Observer",
     "RateLimited",
+    "RetryBudgetExhausted",
+    "RetryGaveUp",
+    "RetryScheduled",
     "emit",
     "observe_all",
 ]
@@ -127,6 +130,51 @@ class CallSucceeded(Event):
 
     name: str
     duration: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled(Event):
+    """Attempt number ``attempt`` of ``name`` failed; the next starts in ``wait`` seconds.
+
+    ``cause`` is the exception the attempt raised, or the result it returned when a
+    ``result=`` predicate asked for a retry.
+    """
+
+    level: ClassVar[int] = logging.INFO
+    name: str
+    attempt: int
+    wait: float
+    cause: object
+
+
+@dataclass(frozen=True, slots=True)
+class RetryGaveUp(Event):
+    """``name`` failed after ``attempts`` attempts and will not be tried again.
+
+    ``reason`` says why: ``"attempts"`` (all used), ``"deadline"`` (the next wait would
+    reach it), ``"budget"`` (the :class:`~resilient.RetryBudget` is empty) or
+    ``"not_retryable"`` (a retry ended in an exception the policy does not retry).
+    ``cause`` is the last exception, or the last result; it is what the caller gets.
+    """
+
+    level: ClassVar[int] = logging.WARNING
+    name: str
+    attempts: int
+    reason: str
+    cause: object
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetExhausted(Event):
+    """A retry of ``name`` was refused because its :class:`~resilient.RetryBudget` is empty.
+
+    Many of these mean the dependency is failing for everyone: retrying harder would
+    only add load.
+    """
+
+    level: ClassVar[int] = logging.WARNING
+    name: str
+    attempt: int
 
 
 class Observer(Protocol):

@@ -1,0 +1,309 @@
+"""Retries, side by side with tenacity, stamina and backoff, in one run.
+
+Sections:
+
+* ``success``: nanoseconds that each retry decorator adds to a call that succeeds at once
+  (the cost every call pays), sync and async, over the same bare function;
+* ``failure``: microseconds for a call that fails once and then succeeds, waits turned
+  off in each library's own way (the cost of one retry's machinery, not of sleeping).
+
+Every figure is the median of ``--repeat`` runs; contenders alternate within each run so
+that drift of the machine touches them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import backoff
+import stamina
+import stamina.instrumentation
+import tenacity
+
+from benchmarks._common import RESULTS, machine_facts, table
+from resilient import RetryBudget, retry
+from resilient.testing import retries_without_waits
+
+PACKAGES = ["resilient-asgi", "tenacity", "stamina", "backoff"]
+
+SyncCall = Callable[[], object]
+AsyncCall = Callable[[], Awaitable[object]]
+
+
+# --- the decorated functions ----------------------------------------------------------------
+
+
+def work() -> int:
+    return 1
+
+
+async def async_work() -> int:
+    return 1
+
+
+def sync_contenders(target: Callable[[], int]) -> dict[str, SyncCall]:
+    return {
+        "bare call": target,
+        "resilient `@retry()`": retry()(target),
+        "resilient `@retry(deadline=5, budget=RetryBudget())`": retry(
+            deadline=5.0, budget=RetryBudget()
+        )(target),
+        "tenacity `@retry(stop=stop_after_attempt(3))`": tenacity.retry(
+            stop=tenacity.stop_after_attempt(3)
+        )(target),
+        "stamina `@retry(on=Exception, attempts=3)`": stamina.retry(on=Exception, attempts=3)(
+            target
+        ),
+        "backoff `@on_exception(expo, Exception, max_tries=3)`": backoff.on_exception(
+            backoff.expo, Exception, max_tries=3
+        )(target),
+    }
+
+
+def async_contenders(target: Callable[[], Awaitable[int]]) -> dict[str, AsyncCall]:
+    return {
+        "bare call": target,
+        "resilient `@retry()`": retry()(target),
+        "resilient `@retry(deadline=5, budget=RetryBudget())`": retry(
+            deadline=5.0, budget=RetryBudget()
+        )(target),
+        "tenacity `@retry(stop=stop_after_attempt(3))`": tenacity.retry(
+            stop=tenacity.stop_after_attempt(3)
+        )(target),
+        "stamina `@retry(on=Exception, attempts=3)`": stamina.retry(on=Exception, attempts=3)(
+            target
+        ),
+        "backoff `@on_exception(expo, Exception, max_tries=3)`": backoff.on_exception(
+            backoff.expo, Exception, max_tries=3
+        )(target),
+    }
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def sync_ns(call: SyncCall, n: int) -> float:
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        call()
+    return (time.perf_counter_ns() - start) / n
+
+
+async def async_ns(call: AsyncCall, n: int) -> float:
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        await call()
+    return (time.perf_counter_ns() - start) / n
+
+
+def rows_against_bare(
+    samples: dict[str, list[float]], unit: float = 1.0
+) -> list[tuple[object, ...]]:
+    medians = {name: statistics.median(values) / unit for name, values in samples.items()}
+    bare = medians["bare call"]
+    ours = medians["resilient `@retry()`"] - bare
+    rows: list[tuple[object, ...]] = []
+    for name, value in medians.items():
+        added = value - bare
+        ratio = "" if name == "bare call" else f"{added / ours:.1f}x"
+        rows.append((name, value, added, ratio))
+    return rows
+
+
+async def bench_success(repeat: int, quick: bool) -> str:
+    n = 20_000 if quick else 300_000
+    sync_calls = sync_contenders(work)
+    async_calls = async_contenders(async_work)
+    sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
+    async_samples: dict[str, list[float]] = {name: [] for name in async_calls}
+    for call in sync_calls.values():  # warm up
+        sync_ns(call, n // 10)
+    for acall in async_calls.values():
+        await async_ns(acall, n // 10)
+    for _ in range(repeat):
+        for name, call in sync_calls.items():
+            sync_samples[name].append(sync_ns(call, n))
+        for name, acall in async_calls.items():
+            async_samples[name].append(await async_ns(acall, n))
+    headers = ["decorator", "ns per call", "ns added", "added vs ours"]
+    return (
+        "#### `def`\n\n"
+        + table(headers, rows_against_bare(sync_samples))
+        + "\n\n#### `async def`\n\n"
+        + table(headers, rows_against_bare(async_samples))
+    )
+
+
+# --- one failure, then success -----------------------------------------------------------------
+
+
+class FailEveryOther:
+    """Raises on every other call: each outer call fails once, is retried, succeeds."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def __call__(self) -> int:
+        self.fail = not self.fail
+        if self.fail:
+            raise ConnectionError
+        return 1
+
+
+class AsyncFailEveryOther(FailEveryOther):
+    async def call(self) -> int:
+        return self()
+
+
+@contextmanager
+def no_waits() -> Iterator[None]:
+    """Each library's own way of not sleeping between retries, all at once."""
+    hooks = stamina.instrumentation.get_on_retry_hooks()
+    stamina.instrumentation.set_on_retry_hooks([])  # no log line per retry
+    stamina.set_testing(True, attempts=3)
+    try:
+        with retries_without_waits():
+            yield
+    finally:
+        stamina.set_testing(False)
+        stamina.instrumentation.set_on_retry_hooks(hooks)
+
+
+def failing_sync() -> dict[str, SyncCall]:
+    def fresh() -> FailEveryOther:
+        return FailEveryOther()
+
+    return {
+        "bare call (raises every other time)": _swallow(fresh()),
+        "resilient `@retry()`": retry(observer=None)(fresh()),
+        "tenacity `@retry(stop=stop_after_attempt(3))`": tenacity.retry(
+            stop=tenacity.stop_after_attempt(3)
+        )(fresh()),
+        "stamina `@retry(on=Exception, attempts=3)`": stamina.retry(on=Exception, attempts=3)(
+            fresh()
+        ),
+        "backoff `@on_exception(constant, ..., interval=0)`": backoff.on_exception(
+            backoff.constant, Exception, max_tries=3, interval=0, jitter=None, logger=None
+        )(fresh()),
+    }
+
+
+def failing_async() -> dict[str, AsyncCall]:
+    def fresh() -> Callable[[], Awaitable[int]]:
+        return AsyncFailEveryOther().call
+
+    return {
+        "bare call (raises every other time)": _aswallow(fresh()),
+        "resilient `@retry()`": retry(observer=None)(fresh()),
+        "tenacity `@retry(stop=stop_after_attempt(3))`": tenacity.retry(
+            stop=tenacity.stop_after_attempt(3)
+        )(fresh()),
+        "stamina `@retry(on=Exception, attempts=3)`": stamina.retry(on=Exception, attempts=3)(
+            fresh()
+        ),
+        "backoff `@on_exception(constant, ..., interval=0)`": backoff.on_exception(
+            backoff.constant, Exception, max_tries=3, interval=0, jitter=None, logger=None
+        )(fresh()),
+    }
+
+
+def _swallow(call: Callable[[], int]) -> SyncCall:
+    def twice() -> int:  # what a retry does, by hand: call, catch, call again
+        try:
+            return call()
+        except ConnectionError:
+            return call()
+
+    return twice
+
+
+def _aswallow(call: Callable[[], Awaitable[int]]) -> AsyncCall:
+    async def twice() -> int:
+        try:
+            return await call()
+        except ConnectionError:
+            return await call()
+
+    return twice
+
+
+def failure_rows(samples: dict[str, list[float]]) -> list[tuple[object, ...]]:
+    medians = {name: statistics.median(values) / 1000 for name, values in samples.items()}
+    bare = next(iter(medians.values()))
+    ours = medians["resilient `@retry()`"] - bare
+    return [
+        (name, us, us - bare, "" if us == bare else f"{(us - bare) / ours:.1f}x")
+        for name, us in medians.items()
+    ]
+
+
+async def bench_failure(repeat: int, quick: bool) -> str:
+    n = 2_000 if quick else 20_000
+    sync_calls, async_calls = failing_sync(), failing_async()
+    sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
+    async_samples: dict[str, list[float]] = {name: [] for name in async_calls}
+    with no_waits():
+        for call in sync_calls.values():
+            sync_ns(call, n // 10)
+        for acall in async_calls.values():
+            await async_ns(acall, n // 10)
+        for _ in range(repeat):
+            for name, call in sync_calls.items():
+                sync_samples[name].append(sync_ns(call, n))
+            for name, acall in async_calls.items():
+                async_samples[name].append(await async_ns(acall, n))
+    headers = ["decorator", "µs per call", "µs added", "added vs ours"]
+    return (
+        "#### `def`\n\n"
+        + table(headers, failure_rows(sync_samples))
+        + "\n\n#### `async def`\n\n"
+        + table(headers, failure_rows(async_samples))
+    )
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+SECTIONS = ("success", "failure")
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    only = set(args.only or SECTIONS)
+    parts = ["# Retry benchmarks", "", "## Machine", "", machine_facts(PACKAGES), ""]
+    if "success" in only:
+        print("success section...", file=sys.stderr, flush=True)
+        parts += ["## A call that succeeds: what the decorator adds", ""]
+        parts += [await bench_success(args.repeat, args.quick), ""]
+    if "failure" in only:
+        print("failure section...", file=sys.stderr, flush=True)
+        parts += ["## A call that fails once, then succeeds (waits off)", ""]
+        parts += [await bench_failure(args.repeat, args.quick), ""]
+    parts.append(
+        f"Medians of {args.repeat} runs. Rerun: `python dev.py bench retry"
+        f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."
+    )
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these")
+    args = parser.parse_args(argv)
+    report = asyncio.run(main_async(args))
+    print(report)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "retry.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Retries: jittered exponential backoff on tenacity, ``Retry-After``, deadlines, budgets.
+
+* :func:`retry`: a decorator for ``def`` and ``async def``, and ``.attempts()`` for blocks;
+* :class:`RetryBudget`: caps retries at a share of calls, shared between callers;
+* :mod:`~resilient.retry.core`: the pure jitter formulas and ``Retry-After`` parsing.
+
+Importing this package does not import tenacity: the first failure that is retried does.
+"""
+
+from __future__ import annotations
+
+from resilient.retry.budget import RetryBudget
+from resilient.retry.policy import Attempt, Attempts, Retry, RetryOn, retry
+
+__all__ = ["Attempt", "Attempts", "Retry", "RetryBudget", "RetryOn", "retry"]
