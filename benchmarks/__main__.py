@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("ratelimit", "idempotency", "retry")
+MODULES = ("ratelimit", "idempotency", "breaker", "retry")
 
 
 def main(argv: list[str]) -> int:

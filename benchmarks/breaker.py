@@ -1,0 +1,149 @@
+"""Circuit breakers, side by side with circuitbreaker, pybreaker, aiobreaker and purgatory.
+
+``success``: nanoseconds each breaker adds to a call that succeeds through a closed
+circuit (the cost every call pays), sync and async, over the same bare function. Every
+breaker keeps its default window; each is warmed up first, so ours runs in its steady
+state (a window full of successes).
+
+Every figure is the median of ``--repeat`` runs; contenders alternate within each run so
+that drift of the machine touches them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from benchmarks._common import RESULTS, machine_facts, table
+from resilient import CircuitBreaker
+
+PACKAGES = ["resilient-asgi", "circuitbreaker", "pybreaker", "aiobreaker", "purgatory"]
+OURS = "resilient `CircuitBreaker`"
+
+SyncCall = Callable[[], object]
+AsyncCall = Callable[[], Awaitable[object]]
+
+
+def work() -> int:
+    return 1
+
+
+async def async_work() -> int:
+    return 1
+
+
+def sync_contenders() -> dict[str, SyncCall]:
+    import circuitbreaker
+    import pybreaker
+    import purgatory
+
+    calls: dict[str, SyncCall] = {
+        "bare call": work,
+        OURS: CircuitBreaker("bench")(work),
+        "resilient, slow-call rule (times each call)": CircuitBreaker(
+            "bench-slow", slow_call_duration=1.0
+        )(work),
+        "circuitbreaker `@circuit`": circuitbreaker.circuit(work),
+        "pybreaker `CircuitBreaker()`": pybreaker.CircuitBreaker()(work),
+    }
+    factory: Any = purgatory.SyncCircuitBreakerFactory()
+    calls["purgatory `SyncCircuitBreakerFactory` (memory)"] = factory(circuit="bench")(work)
+    return calls
+
+
+def async_contenders() -> dict[str, AsyncCall]:
+    import aiobreaker
+    import circuitbreaker
+    import purgatory
+
+    calls: dict[str, AsyncCall] = {
+        "bare call": async_work,
+        OURS: CircuitBreaker("bench-async")(async_work),
+        "circuitbreaker `@circuit`": circuitbreaker.circuit(async_work),
+        "aiobreaker `CircuitBreaker()`": aiobreaker.CircuitBreaker()(async_work),
+    }
+    factory: Any = purgatory.AsyncCircuitBreakerFactory()
+    calls["purgatory `AsyncCircuitBreakerFactory` (memory)"] = factory(circuit="bench")(async_work)
+    return calls
+
+
+def sync_ns(call: SyncCall, n: int) -> float:
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        call()
+    return (time.perf_counter_ns() - start) / n
+
+
+async def async_ns(call: AsyncCall, n: int) -> float:
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        await call()
+    return (time.perf_counter_ns() - start) / n
+
+
+def rows(samples: dict[str, list[float]]) -> list[tuple[object, ...]]:
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    bare = medians["bare call"]
+    ours = medians[OURS] - bare
+    out: list[tuple[object, ...]] = []
+    for name, value in medians.items():
+        added = value - bare
+        ratio = "" if name == "bare call" else f"{added / ours:.2f}x"
+        out.append((name, value, added, ratio))
+    return out
+
+
+async def bench_success(repeat: int, quick: bool) -> str:
+    n = 20_000 if quick else 300_000
+    sync_calls, async_calls = sync_contenders(), async_contenders()
+    sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
+    async_samples: dict[str, list[float]] = {name: [] for name in async_calls}
+    for call in sync_calls.values():
+        sync_ns(call, n // 10)
+    for acall in async_calls.values():
+        await async_ns(acall, n // 10)
+    for _ in range(repeat):
+        for name, call in sync_calls.items():
+            sync_samples[name].append(sync_ns(call, n))
+        for name, acall in async_calls.items():
+            async_samples[name].append(await async_ns(acall, n))
+    headers = ["breaker", "ns per call", "ns added", "added vs ours"]
+    return (
+        "#### `def`\n\n"
+        + table(headers, rows(sync_samples))
+        + "\n\n#### `async def`\n\n"
+        + table(headers, rows(async_samples))
+    )
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    parts = ["# Circuit breaker benchmarks", "", "## Machine", "", machine_facts(PACKAGES), ""]
+    parts += ["## A call that succeeds through a closed circuit", ""]
+    parts += [await bench_success(args.repeat, args.quick), ""]
+    parts.append(
+        f"Medians of {args.repeat} runs. Rerun: `python dev.py bench breaker"
+        f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."
+    )
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
+    args = parser.parse_args(argv)
+    report = asyncio.run(main_async(args))
+    print(report)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "breaker.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
