@@ -39,8 +39,8 @@ async def async_work() -> int:
 
 def sync_contenders() -> dict[str, SyncCall]:
     import circuitbreaker
-    import pybreaker
     import purgatory
+    import pybreaker
 
     calls: dict[str, SyncCall] = {
         "bare call": work,
