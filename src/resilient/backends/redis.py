@@ -268,10 +268,14 @@ class RedisBackend:
         self._stores: dict[str, Any] = {}
 
     async def aclose(self) -> None:
-        """Close the connection this backend keeps besides the client's pool.
+        """Stop the backend's background tasks, close the connection it keeps.
 
         Close the client yourself: the backend does not own it.
         """
+        for store in list(self._stores.values()):
+            close = getattr(store, "aclose", None)
+            if close is not None:
+                await close()
         if self._channel is not None:
             await self._channel.aclose()
 

@@ -9,8 +9,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
+from resilient.backends.redis import RedisBackend
 from resilient.breaker.core import (
     FAILED,
     SLOW,
@@ -30,6 +31,9 @@ from resilient.events import (
     Observer,
     emit,
 )
+
+if TYPE_CHECKING:
+    from resilient.breaker.redis import SharedBreakerStore
 
 __all__ = ["BreakerRegistry", "CircuitBreaker"]
 
@@ -59,6 +63,12 @@ class CircuitBreaker:
     a return value unless *failure_when* says otherwise (for example
     ``lambda r: r.status_code >= 500``).
 
+    With *backend* (a :class:`~resilient.RedisBackend`), instances share transitions:
+    one that opens the circuit opens it for all within *sync_interval* seconds, and one
+    instance at a time is elected to probe (see :mod:`resilient.breaker.redis`). Calls are
+    still counted locally, so a successful call costs no Redis command, and each instance
+    goes on deciding alone while Redis is unreachable.
+
     No lock is held while the protected call runs; the success path of a closed breaker
     takes none at all once its count window is full of successes.
 
@@ -74,6 +84,7 @@ class CircuitBreaker:
         "_ignore",
         "_lock",
         "_record",
+        "_shared",
         "_slow",
         "_timed",
         "clock",
@@ -101,6 +112,8 @@ class CircuitBreaker:
         ignore: type[BaseException] | tuple[type[BaseException], ...] = (),
         failure_when: Callable[[Any], bool] | None = None,
         fallback: Callable[..., Any] | None = None,
+        backend: RedisBackend | None = None,
+        sync_interval: float = 1.0,
         clock: Clock | None = None,
         observer: Observer | None = _DEFAULT_OBSERVER,
         observe_successes: bool = False,
@@ -138,6 +151,22 @@ class CircuitBreaker:
         self._entered: contextvars.ContextVar[tuple[tuple[int, float], ...]] = (
             contextvars.ContextVar(f"breaker:{name}", default=())
         )
+        self._shared: SharedBreakerStore | None = None
+        if backend is not None:
+            if not isinstance(backend, RedisBackend):
+                msg = f"a shared breaker needs a RedisBackend, not {backend!r}"
+                raise ConfigurationError(msg)
+            if not sync_interval > 0:
+                msg = f"sync_interval must be a positive number of seconds, not {sync_interval!r}"
+                raise ConfigurationError(msg)
+            from resilient.breaker.redis import SharedBreakerStore  # noqa: PLC0415
+
+            self._shared = backend.store("breaker", SharedBreakerStore)
+            try:
+                self._shared.register(self, sync_interval)
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
+            self._shared.ensure_running()
 
     # --- state ------------------------------------------------------------------------
 
@@ -184,8 +213,10 @@ class CircuitBreaker:
             transition = self._core.force(state, reason)
         self._report(transition)
 
-    def _report(self, transition: Transition | None) -> None:
+    def _report(self, transition: Transition | None, *, publish: bool = True) -> None:
         if transition is not None:
+            if publish and self._shared is not None:
+                self._shared.transitioned(self, transition)
             old, new, reason = transition
             emit(
                 self.observer,
@@ -198,6 +229,8 @@ class CircuitBreaker:
         """Admit a call or raise :class:`CircuitOpenError`; return its generation."""
         core = self._core
         generation = core.generation  # read first: a transition after it voids the call
+        if self._shared is not None:
+            self._shared.ensure_running()
         if core.state is _CLOSED:
             return generation
         now = self.clock.monotonic()
@@ -278,7 +311,12 @@ class CircuitBreaker:
         # The wrappers inline the success path of a closed breaker that needs neither the
         # time nor a look at the result: that path is most calls, and costs a few reads.
         core = self._core
-        fast = not self._timed and self._failure_when is None and not self.observe_successes
+        fast = (
+            not self._timed
+            and self._failure_when is None
+            and not self.observe_successes
+            and self._shared is None
+        )
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)

@@ -249,11 +249,13 @@ class BreakerCore:
         "_failure_rate",
         "_slow_rate",
         "config",
+        "gated",
         "generation",
         "open_for",
         "open_until",
         "probe_calls",
         "probe_failures",
+        "probe_granted",
         "probe_slows",
         "probes_out",
         "state",
@@ -273,6 +275,10 @@ class BreakerCore:
         self.open_until = 0.0
         self.open_for = config.open_for
         self.trips = 0  # reopenings since the last close
+        # Shared state: while *gated*, an open circuit whose time is up waits for
+        # *probe_granted* (this instance elected as the prober) before it half-opens.
+        self.gated = False
+        self.probe_granted = False
         self.probes_out = self.probe_calls = self.probe_failures = self.probe_slows = 0
 
     def _new_window(self) -> CountWindow | TimeWindow:
@@ -296,8 +302,9 @@ class BreakerCore:
             return self.generation, None
         transition = None
         if state is State.OPEN:
-            if now < self.open_until:
+            if now < self.open_until or (self.gated and not self.probe_granted):
                 return None, None
+            self.probe_granted = False
             transition = self._move(State.HALF_OPEN, "open_for elapsed")
         elif state is State.FORCED_OPEN:
             return None, None
@@ -358,6 +365,7 @@ class BreakerCore:
                 self.config.max_open_for,
             )
         self.open_until = now + self.open_for
+        self.probe_granted = False
         return self._move(State.OPEN, reason)
 
     def _close(self, reason: str) -> Transition:
@@ -377,6 +385,7 @@ class BreakerCore:
         if self.state in (State.FORCED_OPEN, State.DISABLED):
             return None
         self.open_until = now + open_for
+        self.probe_granted = False
         if self.state is State.OPEN:
             return None
         return self._move(State.OPEN, reason)
