@@ -1,9 +1,11 @@
 """Circuit breakers, side by side with circuitbreaker, pybreaker, aiobreaker and purgatory.
 
-``success``: nanoseconds each breaker adds to a call that succeeds through a closed
-circuit (the cost every call pays), sync and async, over the same bare function. Every
-breaker keeps its default window; each is warmed up first, so ours runs in its steady
-state (a window full of successes).
+* ``success``: nanoseconds each breaker adds to a call that succeeds through a closed
+  circuit (the cost every call pays), sync and async, over the same bare function. Every
+  breaker keeps its default window; each is warmed up first, so ours runs in its steady
+  state (a window full of successes).
+* ``shared``: with state shared through Redis (a dedicated local ``redis-server``), the
+  Redis commands each successful call sends (``INFO commandstats``) and its cost.
 
 Every figure is the median of ``--repeat`` runs; contenders alternate within each run so
 that drift of the machine touches them alike.
@@ -22,7 +24,7 @@ from typing import Any
 from benchmarks._common import RESULTS, machine_facts, table
 from resilient import CircuitBreaker
 
-PACKAGES = ["resilient-asgi", "circuitbreaker", "pybreaker", "aiobreaker", "purgatory"]
+PACKAGES = ["resilient-asgi", "circuitbreaker", "pybreaker", "aiobreaker", "purgatory", "redis"]
 OURS = "resilient `CircuitBreaker`"
 
 SyncCall = Callable[[], object]
@@ -121,10 +123,72 @@ async def bench_success(repeat: int, quick: bool) -> str:
     )
 
 
+async def bench_shared(url: str, repeat: int, quick: bool) -> str:
+    import purgatory
+    import pybreaker
+    import redis
+    import redis.asyncio
+
+    from resilient import RedisBackend
+
+    n = 500 if quick else 5000
+    sync_client = redis.Redis.from_url(url)
+    async_client = redis.asyncio.Redis.from_url(url)
+    backend = RedisBackend(async_client)
+    ours = CircuitBreaker("bench-shared", backend=backend)(async_work)
+    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, sync_client)
+    theirs = pybreaker.CircuitBreaker(state_storage=storage)(work)
+    # purgatory's SyncRedisUnitOfWork calls the asyncio client from sync code and fails
+    # with redis-py 8: its async twin is the one that works.
+    factory: Any = purgatory.AsyncCircuitBreakerFactory(uow=purgatory.AsyncRedisUnitOfWork(url))
+    await factory.initialize()
+    purgatory_call = factory(circuit="bench")(async_work)
+
+    def commands() -> int:
+        stats = sync_client.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+    await ours()  # starts the sync task, which reads once
+    samples: dict[str, list[float]] = {}
+    per_call: dict[str, float] = {}
+    for _ in range(repeat):
+        before = commands()
+        samples.setdefault(OURS, []).append(await async_ns(ours, n))
+        per_call[OURS] = (commands() - before) / n
+        name = "pybreaker `CircuitRedisStorage` (sync)"
+        before = commands()
+        samples.setdefault(name, []).append(sync_ns(theirs, n))
+        per_call[name] = (commands() - before) / n
+        name = "purgatory `AsyncRedisUnitOfWork`"
+        before = commands()
+        samples.setdefault(name, []).append(await async_ns(purgatory_call, n))
+        per_call[name] = (commands() - before) / n
+    await backend.aclose()
+    await async_client.aclose()
+    sync_client.close()
+    out = [
+        (name, statistics.median(values) / 1000, f"{per_call[name]:.2f}")
+        for name, values in samples.items()
+    ]
+    return table(["breaker (state in Redis)", "µs per call", "Redis commands per call"], out)
+
+
+SECTIONS = ("success", "shared")
+
+
 async def main_async(args: argparse.Namespace) -> str:
-    parts = ["# Circuit breaker benchmarks", "", "## Machine", "", machine_facts(PACKAGES), ""]
-    parts += ["## A call that succeeds through a closed circuit", ""]
-    parts += [await bench_success(args.repeat, args.quick), ""]
+    from resilient.testing import RedisServer, find_redis_server
+
+    only = set(args.only or SECTIONS)
+    parts = ["# Circuit breaker benchmarks", "", "## Machine", ""]
+    parts += [machine_facts(PACKAGES, find_redis_server()), ""]
+    if "success" in only:
+        parts += ["## A call that succeeds through a closed circuit", ""]
+        parts += [await bench_success(args.repeat, args.quick), ""]
+    if "shared" in only:
+        parts += ["## State shared through Redis: a call that succeeds", ""]
+        with RedisServer() as server:
+            parts += [await bench_shared(server.url, args.repeat, args.quick), ""]
     parts.append(
         f"Medians of {args.repeat} runs. Rerun: `python dev.py bench breaker"
         f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."
@@ -136,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these")
     args = parser.parse_args(argv)
     report = asyncio.run(main_async(args))
     print(report)
