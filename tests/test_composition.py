@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import pytest
-
 from resilient import CircuitBreaker, CircuitOpenError, retry
 from resilient.testing import FakeClock
 
@@ -40,6 +38,7 @@ def stack(
     @breaker
     async def charge() -> str:
         async with asyncio.timeout(1.0):  # the attempt timeout, innermost
+            await asyncio.sleep(0)  # the downstream call
             calls.append("attempt")
             if len(calls) <= 3:
                 raise Down
