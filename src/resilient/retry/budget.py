@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from resilient.clock import Clock
-from resilient.errors import ConfigurationError
+from resilient.errors import BackendError, ConfigurationError
 from resilient.retry.core import validate_seconds
+
+if TYPE_CHECKING:
+    from resilient.backends.redis import RedisBackend
 
 __all__ = ["RetryBudget"]
 
@@ -39,18 +43,37 @@ class RetryBudget:
 
     When the budget is empty, :func:`~resilient.retry` gives up (the last error is raised)
     and emits :class:`~resilient.events.RetryBudgetExhausted`. Thread-safe.
+
+    With *backend* (a :class:`~resilient.RedisBackend`) and a *name*, every instance of a
+    service shares one budget: each keeps its deposits and withdrawals locally and, at
+    most every *sync_interval* seconds (from async code), adds them to the shared balance
+    in Redis and reads it back in one script call. Decisions in between use the last
+    balance read plus what this instance did since, so instances may overshoot by what
+    they do in one interval. The reserve stays per instance. While Redis is unreachable
+    (or before the first sync), each instance uses its own local budget.
     """
 
     __slots__ = (
+        "_backend",
         "_balances",
         "_deposit",
         "_epochs",
+        "_key",
+        "_last_attempt",
         "_lock",
         "_monotonic",
+        "_pending",
+        "_remote",
         "_reserve",
         "_slice",
+        "_synced_at",
+        "_syncing",
+        "_task",
+        "_wall",
         "min_per_second",
+        "name",
         "ratio",
+        "sync_interval",
         "window",
     )
 
@@ -60,6 +83,9 @@ class RetryBudget:
         ratio: float = 0.2,
         min_per_second: float = 10,
         window: float = 10.0,
+        backend: RedisBackend | None = None,
+        name: str | None = None,
+        sync_interval: float = 1.0,
         clock: Clock | None = None,
     ) -> None:
         if isinstance(ratio, bool) or not isinstance(ratio, int | float):
@@ -84,25 +110,107 @@ class RetryBudget:
         self._epochs = [-1] * _SLICES  # which slice of time each entry currently holds
         self._balances = [0] * _SLICES  # deposits minus withdrawals in that slice
         self._lock = threading.Lock()
+        self.name = name
+        self.sync_interval = validate_seconds("sync_interval", sync_interval)
+        self._backend = backend
+        self._key = ""
+        if backend is not None:
+            from resilient.backends.redis import RedisBackend  # noqa: PLC0415
+
+            if not isinstance(backend, RedisBackend):
+                msg = f"a shared retry budget needs a RedisBackend, not {backend!r}"
+                raise ConfigurationError(msg)
+            if not name:
+                msg = "a retry budget shared through Redis needs a name"
+                raise ConfigurationError(msg)
+            self._key = backend.key("rb", name, "b")
+        self._wall: Callable[[], float] = time.time if clock is None else clock.time
+        self._pending = 0  # this instance's tokens not yet added to the shared balance
+        self._remote = 0  # the shared balance at the last sync
+        self._synced_at = -math.inf
+        self._last_attempt = -math.inf
+        self._syncing = False
+        self._task: asyncio.Task[None] | None = None
 
     def deposit(self) -> None:
         """Record a call: add *ratio* tokens."""
         with self._lock:
             self._add(self._deposit)
+            if self._backend is not None:
+                self._pending += self._deposit
+        if self._backend is not None:
+            self._maybe_sync()
 
     def try_withdraw(self) -> bool:
         """Take one token for a retry; return ``False`` (and take nothing) when empty."""
         with self._lock:
-            if self._balance() < _UNIT:
+            if self._current() < _UNIT:
                 return False
             self._add(-_UNIT)
-            return True
+            if self._backend is not None:
+                self._pending -= _UNIT
+        if self._backend is not None:
+            self._maybe_sync()
+        return True
 
     @property
     def balance(self) -> float:
         """The tokens available now: the retries that would be allowed, as a float."""
         with self._lock:
-            return self._balance() / _UNIT
+            return self._current() / _UNIT
+
+    def _current(self) -> int:
+        if self._backend is not None and self._monotonic() - self._synced_at <= max(
+            3 * self.sync_interval, self._slice
+        ):
+            return self._reserve + self._remote + self._pending
+        return self._balance()
+
+    def _maybe_sync(self) -> None:
+        now = self._monotonic()
+        if self._syncing or now - self._last_attempt < self.sync_interval:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # sync code without a loop: decide locally
+        self._syncing = True
+        self._last_attempt = now
+        self._task = loop.create_task(self._sync_task())
+
+    async def _sync_task(self) -> None:
+        try:
+            await self.sync_now()
+        except BackendError:
+            pass  # this instance decides on its own until Redis answers again
+        finally:
+            self._syncing = False
+
+    async def sync_now(self) -> None:
+        """Add this instance's pending tokens to the shared balance and read it back.
+
+        Raise :class:`~resilient.errors.BackendError` when Redis fails (the pending
+        tokens are kept for the next sync).
+        """
+        backend = self._backend
+        if backend is None:
+            return
+        from resilient.retry.redis import BUDGET  # noqa: PLC0415
+
+        with self._lock:
+            delta, self._pending = self._pending, 0
+        slice_ms = max(1, round(self._slice * 1000))
+        try:
+            total = await backend.run_script(
+                BUDGET, [self._key], (round(self._wall() * 1000), slice_ms, _SLICES, delta)
+            )
+        except BackendError:
+            with self._lock:
+                self._pending += delta
+            raise
+        with self._lock:
+            self._remote = int(total)
+            self._synced_at = self._monotonic()
 
     def _add(self, amount: int) -> None:
         epoch = int(self._monotonic() // self._slice)

@@ -1,0 +1,1 @@
+"""Lua scripts of the retry budget shared through Redis."""
