@@ -32,18 +32,26 @@ if TYPE_CHECKING:
 __all__ = ["Coalescer", "RedisBackend", "Script"]
 
 _T = TypeVar("_T")
+_NOW = resources.files("resilient.backends.lua").joinpath("now.lua").read_text(encoding="utf-8")
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
 
 class Script:
-    """A Lua script shipped in a package, with its SHA1 computed once."""
+    """A Lua script shipped in a package, with its SHA1 computed once.
+
+    With *needs_now*, the script is prefixed with ``backends/lua/now.lua``, which defines
+    ``now_ms(ARGV[i])``: the caller's time, or Redis ``TIME`` for ``"r"``.
+    """
 
     __slots__ = ("name", "sha", "source")
 
-    def __init__(self, package: str, filename: str) -> None:
+    def __init__(self, package: str, filename: str, *, needs_now: bool = False) -> None:
         self.name = filename
-        self.source = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
+        source = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
+        if needs_now:
+            source = _NOW + source
+        self.source = source
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
 
     def __repr__(self) -> str:

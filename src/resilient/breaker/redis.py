@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SharedBreakerStore"]
 
-_PUBLISH = Script("resilient.breaker.lua", "publish.lua")
-_SYNC = Script("resilient.breaker.lua", "sync.lua")
+_PUBLISH = Script("resilient.breaker.lua", "publish.lua", needs_now=True)
+_SYNC = Script("resilient.breaker.lua", "sync.lua", needs_now=True)
 _KEEP_MS = 86_400_000  # a closed circuit's state is kept a day after its last change
 
 

@@ -11,10 +11,10 @@ from resilient.idempotency.core import Claim, ClaimStatus
 __all__ = ["RedisIdempotencyStore"]
 
 _PACKAGE = "resilient.idempotency.lua"
-_CLAIM = Script(_PACKAGE, "claim.lua")
-_COMPLETE = Script(_PACKAGE, "complete.lua")
-_RELEASE = Script(_PACKAGE, "release.lua")
-_EXTEND = Script(_PACKAGE, "extend.lua")
+_CLAIM = Script(_PACKAGE, "claim.lua", needs_now=True)
+_COMPLETE = Script(_PACKAGE, "complete.lua", needs_now=True)
+_RELEASE = Script(_PACKAGE, "release.lua", needs_now=True)
+_EXTEND = Script(_PACKAGE, "extend.lua", needs_now=True)
 
 
 class RedisIdempotencyStore:

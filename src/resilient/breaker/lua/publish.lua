@@ -9,13 +9,7 @@
 -- counts only from the elected prober, whose probes succeeded.
 -- Returns {generation, ms until the circuit may be probed (0 when closed)}.
 
-local now = ARGV[1]
-if now == 'r' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(now)
-end
+local now = now_ms(ARGV[1])
 local key, kind, open_for, token, ttl = KEYS[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 
 local state = redis.call('HMGET', key, 's', 'u', 'g', 'p')

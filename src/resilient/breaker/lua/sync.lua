@@ -7,13 +7,7 @@
 -- probed), "p" this instance is the prober (ms of its lease), "w" another instance
 -- probes (ms left on its lease).
 
-local now = ARGV[1]
-if now == 'r' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(now)
-end
+local now = now_ms(ARGV[1])
 local key, token, lease = KEYS[1], ARGV[2], tonumber(ARGV[3])
 
 local state = redis.call('HMGET', key, 's', 'u', 'g', 'p', 'pu')

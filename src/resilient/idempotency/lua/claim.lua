@@ -10,13 +10,8 @@
 -- A caller that passes its own "now" gets 60 s of TTL margin, so that Redis expiry never
 -- runs ahead of the caller's clock; with Redis TIME the key expires with its deadline.
 
-local now, margin = ARGV[1], 0
-if now == 'r' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now, margin = tonumber(now), 60000
-end
+local now, given = now_ms(ARGV[1])
+local margin = given and 60000 or 0
 local key, fingerprint, owner, lease = KEYS[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 
 local record = redis.call('HMGET', key, 's', 'f', 'd')

@@ -3,13 +3,8 @@
 -- KEYS[1]: the record (see claim.lua). ARGV: now in ms (or "r"), owner, lease_ms.
 -- Returns 1 when extended, 0 when the caller no longer owns the record.
 
-local now, margin = ARGV[1], 0
-if now == 'r' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now, margin = tonumber(now), 60000
-end
+local now, given = now_ms(ARGV[1])
+local margin = given and 60000 or 0
 local key, lease = KEYS[1], tonumber(ARGV[3])
 
 local record = redis.call('HMGET', key, 's', 'o', 'd')

@@ -3,13 +3,7 @@
 -- KEYS[1]: the record (see claim.lua). ARGV: now in ms (or "r"), owner.
 -- Returns 1 when deleted, 0 when the caller no longer owns the record.
 
-local now = ARGV[1]
-if now == 'r' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(now)
-end
+local now = now_ms(ARGV[1])
 local key = KEYS[1]
 
 local record = redis.call('HMGET', key, 's', 'o', 'd')

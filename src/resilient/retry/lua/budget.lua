@@ -6,13 +6,7 @@
 -- ARGV: now in ms (or "r" for Redis TIME), slice_ms, slices, delta (millionths).
 -- Returns the sum over the last `slices` slices, the current one included.
 
-local now = ARGV[1]
-if now == 'r' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(now)
-end
+local now = now_ms(ARGV[1])
 local key, slice, slices, delta = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local epoch = math.floor(now / slice)
 

@@ -1,0 +1,1 @@
+"""Lua shared by the scripts of several blocks."""
