@@ -18,8 +18,8 @@ circuit's ``retry_after`` when that fits in the deadline, and gives up at once o
 * :class:`SyncResilientTransport` wraps an ``httpx.BaseTransport`` (an
   ``httpx.HTTPTransport()`` by default), for ``httpx.Client``.
 
-Both share one set of decisions (:class:`_Resilience`): which breaker, whether to retry,
-what counts as a failure. Only the calls into the wrapped transport are written twice.
+Both share one set of decisions: which breaker, whether to retry, what counts as a
+failure. Only the calls into the wrapped transport are written twice.
 
 This module needs httpx (``pip install 'resilient-asgi[httpx]'``); ``import resilient``
 does not import it.

@@ -322,6 +322,16 @@ async def test_a_body_read_into_memory_is_retried(async_sleeper: AsyncSleeper) -
     assert [r.content for r in script.requests] == [b"part 1, part 2"] * 2
 
 
+async def test_a_body_given_as_a_byte_stream_is_retried(async_sleeper: AsyncSleeper) -> None:
+    script = Script(503, 200)
+    transport = resilient(httpx.MockTransport(script), retry=quick_retry(async_sleeper))
+    request = httpx.Request("PUT", "http://api.test/", stream=httpx.ByteStream(b"whole"))
+    async with client(transport) as http:
+        response = await http.send(request)
+    assert response.status_code == 200
+    assert [r.content for r in script.requests] == [b"whole"] * 2
+
+
 async def test_errors_that_another_attempt_would_repeat_are_not_retried(
     async_sleeper: AsyncSleeper,
 ) -> None:
