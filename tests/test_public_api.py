@@ -17,6 +17,7 @@ PUBLIC_MODULES = [
     "resilient.clock",
     "resilient.errors",
     "resilient.events",
+    "resilient.httpx",
     "resilient.keys",
     "resilient.problem",
     "resilient.ratelimit",
@@ -64,25 +65,49 @@ def test_the_design_names_are_importable_from_the_top() -> None:
         "ResilienceError",
         "retry",
         "RetryBudget",
+        "ResilientTransport",
     ]:
         assert name in resilient.__all__
 
 
 def test_every_module_imports_without_optional_extras() -> None:
-    # redis, starlette and httpx are extras: nothing may need them at import time.
+    # redis, starlette and httpx are extras: nothing may need them at import time, except
+    # resilient.httpx, the integration with httpx, which says what to install.
     code = """
 import sys, importlib, pkgutil
 for blocked in ("redis", "starlette", "httpx", "hiredis"):
     sys.modules[blocked] = None
 import resilient
 for info in pkgutil.walk_packages(resilient.__path__, "resilient."):
-    importlib.import_module(info.name)
+    try:
+        importlib.import_module(info.name)
+    except ImportError as error:
+        assert info.name == "resilient.httpx", info.name
+        assert "pip install 'resilient-asgi[httpx]'" in str(error), error
 print("ok")
 """
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_importing_resilient_does_not_import_httpx() -> None:
+    code = "import resilient, sys; assert 'httpx' not in sys.modules; print('ok')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_transports_are_imported_from_the_top_on_first_use() -> None:
+    from resilient.httpx import ResilientTransport, SyncResilientTransport
+
+    assert resilient.ResilientTransport is ResilientTransport
+    assert resilient.SyncResilientTransport is SyncResilientTransport
+    assert "ResilientTransport" in dir(resilient)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        resilient.Nothing  # noqa: B018
 
 
 def test_exceptions_share_one_root() -> None:

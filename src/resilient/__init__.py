@@ -6,6 +6,9 @@ Each block works alone or composed, on an in-process backend by default and on R
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from resilient.__about__ import __version__
 from resilient.backends import MemoryBackend, RedisBackend
 from resilient.breaker import BreakerRegistry, CircuitBreaker
@@ -36,6 +39,9 @@ from resilient.ratelimit import (
 )
 from resilient.retry import RetryBudget, retry
 
+if TYPE_CHECKING:
+    from resilient.httpx import ResilientTransport, SyncResilientTransport
+
 __all__ = [
     "BackendError",
     "BackendUnavailable",
@@ -60,9 +66,11 @@ __all__ = [
     "RateLimiter",
     "RedisBackend",
     "ResilienceError",
+    "ResilientTransport",
     "RetryBudget",
     "Rule",
     "SlidingWindow",
+    "SyncResilientTransport",
     "SystemClock",
     "TokenBucket",
     "__version__",
@@ -73,3 +81,24 @@ __all__ = [
     "rate_limit",
     "retry",
 ]
+
+# Names whose module needs an optional dependency, imported on first use: `import
+# resilient` must not pay for importing httpx.
+_LAZY = {
+    "ResilientTransport": "resilient.httpx",
+    "SyncResilientTransport": "resilient.httpx",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        msg = f"module 'resilient' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
