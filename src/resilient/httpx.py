@@ -28,7 +28,6 @@ does not import it.
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Callable, Collection
 from typing import Any, Final, Literal, TypeAlias
 
@@ -164,21 +163,11 @@ class _Resilience:
             msg = f"retry must be a policy made by resilient.retry(...) or None, not {policy!r}"
             raise ConfigurationError(msg)
         errors, statuses = self.retry_errors, self.retry_statuses
-        allows_error, allows_result = policy.retryable, policy.result
-
-        def retried_error(error: Exception) -> bool:
-            return isinstance(error, errors) and allows_error(error)
-
-        def retried_result(response: httpx.Response) -> bool:
-            return response.status_code in statuses and (
-                allows_result is None or bool(allows_result(response))
-            )
-
-        narrowed = copy.copy(policy)
-        narrowed._on = retried_error  # Retry has no public way to replace on=
-        narrowed.result = retried_result
-        narrowed.name = policy.name or "resilient.httpx"
-        return narrowed
+        return policy.narrowed(
+            on=lambda error: isinstance(error, errors),
+            result=lambda response: response.status_code in statuses,
+            name=policy.name or "resilient.httpx",
+        )
 
     def retries(self, request: httpx.Request) -> bool:
         """Return whether *request* may be sent more than once.

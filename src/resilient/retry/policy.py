@@ -190,6 +190,36 @@ class Retry:
         self._monotonic: Callable[[], float] = time.monotonic if clock is None else clock.monotonic
         self._time: Callable[[], float] = time.time if clock is None else clock.time
 
+    def narrowed(
+        self,
+        *,
+        on: RetryOn | None = None,
+        result: Callable[[Any], bool] | None = None,
+        name: str | None = None,
+    ) -> Retry:
+        """Return a copy that retries only what this policy *and* the given *on*/*result* allow.
+
+        Waits, deadline, budget, clock, sleep and observer are shared with this policy. A
+        library that knows which failures of its own are worth retrying (the httpx
+        transport, say) narrows its user's policy this way; *name*, if given, names it.
+        """
+        copy = object.__new__(Retry)
+        for slot in Retry.__slots__:
+            setattr(copy, slot, getattr(self, slot))
+        if on is not None:
+            mine, theirs = self._on, _exception_predicate(on)
+            copy._on = lambda error: theirs(error) and mine(error)
+        if result is not None:
+            own_result = self.result
+            copy.result = (
+                result
+                if own_result is None
+                else (lambda value: bool(result(value)) and bool(own_result(value)))
+            )
+        if name is not None:
+            copy.name = name
+        return copy
+
     def retryable(self, error: BaseException) -> bool:
         """Return whether this policy retries after *error* (attempts left permitting)."""
         return (
