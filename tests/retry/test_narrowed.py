@@ -6,7 +6,7 @@ from resilient.testing import FakeClock
 
 def test_a_narrowed_policy_retries_only_what_both_allow() -> None:
     clock = FakeClock()
-    policy = retry(attempts=3, on=(KeyError, ValueError), clock=clock, sleep=clock.sleep)
+    policy = retry(attempts=3, on=(KeyError, ValueError), clock=clock, sleep=clock.advance)
     narrowed = policy.narrowed(on=KeyError, name="narrow")
     assert narrowed.retryable(KeyError("k"))
     assert not narrowed.retryable(ValueError("v"))  # the narrowing refuses it
@@ -29,7 +29,7 @@ def test_a_narrowed_policy_retries_only_what_both_allow() -> None:
 
 def test_results_are_retried_only_when_both_predicates_say_so() -> None:
     clock = FakeClock()
-    policy = retry(attempts=4, result=lambda r: r < 10, clock=clock, sleep=clock.sleep)
+    policy = retry(attempts=4, result=lambda r: r < 10, clock=clock, sleep=clock.advance)
     narrowed = policy.narrowed(result=lambda r: r % 2 == 1)
     values = iter([1, 3, 4, 5])
 
