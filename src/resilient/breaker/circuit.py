@@ -311,17 +311,15 @@ class CircuitBreaker:
         # The wrappers inline the success path of a closed breaker that needs neither the
         # time nor a look at the result: that path is most calls, and costs a few reads.
         core = self._core
-        fast = (
-            not self._timed
-            and self._failure_when is None
-            and not self.observe_successes
-            and self._shared is None
-        )
+        fast = not self._timed and self._failure_when is None and not self.observe_successes
+        shared = self._shared
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)
             async def guarded_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
                 generation = core.generation
+                if shared is not None and shared.idle:
+                    shared.ensure_running()
                 if not fast or core.state is not _CLOSED:
                     return await self._call_async(function, args, kwargs)
                 try:
@@ -338,6 +336,8 @@ class CircuitBreaker:
         @functools.wraps(function)
         def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             generation = core.generation
+            if shared is not None and shared.idle:
+                shared.ensure_running()
             if not fast or core.state is not _CLOSED:
                 return self._call_sync(function, args, kwargs)
             try:

@@ -80,9 +80,15 @@ class SharedBreakerStore:
     def _key(self, name: str) -> str:
         return self._backend.key("cb", name, "s")
 
+    @property
+    def idle(self) -> bool:
+        """Whether the sync task has not started (or has stopped)."""
+        task = self._task
+        return task is None or task.done()
+
     def ensure_running(self) -> None:
         """Start the sync task on the running event loop, if there is one and it is not."""
-        if self._task is not None and not self._task.done():
+        if not self.idle:
             return
         try:
             loop = asyncio.get_running_loop()
