@@ -19,12 +19,15 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from resilient import (
+    CircuitBreaker,
+    CircuitOpenError,
     IdempotencyMiddleware,
     MemoryBackend,
     RateLimiter,
@@ -34,8 +37,10 @@ from resilient import (
     SlidingWindow,
     TokenBucket,
     by_ip,
+    retry,
 )
 from resilient._asgi import ASGIApp
+from resilient.httpx import ResilientTransport
 
 
 async def hello(request: Request) -> JSONResponse:
@@ -58,6 +63,52 @@ class Orders:
         return JSONResponse(
             {"order": self.created, "request": body.decode("utf-8", "replace")}, status_code=201
         )
+
+
+class Upstream:
+    """A dependency to call out to (in process, here): a forecast service that can fail."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.calls = 0
+        self.app = Starlette(routes=[Route("/forecast", self.forecast)])
+
+    async def forecast(self, request: Request) -> JSONResponse:
+        self.calls += 1
+        if self.failing:
+            return JSONResponse({"error": "overloaded"}, status_code=503)
+        return JSONResponse({"forecast": "sunny"})
+
+
+class Forecasts:
+    """Calls the upstream service composed as documented, outermost first:
+    fallback -> retry -> circuit breaker -> attempt timeout -> call."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.breaker = CircuitBreaker(
+            "forecast", failure_rate=0.5, minimum_calls=4, window=10, open_for=30.0
+        )
+        transport = ResilientTransport(
+            httpx.ASGITransport(app=upstream.app),
+            breaker=self.breaker,
+            retry=retry(attempts=3, deadline=2.0, base=0.05, cap=0.2),
+            timeout=1.0,
+        )
+        self.client = httpx.AsyncClient(transport=transport, base_url="http://forecast")
+
+    async def get(self, request: Request) -> JSONResponse:
+        try:
+            response = await self.client.get("/forecast")
+            response.raise_for_status()
+        except (CircuitOpenError, httpx.HTTPError) as exc:  # the fallback
+            reason = "circuit open" if isinstance(exc, CircuitOpenError) else "upstream failed"
+            return JSONResponse({"forecast": "unknown", "fallback": reason})
+        return JSONResponse(response.json())
+
+    async def outage(self, request: Request) -> JSONResponse:
+        self.upstream.failing = request.query_params.get("outage") == "1"
+        return JSONResponse({"outage": self.upstream.failing, "breaker": self.breaker.state.value})
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -86,16 +137,20 @@ def create_app(limiter: RateLimiter | None = None) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        await forecasts.client.aclose()
         if isinstance(backend, RedisBackend):
             await backend.aclose()
             await backend.client.aclose()
 
     orders = Orders()
+    forecasts = Forecasts(Upstream())
     app = Starlette(
         routes=[
             Route("/api/hello", hello),
             Route("/api/login", login, methods=["POST"]),
             Route("/api/orders", orders.create, methods=["POST"]),
+            Route("/api/forecast", forecasts.get),
+            Route("/api/upstream", forecasts.outage, methods=["POST"]),
             Route("/healthz", healthz),
         ],
         lifespan=lifespan,

@@ -79,3 +79,21 @@ def test_the_example_server_runs_under_uvicorn() -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+async def test_the_example_composes_fallback_retry_breaker_and_timeout() -> None:
+    from resilient.testing import retries_without_waits
+
+    app = create_app(RateLimiter(clock=FakeClock()))
+    async with client(app, "203.0.113.9") as user:
+        assert (await user.get("/api/forecast")).json() == {"forecast": "sunny"}
+        await user.post("/api/upstream?outage=1")
+        with retries_without_waits():
+            first = (await user.get("/api/forecast")).json()
+            second = (await user.get("/api/forecast")).json()
+        outage = (await user.post("/api/upstream?outage=1")).json()
+    assert first == {"forecast": "unknown", "fallback": "upstream failed"}
+    # 3 attempts failed, then 1 more: 4 failures in the window open the breaker, and the
+    # retry does not wait 30 s for it (past its 2 s deadline): the fallback answers at once.
+    assert second == {"forecast": "unknown", "fallback": "circuit open"}
+    assert outage["breaker"] == "open"
