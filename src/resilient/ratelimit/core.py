@@ -368,7 +368,8 @@ def _token_bucket(
     return _new(Outcome, (allowed, remaining, reset, retry)), (now, debt, 0, blocked), reset
 
 
-_ALGORITHMS: Final = (None, _sliding_window, _token_bucket)  # indexed by Policy.kind
+# Indexed by Policy.kind. The memory store reads it directly on its hot path.
+_ALGORITHMS: Final = (None, _sliding_window, _token_bucket)
 
 
 def charge(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from time import monotonic_ns
 
 from resilient.backends.memory import MemoryBackend
-from resilient.ratelimit.core import Outcome, Policy, State, charge, evaluate
+from resilient.ratelimit.core import _ALGORITHMS, Outcome, Policy, State, evaluate
 
 __all__ = ["MemoryRateLimitStore"]
 
@@ -77,18 +77,25 @@ class MemoryRateLimitStore:
         """
         if now_ms is None:
             now_ms = monotonic_ns() // 1_000_000
-        name = key + "\x00" + policy.id
+        name = f"{key}\x00{policy.id}"
         data = self._data
-        with self._lock:
+        lock = self._lock
+        # acquire/release: half the cost of ``with lock`` (no __enter__/__exit__ calls).
+        lock.acquire()
+        try:
             entry = data.get(name)
             state = entry[0] if entry is not None and entry[1] > now_ms else None
-            outcome, new_state, ttl = charge(policy, state, now_ms, cost)
+            # charge(), inlined: one call less on every admitted request.
+            algorithm = _ALGORITHMS[policy.kind]
+            outcome, new_state, ttl = algorithm(policy, state, now_ms, cost)  # type: ignore[misc]
             if not outcome[0]:
                 return None
             if cost > 0:
                 if entry is None and len(data) >= self.max_keys:
                     self._make_room(now_ms)
                 data[name] = (new_state, now_ms + ttl)
+        finally:
+            lock.release()
         return outcome
 
     async def clear(self, key: str, policies: Sequence[Policy]) -> None:

@@ -39,6 +39,7 @@ class Rule:
 
     __slots__ = (
         "_pattern",
+        "_policy_field",
         "_policy_header",
         "_scope",
         "_state_prefixes",
@@ -75,6 +76,7 @@ class Rule:
         self._policy_header = ", ".join(
             f'"{p.name}";q={p.capacity};w={math.ceil(p.window)}' for p in policies
         ).encode()
+        self._policy_field = (b"ratelimit-policy", self._policy_header)
         self._state_prefixes = {p.id: f'"{p.name}";r='.encode() for p in policies}
 
     def applies(self, method: str, path: str) -> bool:
@@ -157,6 +159,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
+        limiter = self.limiter
         applied: list[tuple[Rule, Decision]] = []
         for rule in self.rules:
             # Rule.applies, inlined: this loop runs on every request.
@@ -169,11 +172,9 @@ class RateLimitMiddleware:
                 continue
             try:
                 name = rule._scope + value
-                decision = self.limiter.check_nowait(name, rule.policies, rule.cost)
+                decision = limiter.check_nowait(name, rule.policies, rule.cost)
                 if decision is None:
-                    decision = await self.limiter.check(
-                        name, rule.policies, rule.cost, consume=True
-                    )
+                    decision = await limiter.check(name, rule.policies, rule.cost, consume=True)
             except BackendUnavailable as exc:
                 retry = str(max(1, math.ceil(exc.retry_after))).encode()
                 await send_problem(
@@ -225,7 +226,7 @@ class RateLimitMiddleware:
                 d.remaining,
                 ceil(d.reset_after),
             )
-            return [(b"ratelimit-policy", rule._policy_header), (b"ratelimit", state)]
+            return [rule._policy_field, (b"ratelimit", state)]
         headers: _Headers = []
         if self._ietf:
             policy_fields: list[bytes] = []
