@@ -348,9 +348,11 @@ def _token_bucket(
         updated, debt, _, blocked = state
         if now < updated:  # a clock behind the one that wrote the state waits for it
             now = updated
-        elapsed = now - updated
-        # Compare before multiplying so a long-idle key cannot overflow 2**53.
-        debt = 0 if elapsed >= -(-debt // rate) else debt - elapsed * rate
+        # Refill: elapsed * rate units, which pays off at most the whole debt. (The Lua
+        # twin divides before it compares, so a long-idle key cannot overflow 2**53 in a
+        # double; Python's integers cannot overflow, and the comparison means the same.)
+        paid = (now - updated) * rate
+        debt = 0 if paid >= debt else debt - paid
     wanted = debt + cost * unit
     allowed = blocked <= now and wanted <= capacity
     if allowed:

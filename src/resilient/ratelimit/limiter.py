@@ -192,19 +192,24 @@ class RateLimiter:
         (another store, several policies, a denial, the deny cache) returns ``None``,
         and :meth:`check` gives the full answer.
         """
-        hit_one = self._hit_one
-        if hit_one is None or len(policies) != 1:
+        if len(policies) != 1:
             return None
         policy = policies[0]
-        now_ms = None if self.clock is None else math.floor(self.clock.time() * 1000)
-        outcome = hit_one(key, policy, cost, now_ms)
-        if outcome is None:
+        outcome = self._hit_nowait(key, policy, cost)
+        return None if outcome is None else _admitted(policy, outcome)
+
+    def _hit_nowait(self, key: str, policy: Policy, cost: int) -> Outcome | None:
+        """Do :meth:`check_nowait` for one policy, answering the store's bare Outcome.
+
+        ``None`` whenever check_nowait would answer ``None``. For the middleware's hot
+        path, which needs no :class:`Decision` to build its headers.
+        """
+        hit_one = self._hit_one
+        if hit_one is None:
             return None
-        _, remaining, reset_ms, _ = outcome
-        return _new(
-            Decision,
-            (True, policy.capacity, remaining, reset_ms / 1000, 0.0, policy, (), False),
-        )
+        clock = self.clock
+        now_ms = None if clock is None else math.floor(clock.time() * 1000)
+        return hit_one(key, policy, cost, now_ms)  # type: ignore[no-any-return]
 
     def _decide(
         self, key: str, policies: tuple[Policy, ...], outcomes: Sequence[Outcome], consume: bool
@@ -277,6 +282,14 @@ class RateLimiter:
 
     def __repr__(self) -> str:
         return f"RateLimiter({self._store!r}, on_backend_error={self.on_backend_error!r})"
+
+
+def _admitted(policy: Policy, outcome: Outcome) -> Decision:
+    """Return the Decision of a single-policy check that the store admitted at once."""
+    _, remaining, reset_ms, _ = outcome
+    return _new(
+        Decision, (True, policy.capacity, remaining, reset_ms / 1000, 0.0, policy, (), False)
+    )
 
 
 def _validate(key: str, policies: tuple[Policy, ...], cost: int) -> None:
