@@ -282,14 +282,18 @@ class Write(NamedTuple):
 # Named tuples built from a tuple skip their Python-level __new__: half the cost.
 _new: Final = tuple.__new__
 
+_Result: TypeAlias = tuple[bool, int, int, int, State, int]
+"""What an algorithm answers, flat: the four fields of its :class:`Outcome`, then the state
+after charging and its TTL. The memory store's hot path needs no Outcome object."""
+
 # Integer division below is written inline (``a // b`` floors, ``-(-a // b)`` rounds up):
 # these functions run on every request. The Lua twin spells the same operations out.
 
 
 def _sliding_window(  # noqa: PLR0912 (one branch per case of the algorithm)
     policy: Policy, state: State | None, now: int, cost: int
-) -> tuple[Outcome, State, int]:
-    """Return (outcome if *cost* were taken, state after taking it, its ttl)."""
+) -> _Result:
+    """Return (the outcome's fields if *cost* were taken, state after taking it, its ttl)."""
     limit, window = policy.limit, policy.period_ms
     index = now // window
     if state is None:
@@ -329,17 +333,11 @@ def _sliding_window(  # noqa: PLR0912 (one branch per case of the algorithm)
     if blocked > now:
         retry = max(retry, blocked - now)
         reset = max(reset, blocked - now)
-    return (
-        _new(Outcome, (allowed, remaining, reset, retry)),
-        (index, current + taken, previous, blocked),
-        reset,
-    )
+    return allowed, remaining, reset, retry, (index, current + taken, previous, blocked), reset
 
 
-def _token_bucket(
-    policy: Policy, state: State | None, now: int, cost: int
-) -> tuple[Outcome, State, int]:
-    """Return (outcome if *cost* were taken, state after taking it, its ttl)."""
+def _token_bucket(policy: Policy, state: State | None, now: int, cost: int) -> _Result:
+    """Return (the outcome's fields if *cost* were taken, state after taking it, its ttl)."""
     rate, unit = policy.limit, policy.period_ms
     capacity = policy.capacity * unit
     if state is None:
@@ -367,7 +365,7 @@ def _token_bucket(
         reset = max(reset, blocked - now)
     elif retry < 0:
         retry = 0
-    return _new(Outcome, (allowed, remaining, reset, retry)), (now, debt, 0, blocked), reset
+    return allowed, remaining, reset, retry, (now, debt, 0, blocked), reset
 
 
 # Indexed by Policy.kind. The memory store reads it directly on its hot path.
@@ -383,7 +381,10 @@ def charge(
     TTL and the check is done. When it denies, call :func:`evaluate` instead, which also
     applies the block period.
     """
-    return _ALGORITHMS[policy.kind](policy, state, now_ms, cost)  # type: ignore[misc]
+    allowed, remaining, reset, retry, new_state, ttl = _ALGORITHMS[policy.kind](  # type: ignore[misc]
+        policy, state, now_ms, cost
+    )
+    return _new(Outcome, (allowed, remaining, reset, retry)), new_state, ttl
 
 
 def evaluate(
@@ -405,8 +406,7 @@ def evaluate(
     (``None``: leave the stored state as it is).
     """
     results = [
-        _ALGORITHMS[policy.kind](policy, state, now_ms, cost)  # type: ignore[misc]
-        for policy, state in zip(policies, states, strict=True)
+        charge(policy, state, now_ms, cost) for policy, state in zip(policies, states, strict=True)
     ]
     admitted = all(outcome.allowed for outcome, _, _ in results)
     outcomes: list[Outcome] = []
@@ -419,7 +419,7 @@ def evaluate(
         outcome = result
         if result.allowed:
             # Charged nothing after all: report what is left without this check.
-            uncharged, _, _ = _ALGORITHMS[policy.kind](policy, state, now_ms, 0)  # type: ignore[misc]
+            uncharged, _, _ = charge(policy, state, now_ms, 0)
             outcome = uncharged._replace(retry_after_ms=0)
             writes.append(None)
         elif consume and policy.block_ms and new_state[3] <= now_ms:
