@@ -195,10 +195,13 @@ class RateLimitMiddleware:
                 return
             if outcome is not None:
                 assert policy is not None  # outcome is only ever set with one
-                if len(rules) == 1 and not self._legacy:
+                if len(rules) == 1:
                     # The hot path: the only rule, admitted at once. No Decision, no list
-                    # of rules: its IETF headers (or none) come straight from the outcome.
-                    extra = self._ietf_headers(rule, policy, outcome[1], outcome[2] / 1000)
+                    # of rules: its headers (if any) come straight from the outcome.
+                    _, remaining, reset_ms, _ = outcome
+                    extra = self._single_headers(
+                        rule, policy, policy.capacity, remaining, reset_ms / 1000
+                    )
                     break
                 decision = _admitted(policy, outcome)
             if not decision.allowed:
@@ -245,20 +248,27 @@ class RateLimitMiddleware:
             extra={"retry_after": retry},
         )
 
-    def _ietf_headers(
-        self, rule: Rule, policy: Policy, remaining: int, reset_after: float
+    def _single_headers(
+        self, rule: Rule, policy: Policy, limit: int, remaining: int, reset_after: float
     ) -> _Headers:
-        """Return the IETF headers of one rule of one policy (if on): the common case."""
-        if not self._ietf:
-            return []
-        state = b"%s%d;t=%d" % (rule._state_prefixes[policy.id], remaining, ceil(reset_after))
-        return [rule._policy_field, (b"ratelimit", state)]
+        """Return the headers of one rule of one policy: the common case, no lists to join."""
+        if self._ietf:
+            state = b"%s%d;t=%d" % (rule._state_prefixes[policy.id], remaining, ceil(reset_after))
+            headers: _Headers = [rule._policy_field, (b"ratelimit", state)]
+        else:
+            headers = []
+        if self._legacy:
+            headers += [
+                (b"x-ratelimit-limit", str(limit).encode()),
+                (b"x-ratelimit-remaining", str(remaining).encode()),
+                (b"x-ratelimit-reset", str(ceil(reset_after)).encode()),
+            ]
+        return headers
 
     def _headers(self, applied: list[tuple[Rule, Decision]]) -> _Headers:
-        if self._ietf and not self._legacy and len(applied) == 1 and not applied[0][1].details:
-            # The common case, one rule of one policy, without building lists to join.
+        if len(applied) == 1 and not applied[0][1].details:
             rule, d = applied[0]
-            return self._ietf_headers(rule, d.policy, d.remaining, d.reset_after)
+            return self._single_headers(rule, d.policy, d.limit, d.remaining, d.reset_after)
         headers: _Headers = []
         if self._ietf:
             policy_fields: list[bytes] = []
