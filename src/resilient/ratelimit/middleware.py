@@ -186,7 +186,7 @@ class RateLimitMiddleware:
             try:
                 name = rule._scope + value
                 # One policy: the memory store admits it at once, without a coroutine,
-                # and answers a bare Outcome. Anything else takes the full check.
+                # and answers the bare fields of its Outcome. Else the full check.
                 outcome = None if policy is None else limiter._hit_nowait(name, policy, rule.cost)
                 if outcome is None:
                     decision = await limiter.check(name, rule.policies, rule.cost, consume=True)
@@ -199,6 +199,7 @@ class RateLimitMiddleware:
                     # The hot path: the only rule, admitted at once. No Decision, no list
                     # of rules: its headers (if any) come straight from the outcome.
                     _, remaining, reset_ms, _ = outcome
+                    # The limit and reset_after that the Decision would have carried.
                     extra = self._single_headers(
                         rule, policy, policy.capacity, remaining, reset_ms / 1000
                     )
