@@ -306,30 +306,31 @@ def _sliding_window(  # noqa: PLR0912 (one branch per case of the algorithm)
             previous, current = current, 0
         elif index > stored + 1:
             previous = current = 0
-    elapsed = now - index * window
-    weighted = previous * (window - elapsed) + current * window
-    fits = weighted + cost * window <= limit * window
+    left = window - (now - index * window)  # of the current window; computed once
+    weighted = previous * left + current * window
+    full = limit * window
+    fits = weighted + cost * window <= full
     allowed = fits and blocked <= now
     taken = cost if allowed else 0
-    remaining = (limit * window - weighted - taken * window) // window
+    remaining = (full - weighted - taken * window) // window
     if remaining < 0:
         remaining = 0
     if current + taken > 0:
-        reset = window - elapsed + window
+        reset = left + window
     elif previous > 0:
-        reset = window - elapsed
+        reset = left
     else:
         reset = 0
     retry = 0
     if not fits:
         if current + cost <= limit:
             # Still in this window: wait for the previous window's weight to fall enough.
-            need = previous * (window - elapsed) - (limit - current - cost) * window
+            need = previous * left - (limit - current - cost) * window
             retry = max(0, -(-need // previous))
         else:
             # In the next window the current count becomes the weighted previous one.
             later = -(-(current + cost - limit) * window // current) if current > 0 else 0
-            retry = window - elapsed + max(0, later)
+            retry = left + max(0, later)
     if blocked > now:
         retry = max(retry, blocked - now)
         reset = max(reset, blocked - now)
