@@ -305,6 +305,7 @@ _CACHE_SIZE = 4096
 # opt-in: most proxies pass a client's own ``Forwarded`` header through untouched, so
 # reading it by default would let the client choose its key.
 _FORWARDED_HEADERS = ("x-forwarded-for",)
+_CLIENT_TYPES = (tuple, list)  # what an ASGI server may give as scope["client"]
 
 
 class _ByIP(KeyFunc):
@@ -378,7 +379,8 @@ class _ByIP(KeyFunc):
     def __call__(self, scope: Scope) -> str | None:
         """Return ``"ip:<client address>"``, or ``None`` when the peer is unknown."""
         client = scope.get("client")
-        if not isinstance(client, tuple | list) or not client:
+        # A tuple of types, not ``tuple | list``: that union would be built on every call.
+        if not isinstance(client, _CLIENT_TYPES) or not client:
             return None
         host = client[0]
         if not isinstance(host, str) or not host:

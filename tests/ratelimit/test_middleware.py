@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 import redis.asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -26,7 +29,10 @@ from resilient import (
     by_ip,
 )
 from resilient._asgi import ASGIApp
+from resilient.ratelimit.core import Policy
+from resilient.ratelimit.middleware import HeaderStyle
 from resilient.testing import FakeClock, RedisServer
+from tests.ratelimit.strategies import policies
 
 calls: list[str] = []
 
@@ -221,6 +227,49 @@ async def test_retry_after_passes_with_the_clock(clock: FakeClock, limiter: Rate
         denied = await client.get("/api/items")
         clock.advance(int(denied.headers["retry-after"]))
         assert (await client.get("/api/items")).status_code == 200
+
+
+@settings(max_examples=50)
+@given(
+    policy=policies(),
+    headers=st.sampled_from(["ietf", "legacy", "both", "none"]),
+    rules=st.integers(1, 2),
+    steps=st.lists(st.tuples(st.integers(0, 3000), st.booleans()), min_size=1, max_size=30),
+)
+async def test_responses_follow_the_limiters_decisions(
+    policy: Policy, headers: HeaderStyle, rules: int, steps: list[tuple[int, bool]]
+) -> None:
+    # One rule takes the middleware's hot path; a second (never matching) rule, the
+    # general one. Either way every response must say what a twin limiter decides.
+    clock = FakeClock(start=1_700_000_040.0)
+    limiter, twin = RateLimiter(clock=clock), RateLimiter(clock=clock)
+    rule = Rule(policy, name="r")
+    others = [Rule(TokenBucket("1/hour"), path="/other")] * (rules - 1)
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule, *others], headers=headers)
+    ips = ["198.51.100.7", "198.51.100.8"]
+    async with client_for(app, ips[0]) as one, client_for(app, ips[1]) as two:
+        for advance_ms, second in steps:
+            clock.advance(advance_ms / 1000)
+            response = await (two if second else one).get("/api/items")
+            expected = await twin.hit(f"r|ip:{ips[second]}", policy)
+            assert response.status_code == (200 if expected.allowed else 429)
+            state = response.headers.get("ratelimit")
+            limit = response.headers.get("x-ratelimit-limit")
+            reset = math.ceil(expected.reset_after)
+            if headers in ("ietf", "both"):
+                assert state == f'"{policy.name}";r={expected.remaining};t={reset}'
+            else:
+                assert state is None
+            if headers in ("legacy", "both"):
+                assert limit == str(policy.capacity)
+                assert response.headers["x-ratelimit-remaining"] == str(expected.remaining)
+                assert response.headers["x-ratelimit-reset"] == str(reset)
+            else:
+                assert limit is None
+            if not expected.allowed:
+                assert response.headers["retry-after"] == str(
+                    max(1, math.ceil(expected.retry_after))
+                )
 
 
 async def test_deny_cache_answers_without_the_backend(clock: FakeClock) -> None:

@@ -282,14 +282,18 @@ class Write(NamedTuple):
 # Named tuples built from a tuple skip their Python-level __new__: half the cost.
 _new: Final = tuple.__new__
 
+_Result: TypeAlias = tuple[bool, int, int, int, State, int]
+"""What an algorithm answers, flat: the four fields of its :class:`Outcome`, then the state
+after charging and its TTL. The memory store's hot path needs no Outcome object."""
+
 # Integer division below is written inline (``a // b`` floors, ``-(-a // b)`` rounds up):
 # these functions run on every request. The Lua twin spells the same operations out.
 
 
 def _sliding_window(  # noqa: PLR0912 (one branch per case of the algorithm)
     policy: Policy, state: State | None, now: int, cost: int
-) -> tuple[Outcome, State, int]:
-    """Return (outcome if *cost* were taken, state after taking it, its ttl)."""
+) -> _Result:
+    """Return (the outcome's fields if *cost* were taken, state after taking it, its ttl)."""
     limit, window = policy.limit, policy.period_ms
     index = now // window
     if state is None:
@@ -302,44 +306,39 @@ def _sliding_window(  # noqa: PLR0912 (one branch per case of the algorithm)
             previous, current = current, 0
         elif index > stored + 1:
             previous = current = 0
-    elapsed = now - index * window
-    weighted = previous * (window - elapsed) + current * window
-    fits = weighted + cost * window <= limit * window
+    left = window - (now - index * window)  # of the current window; computed once
+    weighted = previous * left + current * window
+    full = limit * window
+    fits = weighted + cost * window <= full
     allowed = fits and blocked <= now
     taken = cost if allowed else 0
-    remaining = (limit * window - weighted - taken * window) // window
+    remaining = (full - weighted - taken * window) // window
     if remaining < 0:
         remaining = 0
     if current + taken > 0:
-        reset = window - elapsed + window
+        reset = left + window
     elif previous > 0:
-        reset = window - elapsed
+        reset = left
     else:
         reset = 0
     retry = 0
     if not fits:
         if current + cost <= limit:
             # Still in this window: wait for the previous window's weight to fall enough.
-            need = previous * (window - elapsed) - (limit - current - cost) * window
+            need = previous * left - (limit - current - cost) * window
             retry = max(0, -(-need // previous))
         else:
             # In the next window the current count becomes the weighted previous one.
             later = -(-(current + cost - limit) * window // current) if current > 0 else 0
-            retry = window - elapsed + max(0, later)
+            retry = left + max(0, later)
     if blocked > now:
         retry = max(retry, blocked - now)
         reset = max(reset, blocked - now)
-    return (
-        _new(Outcome, (allowed, remaining, reset, retry)),
-        (index, current + taken, previous, blocked),
-        reset,
-    )
+    return allowed, remaining, reset, retry, (index, current + taken, previous, blocked), reset
 
 
-def _token_bucket(
-    policy: Policy, state: State | None, now: int, cost: int
-) -> tuple[Outcome, State, int]:
-    """Return (outcome if *cost* were taken, state after taking it, its ttl)."""
+def _token_bucket(policy: Policy, state: State | None, now: int, cost: int) -> _Result:
+    """Return (the outcome's fields if *cost* were taken, state after taking it, its ttl)."""
     rate, unit = policy.limit, policy.period_ms
     capacity = policy.capacity * unit
     if state is None:
@@ -348,9 +347,11 @@ def _token_bucket(
         updated, debt, _, blocked = state
         if now < updated:  # a clock behind the one that wrote the state waits for it
             now = updated
-        elapsed = now - updated
-        # Compare before multiplying so a long-idle key cannot overflow 2**53.
-        debt = 0 if elapsed >= -(-debt // rate) else debt - elapsed * rate
+        # Refill: elapsed * rate units, which pays off at most the whole debt. (The Lua
+        # twin divides before it compares, so a long-idle key cannot overflow 2**53 in a
+        # double; Python's integers cannot overflow, and the comparison means the same.)
+        paid = (now - updated) * rate
+        debt = 0 if paid >= debt else debt - paid
     wanted = debt + cost * unit
     allowed = blocked <= now and wanted <= capacity
     if allowed:
@@ -365,10 +366,11 @@ def _token_bucket(
         reset = max(reset, blocked - now)
     elif retry < 0:
         retry = 0
-    return _new(Outcome, (allowed, remaining, reset, retry)), (now, debt, 0, blocked), reset
+    return allowed, remaining, reset, retry, (now, debt, 0, blocked), reset
 
 
-_ALGORITHMS: Final = (None, _sliding_window, _token_bucket)  # indexed by Policy.kind
+# Indexed by Policy.kind. The memory store reads it directly on its hot path.
+_ALGORITHMS: Final = (None, _sliding_window, _token_bucket)
 
 
 def charge(
@@ -380,7 +382,10 @@ def charge(
     TTL and the check is done. When it denies, call :func:`evaluate` instead, which also
     applies the block period.
     """
-    return _ALGORITHMS[policy.kind](policy, state, now_ms, cost)  # type: ignore[misc]
+    allowed, remaining, reset, retry, new_state, ttl = _ALGORITHMS[policy.kind](  # type: ignore[misc]
+        policy, state, now_ms, cost
+    )
+    return _new(Outcome, (allowed, remaining, reset, retry)), new_state, ttl
 
 
 def evaluate(
@@ -402,8 +407,7 @@ def evaluate(
     (``None``: leave the stored state as it is).
     """
     results = [
-        _ALGORITHMS[policy.kind](policy, state, now_ms, cost)  # type: ignore[misc]
-        for policy, state in zip(policies, states, strict=True)
+        charge(policy, state, now_ms, cost) for policy, state in zip(policies, states, strict=True)
     ]
     admitted = all(outcome.allowed for outcome, _, _ in results)
     outcomes: list[Outcome] = []
@@ -416,7 +420,7 @@ def evaluate(
         outcome = result
         if result.allowed:
             # Charged nothing after all: report what is left without this check.
-            uncharged, _, _ = _ALGORITHMS[policy.kind](policy, state, now_ms, 0)  # type: ignore[misc]
+            uncharged, _, _ = charge(policy, state, now_ms, 0)
             outcome = uncharged._replace(retry_after_ms=0)
             writes.append(None)
         elif consume and policy.block_ms and new_state[3] <= now_ms:

@@ -94,7 +94,7 @@ class RateLimiter:
         "_check_now",
         "_deny_cache",
         "_deny_cache_size",
-        "_hit_one",
+        "_hit_fields",
         "_store",
         "backend_retry_after",
         "clock",
@@ -126,11 +126,11 @@ class RateLimiter:
             raise ConfigurationError(msg)
         self._store = _store_for(MemoryBackend() if backend is None else backend)
         # The memory store never waits: call it without the cost of a coroutine.
-        self._check_now = self._hit_one = None
+        self._check_now = self._hit_fields = None
         if type(self._store).__name__ == "MemoryRateLimitStore":
             self._check_now = self._store.check_now  # type: ignore[attr-defined]
             if not deny_cache:  # with one, denials are answered before the store
-                self._hit_one = self._store.hit_one  # type: ignore[attr-defined]
+                self._hit_fields = self._store._hit_fields  # type: ignore[attr-defined]
         self.clock = clock
         self.on_backend_error = on_backend_error
         self.backend_retry_after = backend_retry_after
@@ -192,19 +192,24 @@ class RateLimiter:
         (another store, several policies, a denial, the deny cache) returns ``None``,
         and :meth:`check` gives the full answer.
         """
-        hit_one = self._hit_one
-        if hit_one is None or len(policies) != 1:
+        if len(policies) != 1:
             return None
         policy = policies[0]
-        now_ms = None if self.clock is None else math.floor(self.clock.time() * 1000)
-        outcome = hit_one(key, policy, cost, now_ms)
-        if outcome is None:
+        outcome = self._hit_nowait(key, policy, cost)
+        return None if outcome is None else _admitted(policy, outcome)
+
+    def _hit_nowait(self, key: str, policy: Policy, cost: int) -> tuple[bool, int, int, int] | None:
+        """Do :meth:`check_nowait` for one policy, answering the bare fields of its Outcome.
+
+        ``None`` whenever check_nowait would answer ``None``. For the middleware's hot
+        path, which needs no :class:`Decision` to build its headers.
+        """
+        hit_fields = self._hit_fields
+        if hit_fields is None:
             return None
-        _, remaining, reset_ms, _ = outcome
-        return _new(
-            Decision,
-            (True, policy.capacity, remaining, reset_ms / 1000, 0.0, policy, (), False),
-        )
+        clock = self.clock
+        now_ms = None if clock is None else math.floor(clock.time() * 1000)
+        return hit_fields(key, policy, cost, now_ms)  # type: ignore[no-any-return]
 
     def _decide(
         self, key: str, policies: tuple[Policy, ...], outcomes: Sequence[Outcome], consume: bool
@@ -277,6 +282,14 @@ class RateLimiter:
 
     def __repr__(self) -> str:
         return f"RateLimiter({self._store!r}, on_backend_error={self.on_backend_error!r})"
+
+
+def _admitted(policy: Policy, outcome: tuple[bool, int, int, int]) -> Decision:
+    """Return the Decision of a single-policy check that the store admitted at once."""
+    _, remaining, reset_ms, _ = outcome
+    return _new(
+        Decision, (True, policy.capacity, remaining, reset_ms / 1000, 0.0, policy, (), False)
+    )
 
 
 def _validate(key: str, policies: tuple[Policy, ...], cost: int) -> None:

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from time import monotonic_ns
 
 from resilient.backends.memory import MemoryBackend
-from resilient.ratelimit.core import Outcome, Policy, State, charge, evaluate
+from resilient.ratelimit.core import _ALGORITHMS, Outcome, Policy, State, evaluate
+
+_new = tuple.__new__  # named tuples built from a tuple skip their Python-level __new__
 
 __all__ = ["MemoryRateLimitStore"]
 
@@ -52,9 +54,9 @@ class MemoryRateLimitStore:
         if now_ms is None:
             now_ms = monotonic_ns() // 1_000_000
         if consume and len(policies) == 1:
-            outcome = self.hit_one(key, policies[0], cost, now_ms)
-            if outcome is not None:
-                return [outcome]
+            fields = self._hit_fields(key, policies[0], cost, now_ms)
+            if fields is not None:
+                return [_new(Outcome, fields)]
             # Denied: the general path below also records a block period.
         data = self._data
         names = [key + "\x00" + policy.id for policy in policies]
@@ -73,23 +75,42 @@ class MemoryRateLimitStore:
         """Charge one policy if it allows, and return its outcome; else change nothing.
 
         ``None`` means denied: :meth:`check_now` then gives the full answer (and records
-        a block period). This is the hot path of every admitted request.
+        a block period).
+        """
+        fields = self._hit_fields(key, policy, cost, now_ms)
+        return None if fields is None else _new(Outcome, fields)
+
+    def _hit_fields(
+        self, key: str, policy: Policy, cost: int, now_ms: int | None
+    ) -> tuple[bool, int, int, int] | None:
+        """Do :meth:`hit_one`, answering the outcome's fields as a plain tuple.
+
+        This is the hot path of every admitted request: it spares making an Outcome.
         """
         if now_ms is None:
             now_ms = monotonic_ns() // 1_000_000
-        name = key + "\x00" + policy.id
+        name = f"{key}\x00{policy.id}"
         data = self._data
-        with self._lock:
+        lock = self._lock
+        # acquire/release: half the cost of ``with lock`` (no __enter__/__exit__ calls).
+        lock.acquire()
+        try:
             entry = data.get(name)
             state = entry[0] if entry is not None and entry[1] > now_ms else None
-            outcome, new_state, ttl = charge(policy, state, now_ms, cost)
-            if not outcome[0]:
+            # charge(), inlined and without its Outcome: the algorithm's flat result.
+            algorithm = _ALGORITHMS[policy.kind]
+            allowed, remaining, reset, retry, new_state, ttl = algorithm(  # type: ignore[misc]
+                policy, state, now_ms, cost
+            )
+            if not allowed:
                 return None
             if cost > 0:
                 if entry is None and len(data) >= self.max_keys:
                     self._make_room(now_ms)
                 data[name] = (new_state, now_ms + ttl)
-        return outcome
+        finally:
+            lock.release()
+        return allowed, remaining, reset, retry
 
     async def clear(self, key: str, policies: Sequence[Policy]) -> None:
         """Forget *key*'s state for *policies*."""

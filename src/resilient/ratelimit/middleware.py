@@ -13,7 +13,12 @@ from resilient.errors import BackendUnavailable, ConfigurationError
 from resilient.keys import KeyFunc, as_key_func, by_ip
 from resilient.problem import send_problem
 from resilient.ratelimit.core import Decision, Policy
-from resilient.ratelimit.limiter import RateLimiter, validate_cost, validate_policies
+from resilient.ratelimit.limiter import (
+    RateLimiter,
+    _admitted,
+    validate_cost,
+    validate_policies,
+)
 
 __all__ = ["RateLimitMiddleware", "Rule"]
 
@@ -38,7 +43,9 @@ class Rule:
     """
 
     __slots__ = (
+        "_only_policy",
         "_pattern",
+        "_policy_field",
         "_policy_header",
         "_scope",
         "_state_prefixes",
@@ -75,7 +82,9 @@ class Rule:
         self._policy_header = ", ".join(
             f'"{p.name}";q={p.capacity};w={math.ceil(p.window)}' for p in policies
         ).encode()
+        self._policy_field = (b"ratelimit-policy", self._policy_header)
         self._state_prefixes = {p.id: f'"{p.name}";r='.encode() for p in policies}
+        self._only_policy = policies[0] if len(policies) == 1 else None
 
     def applies(self, method: str, path: str) -> bool:
         """Return whether this rule applies to a request for *method* and *path*."""
@@ -147,7 +156,9 @@ class RateLimitMiddleware:
         self._ietf = headers in ("ietf", "both")
         self._legacy = headers in ("legacy", "both")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(  # noqa: PLR0912 (the per-request path, kept in one frame)
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         """Handle one ASGI connection."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -157,41 +168,54 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
+        limiter, rules = self.limiter, self.rules
         applied: list[tuple[Rule, Decision]] = []
-        for rule in self.rules:
+        extra: _Headers | None = None
+        for rule in rules:
             # Rule.applies, inlined: this loop runs on every request.
             if rule.methods and method not in rule.methods:
                 continue
             if rule._pattern is not None and not rule._pattern.matches(path):
                 continue
-            value = rule.key(scope)
+            # key.__call__(scope), not key(scope): it skips the slot wrapper that calling
+            # an object goes through, which costs as much again as the call itself.
+            value = rule.key.__call__(scope)
             if value is None:
                 continue
+            policy = rule._only_policy
             try:
                 name = rule._scope + value
-                decision = self.limiter.check_nowait(name, rule.policies, rule.cost)
-                if decision is None:
-                    decision = await self.limiter.check(
-                        name, rule.policies, rule.cost, consume=True
-                    )
+                # One policy: the memory store admits it at once, without a coroutine,
+                # and answers the bare fields of its Outcome. Else the full check.
+                outcome = None if policy is None else limiter._hit_nowait(name, policy, rule.cost)
+                if outcome is None:
+                    decision = await limiter.check(name, rule.policies, rule.cost, consume=True)
             except BackendUnavailable as exc:
-                retry = str(max(1, math.ceil(exc.retry_after))).encode()
-                await send_problem(
-                    send,
-                    503,
-                    "The rate limiter cannot reach its backend; try again shortly.",
-                    headers=[(b"retry-after", retry)],
-                )
+                await self._unavailable(send, exc)
                 return
+            if outcome is not None:
+                assert policy is not None  # outcome is only ever set with one
+                if len(rules) == 1:
+                    # The hot path: the only rule, admitted at once. No Decision, no list
+                    # of rules: its headers (if any) come straight from the outcome.
+                    _, remaining, reset_ms, _ = outcome
+                    # The limit and reset_after that the Decision would have carried.
+                    extra = self._single_headers(
+                        rule, policy, policy.capacity, remaining, reset_ms / 1000
+                    )
+                    break
+                decision = _admitted(policy, outcome)
             if not decision.allowed:
                 await self._deny(send, rule, decision, applied)
                 return
             if not decision.degraded:
                 applied.append((rule, decision))
-        if not applied or not (self._ietf or self._legacy):
+        if extra is None:
+            # _headers is empty too when the headers are off.
+            extra = self._headers(applied) if applied else []
+        if not extra:
             await self.app(scope, receive, send)
             return
-        extra = self._headers(applied)
 
         def send_with_headers(message: Message) -> Awaitable[None]:
             # A plain function returning send's awaitable: no coroutine frame per message.
@@ -201,6 +225,15 @@ class RateLimitMiddleware:
             return send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    async def _unavailable(self, send: Send, exc: BackendUnavailable) -> None:
+        retry = str(max(1, math.ceil(exc.retry_after))).encode()
+        await send_problem(
+            send,
+            503,
+            "The rate limiter cannot reach its backend; try again shortly.",
+            headers=[(b"retry-after", retry)],
+        )
 
     async def _deny(
         self, send: Send, rule: Rule, decision: Decision, applied: list[tuple[Rule, Decision]]
@@ -216,16 +249,27 @@ class RateLimitMiddleware:
             extra={"retry_after": retry},
         )
 
+    def _single_headers(
+        self, rule: Rule, policy: Policy, limit: int, remaining: int, reset_after: float
+    ) -> _Headers:
+        """Return the headers of one rule of one policy: the common case, no lists to join."""
+        if self._ietf:
+            state = b"%s%d;t=%d" % (rule._state_prefixes[policy.id], remaining, ceil(reset_after))
+            headers: _Headers = [rule._policy_field, (b"ratelimit", state)]
+        else:
+            headers = []
+        if self._legacy:
+            headers += [
+                (b"x-ratelimit-limit", str(limit).encode()),
+                (b"x-ratelimit-remaining", str(remaining).encode()),
+                (b"x-ratelimit-reset", str(ceil(reset_after)).encode()),
+            ]
+        return headers
+
     def _headers(self, applied: list[tuple[Rule, Decision]]) -> _Headers:
-        if self._ietf and not self._legacy and len(applied) == 1 and not applied[0][1].details:
-            # The common case, one rule of one policy, without building lists to join.
+        if len(applied) == 1 and not applied[0][1].details:
             rule, d = applied[0]
-            state = b"%s%d;t=%d" % (
-                rule._state_prefixes[d.policy.id],
-                d.remaining,
-                ceil(d.reset_after),
-            )
-            return [(b"ratelimit-policy", rule._policy_header), (b"ratelimit", state)]
+            return self._single_headers(rule, d.policy, d.limit, d.remaining, d.reset_after)
         headers: _Headers = []
         if self._ietf:
             policy_fields: list[bytes] = []
