@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = asyncio.run(main_async(args))
     print(report)
-    if not args.quick:
+    if not args.quick and not args.only:  # a partial report must not replace the whole one
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "ratelimit.md").write_text(report + "\n")
     return 0

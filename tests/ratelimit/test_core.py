@@ -51,6 +51,8 @@ def test_policies_reject_bad_arguments() -> None:
         TokenBucket("10/second", burst=0)
     with pytest.raises(ConfigurationError, match="block_for"):
         SlidingWindow("10/second", block_for=-1)
+    with pytest.raises(ConfigurationError, match="from 0 to ten years"):
+        TokenBucket("10/second", block_for=1e12)  # its end would outgrow exact doubles
     with pytest.raises(ConfigurationError, match="too large"):
         SlidingWindow(Rate(10**9, 86400 * 365))
     with pytest.raises(ConfigurationError, match="policy name"):

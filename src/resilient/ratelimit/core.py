@@ -137,9 +137,13 @@ class Rate:
         return f"{self.limit}/{self.period_ms}ms"
 
 
+# Ten years: a block's end, a time in ms, stays far below 2**53 (exact in Lua's doubles).
+_MAX_BLOCK_S: Final = 10 * 366 * 86_400
+
+
 def _block_ms(block_for: float) -> int:
-    if not math.isfinite(block_for) or block_for < 0:
-        msg = f"block_for must be a number of seconds >= 0, not {block_for!r}"
+    if not math.isfinite(block_for) or not 0 <= block_for <= _MAX_BLOCK_S:
+        msg = f"block_for must be a number of seconds from 0 to ten years, not {block_for!r}"
         raise ConfigurationError(msg)
     return math.ceil(block_for * 1000)
 
