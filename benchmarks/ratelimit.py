@@ -221,18 +221,24 @@ async def per_request_us(app: Any, n: int) -> float:
 
 
 async def bench_middleware(repeat: int, quick: bool) -> str:
+    """Paired rounds: in each, every app serves a short burst, in turn; the cost added by
+    an app is the median over rounds of (its time - bare's time in the same round), so
+    that the machine's drift, which moves a whole round, cancels out."""
     apps = middleware_apps()
-    n = 2000 if quick else 20000
+    n = 500 if quick else 2000
+    rounds = 8 * repeat
     samples: dict[str, list[float]] = {name: [] for name in apps}
     for app in apps.values():
-        await per_request_us(app, n // 10)
-    for _ in range(repeat):
+        await per_request_us(app, n)
+    for _ in range(rounds):
         for name, app in apps.items():
             samples[name].append(await per_request_us(app, n))
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    bare = medians["bare Starlette"]
-    rows = [(name, us, us - bare) for name, us in medians.items()]
-    return table(["app", "µs per request", "µs added"], rows)
+    bare_times = samples["bare Starlette"]
+    rows = []
+    for name, values in samples.items():
+        added = [value - bare for value, bare in zip(values, bare_times, strict=True)]
+        rows.append((name, statistics.median(values), statistics.median(added)))
+    return table(["app", "µs per request", "µs added (median of paired rounds)"], rows)
 
 
 # --- HTTP under uvicorn + wrk ------------------------------------------------------------
