@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from resilient.__about__ import __version__
 from resilient.backends import MemoryBackend, RedisBackend
 from resilient.breaker import BreakerRegistry, CircuitBreaker
+from resilient.cache import Cache, cached
 from resilient.clock import Clock, SystemClock
 from resilient.errors import (
     BackendError,
@@ -46,6 +47,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "BreakerRegistry",
+    "Cache",
     "CircuitBreaker",
     "CircuitOpenError",
     "Clock",
@@ -77,6 +79,7 @@ __all__ = [
     "by_header",
     "by_ip",
     "by_user",
+    "cached",
     "idempotent",
     "rate_limit",
     "retry",

@@ -20,6 +20,9 @@ from typing import ClassVar, Protocol
 __all__ = [
     "BackendFailed",
     "BreakerStateChanged",
+    "CacheHit",
+    "CacheMiss",
+    "CacheRefreshed",
     "CallFailed",
     "CallRejected",
     "CallSucceeded",
@@ -33,6 +36,7 @@ __all__ = [
     "RetryBudgetExhausted",
     "RetryGaveUp",
     "RetryScheduled",
+    "StaleServed",
     "emit",
     "observe_all",
 ]
@@ -175,6 +179,37 @@ class RetryBudgetExhausted(Event):
     level: ClassVar[int] = logging.WARNING
     name: str
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHit(Event):
+    """The cache answered ``key`` with a fresh value."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheMiss(Event):
+    """The cache held no servable value for ``key``: the loader runs (once, shared)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class StaleServed(Event):
+    """A stale value of ``key`` was served; ``reason``: ``"revalidating"`` or ``"error"``."""
+
+    level: ClassVar[int] = logging.INFO
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRefreshed(Event):
+    """``key`` is recomputed in the background; ``reason``: ``"early"`` or ``"stale"``."""
+
+    key: str
+    reason: str
 
 
 class Observer(Protocol):

@@ -1,0 +1,14 @@
+"""Stampede-safe cache-aside: one load per key, early refresh, stale serving.
+
+* :mod:`~resilient.cache.core`: entries, XFetch and serialisation (no I/O);
+* :class:`Cache`: ``get_or_load`` with single flight, ``get``/``set``/``delete``, tags;
+* :func:`cached`: the decorator for async functions.
+"""
+
+from __future__ import annotations
+
+from resilient.cache.cache import Cache
+from resilient.cache.core import MISSING, JSONSerializer, Serializer
+from resilient.cache.decorator import cached
+
+__all__ = ["MISSING", "Cache", "JSONSerializer", "Serializer", "cached"]

@@ -1,0 +1,76 @@
+"""The cache store of :class:`~resilient.MemoryBackend`."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from resilient.backends.memory import MemoryBackend
+from resilient.cache.core import Entry
+
+__all__ = ["MemoryCacheStore"]
+
+
+class MemoryCacheStore:
+    """Entries in an LRU-ordered dict, bounded by the backend's ``max_keys``; tag versions.
+
+    Tags are invalidated by bumping a version: an entry remembers the versions of its tags
+    when it was set, and one whose tag moved on is gone. Invalidation is O(tags), whatever
+    the number of entries.
+    """
+
+    __slots__ = ("_entries", "_lock", "_tags", "max_keys")
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.max_keys = backend.max_keys
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._tags: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key: str, now: float) -> Entry | None:
+        """Return *key*'s entry if it is still servable and none of its tags moved on."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if not entry.servable(now) or any(
+                self._tags.get(tag, 0) != version for tag, version in entry.tags.items()
+            ):
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return entry
+
+    async def set(self, key: str, entry: Entry, tags: Iterable[str], now: float) -> None:
+        """Store *entry* under *key*, stamped with the current versions of *tags*."""
+        with self._lock:
+            entry.tags = {tag: self._tags.get(tag, 0) for tag in tags}
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            if len(self._entries) > self.max_keys:
+                self._evict(now)
+
+    async def delete(self, key: str) -> None:
+        """Forget *key*."""
+        with self._lock:
+            self._entries.pop(key, None)
+
+    async def invalidate_tags(self, tags: Iterable[str]) -> None:
+        """Make every entry set with any of *tags* disappear."""
+        with self._lock:
+            for tag in tags:
+                self._tags[tag] = self._tags.get(tag, 0) + 1
+
+    def _evict(self, now: float) -> None:
+        entries = self._entries
+        for key in [k for k, e in entries.items() if not e.servable(now)]:
+            del entries[key]
+        while len(entries) > self.max_keys:
+            entries.popitem(last=False)  # the least recently used
+
+    def __repr__(self) -> str:
+        return f"MemoryCacheStore({len(self._entries)} entries, max_keys={self.max_keys})"
