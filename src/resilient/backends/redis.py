@@ -342,6 +342,11 @@ class RedisBackend:
         except self._noscript:
             return await channel.execute("EVAL", script.source, len(keys), *keys, *args)
 
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions of the client library that this backend translates."""
+        return self._errors
+
     async def guard(self, operation: str, call: Awaitable[_T]) -> _T:
         """Await *call*, translating any Redis failure into :class:`BackendError`."""
         try:

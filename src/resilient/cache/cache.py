@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from resilient.backends.memory import MemoryBackend
+from resilient.backends.redis import RedisBackend
 from resilient.cache.core import (
     MISSING,
     Entry,
@@ -19,8 +23,9 @@ from resilient.cache.core import (
 )
 from resilient.cache.memory import MemoryCacheStore
 from resilient.clock import Clock, SystemClock
-from resilient.errors import ConfigurationError
+from resilient.errors import BackendError, ConfigurationError
 from resilient.events import (
+    BackendFailed,
     CacheHit,
     CacheMiss,
     CacheRefreshed,
@@ -30,10 +35,21 @@ from resilient.events import (
     emit,
 )
 
+if TYPE_CHECKING:
+    from resilient.cache.redis import RedisCacheStore
+
 __all__ = ["Cache"]
 
 _T = TypeVar("_T")
 _DEFAULT_OBSERVER = LoggingObserver()
+
+
+class _LoaderFailed(Exception):
+    """Carries the loader's own exception past the backend-failure fallback."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Cache:
@@ -52,6 +68,13 @@ class Cache:
     are cached only with *negative_ttl* (for "not found"). Values are stored with
     *serializer* (JSON by default; nothing is ever unpickled).
 
+    On a :class:`~resilient.RedisBackend`, one process loads a key for all of them: the
+    others wait, up to *max_wait* seconds, to be woken when the value is written (no
+    polling), then load it themselves. The loader holds a lock for *lock_lease* seconds,
+    renewed while it runs, so a process that dies while loading is replaced after its
+    lease. If Redis fails, each process loads on its own (still once per process at a
+    time) and an event says so.
+
     >>> cache = Cache(ttl=600, stale_while_revalidate=30)
     >>> async def product(product_id: int) -> dict[str, object]:
     ...     return await cache.get_or_load(f"product:{product_id}", lambda: load(product_id))
@@ -59,10 +82,14 @@ class Cache:
 
     __slots__ = (
         "_flights",
+        "_reads",
+        "_shared",
         "_store",
         "beta",
         "clock",
         "jitter",
+        "lock_lease",
+        "max_wait",
         "negative_ttl",
         "observer",
         "rng",
@@ -74,7 +101,7 @@ class Cache:
 
     def __init__(
         self,
-        backend: MemoryBackend | None = None,
+        backend: MemoryBackend | RedisBackend | None = None,
         *,
         ttl: float = 600.0,
         stale_while_revalidate: float = 0.0,
@@ -83,6 +110,8 @@ class Cache:
         jitter: float = 0.1,
         negative_ttl: float | None = None,
         serializer: Serializer | None = None,
+        lock_lease: float = 10.0,
+        max_wait: float = 5.0,
         clock: Clock | None = None,
         rng: random.Random | None = None,
         observer: Observer | None = _DEFAULT_OBSERVER,
@@ -104,13 +133,23 @@ class Cache:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()  # noqa: S311 (spreading expiries, not secrets)
         self.observer = observer
+        self.lock_lease = validate_seconds("lock_lease", lock_lease, allow_zero=False)
+        self.max_wait = validate_seconds("max_wait", max_wait)
         if backend is None:
             backend = MemoryBackend()
-        if not isinstance(backend, MemoryBackend):
-            msg = f"a cache needs a MemoryBackend, not {backend!r}"
+        self._shared: RedisCacheStore | None = None
+        if isinstance(backend, RedisBackend):
+            from resilient.cache.redis import RedisCacheStore  # noqa: PLC0415
+
+            self._shared = backend.store("cache", RedisCacheStore)
+            self._store: MemoryCacheStore | RedisCacheStore = self._shared
+        elif isinstance(backend, MemoryBackend):
+            self._store = backend.store("cache", MemoryCacheStore)
+        else:
+            msg = f"a cache needs a MemoryBackend or a RedisBackend, not {backend!r}"
             raise ConfigurationError(msg)
-        self._store = backend.store("cache", MemoryCacheStore)
         self._flights: dict[str, asyncio.Task[Any]] = {}
+        self._reads: dict[str, asyncio.Task[Entry | None]] = {}
 
     # --- plain operations ---------------------------------------------------------------
 
@@ -147,7 +186,11 @@ class Cache:
     ) -> _T:
         """Return *key*'s value, loading it with *loader* once for all concurrent misses."""
         now = self.clock.time()
-        entry = await self._store.get(key, now)
+        try:
+            entry = await self._read(key, now)
+        except BackendError as exc:
+            emit(self.observer, BackendFailed("cache", "get", exc, "loaded directly"))
+            entry = None
         if entry is not None:
             if entry.fresh(now):
                 if should_refresh_early(entry, now, self.beta, self.rng):
@@ -166,6 +209,26 @@ class Cache:
                 emit(self.observer, StaleServed("cache", key, "error"))
                 return self.serializer.loads(entry.data)  # type: ignore[no-any-return]
             raise
+
+    def _read(self, key: str, now: float) -> Awaitable[Entry | None]:
+        """Read *key*; on Redis, concurrent reads of a key share one ``GET``."""
+        if self._shared is None:
+            return self._store.get(key, now)
+        task = self._reads.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._store.get(key, now))
+            self._reads[key] = task
+            task.add_done_callback(self._read_done(key))
+        return asyncio.shield(task)
+
+    def _read_done(self, key: str) -> Callable[[asyncio.Task[Any]], None]:
+        def done(task: asyncio.Task[Any]) -> None:
+            if self._reads.get(key) is task:
+                del self._reads[key]
+            if not task.cancelled():
+                task.exception()
+
+        return done
 
     def _flight(
         self,
@@ -211,24 +274,108 @@ class Cache:
         ttl: float | None,
         tags: Iterable[str],
     ) -> Any:
+        if self._shared is not None:
+            try:
+                return await self._load_shared(self._shared, key, loader, ttl, tags)
+            except _LoaderFailed as failed:
+                raise failed.error from failed.error.__cause__
+            except BackendError as exc:
+                emit(self.observer, BackendFailed("cache", "load", exc, "loaded directly"))
         started = self.clock.monotonic()
         value = await loader()
-        await self._put(key, value, ttl, tags, delta=self.clock.monotonic() - started)
+        try:
+            await self._put(key, value, ttl, tags, delta=self.clock.monotonic() - started)
+        except BackendError as exc:
+            emit(self.observer, BackendFailed("cache", "set", exc, "value not stored"))
         return value
+
+    async def _load_shared(
+        self,
+        store: RedisCacheStore,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+        tags: Iterable[str],
+    ) -> Any:
+        """Load *key* once across processes: claim the lock, or wait to be woken."""
+        loop = asyncio.get_running_loop()
+        token = secrets.token_hex(8)
+        lease_ms = math.ceil(self.lock_lease * 1000)
+        deadline = loop.time() + self.max_wait
+        while True:
+            kind, found = await store.claim(key, self.clock.time(), token, lease_ms)
+            if kind == "v" and found is not None:
+                return self.serializer.loads(found.data)
+            if kind == "o":
+                return await self._load_owned(store, key, token, loader=loader, ttl=ttl, tags=tags)
+            left = deadline - loop.time()
+            if left <= 0:
+                emit(
+                    self.observer,
+                    BackendFailed(
+                        "cache",
+                        "wait",
+                        BackendError("the loading process took too long"),
+                        "loaded directly",
+                    ),
+                )
+                raise BackendError("waited max_wait for another process's load")
+            lock_left = (found or lease_ms) / 1000
+            await store.wait(key, min(left, lock_left + 0.05))
+
+    async def _load_owned(
+        self,
+        store: RedisCacheStore,
+        key: str,
+        token: str,
+        *,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+        tags: Iterable[str],
+    ) -> Any:
+        renewing = asyncio.get_running_loop().create_task(self._renew(store, key, token))
+        started = self.clock.monotonic()
+        try:
+            value = await loader()
+        except BaseException as exc:
+            renewing.cancel()
+            with contextlib.suppress(BackendError):  # else the lock expires with its lease
+                await asyncio.shield(store.fill(key, token, None, (), self.clock.time()))
+            if isinstance(exc, Exception):
+                raise _LoaderFailed(exc) from exc
+            raise
+        renewing.cancel()
+        entry = self._entry(value, ttl, delta=self.clock.monotonic() - started)
+        now = self.clock.time()
+        await store.fill(key, token, entry, tags if entry is not None else (), now)
+        return value
+
+    async def _renew(self, store: RedisCacheStore, key: str, token: str) -> None:
+        lease_ms = math.ceil(self.lock_lease * 1000)
+        while True:
+            await asyncio.sleep(self.lock_lease / 3)
+            try:
+                if not await store.extend(key, token, lease_ms):
+                    return
+            except BackendError:
+                continue
+
+    def _entry(self, value: Any, ttl: float | None, *, delta: float) -> Entry | None:
+        if value is None:
+            if self.negative_ttl is None:
+                return None  # "not found" is not cached unless asked for
+            ttl = self.negative_ttl
+        lifetime = jittered_ttl(self.ttl if ttl is None else ttl, self.jitter, self.rng)
+        expires_at = self.clock.time() + lifetime
+        stale = max(self.stale_while_revalidate, self.stale_if_error)
+        return Entry(self.serializer.dumps(value), expires_at, expires_at + stale, delta)
 
     async def _put(
         self, key: str, value: Any, ttl: float | None, tags: Iterable[str], *, delta: float
     ) -> None:
-        if value is None:
-            if self.negative_ttl is None:
-                return  # "not found" is not cached unless asked for
-            ttl = self.negative_ttl
-        lifetime = jittered_ttl(self.ttl if ttl is None else ttl, self.jitter, self.rng)
-        now = self.clock.time()
-        expires_at = now + lifetime
-        stale = max(self.stale_while_revalidate, self.stale_if_error)
-        entry = Entry(self.serializer.dumps(value), expires_at, expires_at + stale, delta)
-        await self._store.set(key, entry, tags, now)
+        entry = self._entry(value, ttl, delta=delta)
+        if entry is not None:
+            await self._store.set(key, entry, tags, self.clock.time())
 
     def __repr__(self) -> str:
         return f"Cache({self._store!r}, ttl={self.ttl!r})"

@@ -1,0 +1,1 @@
+"""Lua scripts of the cache store on Redis."""
