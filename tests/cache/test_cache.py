@@ -8,6 +8,7 @@ import pytest
 
 from resilient import ConfigurationError, MemoryBackend
 from resilient.cache import MISSING, Cache, cached
+from resilient.cache.memory import MemoryCacheStore
 from resilient.events import CacheRefreshed, Event, StaleServed
 from resilient.testing import FakeClock
 
@@ -205,7 +206,9 @@ async def test_the_memory_store_is_bounded() -> None:
     cache = Cache(MemoryBackend(max_keys=100), clock=clock, jitter=0.0)
     for i in range(250):
         await cache.set(f"k{i}", i)
-    assert len(cache._store) == 100
+    store = cache._store
+    assert isinstance(store, MemoryCacheStore)
+    assert len(store) == 100
     assert await cache.get("k249") == 249
     assert await cache.get("k0") is MISSING
 

@@ -144,9 +144,10 @@ def _dying_owner(url: str, claimed: Any) -> None:
 
 
 @pytest.mark.slow
-async def test_another_process_takes_over_when_the_owner_dies(backend: RedisBackend) -> None:
-    url = backend.client.connection_pool.connection_kwargs
-    server_url = f"redis://{url['host']}:{url['port']}/0"
+async def test_another_process_takes_over_when_the_owner_dies(
+    backend: RedisBackend, redis_server: RedisServer
+) -> None:
+    server_url = redis_server.url
     context = multiprocessing.get_context("spawn")
     claimed = context.Event()
     owner = context.Process(target=_dying_owner, args=(server_url, claimed))
