@@ -1,0 +1,197 @@
+"""Cache stampedes, side by side with cashews and aiocache, in one run.
+
+Sections:
+
+* ``stampede``: 1,000 concurrent requests for one cold key in one process, on a dedicated
+  local ``redis-server``, with a 50 ms loader: loader calls, latency p50/p99 of the
+  requests, and the commands Redis executed (``INFO commandstats``, which also counts the
+  commands run inside Lua scripts, for every contender alike);
+* ``hit``: microseconds per read of a warm key, one at a time.
+
+Every figure is the median of ``--repeat`` runs; contenders alternate within each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import redis
+import redis.asyncio
+
+from benchmarks._common import RESULTS, machine_facts, percentile, table
+from resilient import Cache, MemoryBackend, RedisBackend
+from resilient.testing import RedisServer, find_redis_server
+
+PACKAGES = ["resilient-asgi", "cashews", "aiocache", "redis"]
+LOAD_S = 0.05
+REQUESTS = 1000
+
+Lookup = Callable[[int], Awaitable[object]]
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def load(self, key: int) -> dict[str, int]:
+        self.calls += 1
+        await asyncio.sleep(LOAD_S)  # the database query
+        return {"product": key}
+
+
+async def contenders(url: str, counter: Counter) -> dict[str, tuple[Lookup, bool]]:
+    """Name -> (lookup of a key, uses Redis)."""
+    import aiocache
+    from cashews import Cache as CashewsCache
+
+    client = redis.asyncio.Redis.from_url(url)
+    ours = Cache(RedisBackend(client), ttl=600)
+    in_memory = Cache(MemoryBackend(), ttl=600)
+
+    async def resilient_redis(key: int) -> object:
+        return await ours.get_or_load(f"p:{key}", lambda: counter.load(key))
+
+    async def resilient_memory(key: int) -> object:
+        return await in_memory.get_or_load(f"p:{key}", lambda: counter.load(key))
+
+    async def load(key: int) -> object:
+        return await counter.load(key)
+
+    # The peers' decorators are applied as calls: their types differ between installs.
+    cashews_lock = CashewsCache()
+    cashews_lock.setup(url)
+    cashews_lock_true: Lookup = cashews_lock(ttl="10m", lock=True)(load)
+
+    cashews_locked = CashewsCache()
+    cashews_locked.setup(url)
+    cashews_locked_fn: Lookup = cashews_locked(ttl="10m")(cashews_locked.locked(ttl="10s")(load))
+
+    cashews_early = CashewsCache()
+    cashews_early.setup(url)
+    cashews_early_fn: Lookup = cashews_early.early(ttl="10m", early_ttl="5m")(load)
+
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    # A blocking pool: with its default pool, 1,000 concurrent misses exhaust the
+    # connections (MaxConnectionsError) instead of queueing.
+    aiocache_stampede: Lookup = aiocache.cached_stampede(
+        lease=2,
+        ttl=600,
+        cache=aiocache.Cache.REDIS,
+        endpoint=host,
+        port=int(port),
+        pool_max_size=64,
+        connection_pool_class=redis.asyncio.BlockingConnectionPool,
+    )(load)
+
+    return {
+        "resilient `Cache` (Redis)": (resilient_redis, True),
+        "resilient `Cache` (memory: single flight alone)": (resilient_memory, False),
+        "cashews `@cache(lock=True)`": (cashews_lock_true, True),
+        "cashews `@cache` + `@cache.locked`": (cashews_locked_fn, True),
+        "cashews `@cache.early`": (cashews_early_fn, True),
+        "aiocache `cached_stampede`": (aiocache_stampede, True),
+    }
+
+
+def commands(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def stampede(lookup: Lookup, key: int) -> list[float]:
+    async def one() -> float:
+        start = time.perf_counter()
+        await lookup(key)
+        return (time.perf_counter() - start) * 1000
+
+    return list(await asyncio.gather(*(one() for _ in range(REQUESTS))))
+
+
+async def bench(url: str, repeat: int) -> tuple[str, str]:
+    counter = Counter()
+    apps = await contenders(url, counter)
+    sync = redis.Redis.from_url(url)
+    loads: dict[str, list[int]] = {name: [] for name in apps}
+    p50: dict[str, list[float]] = {name: [] for name in apps}
+    p99: dict[str, list[float]] = {name: [] for name in apps}
+    cmds: dict[str, list[int]] = {name: [] for name in apps}
+    hits: dict[str, list[float]] = {name: [] for name in apps}
+    key = 0
+    for _ in range(repeat):
+        for name, (lookup, _uses_redis) in apps.items():
+            key += 1
+            counter.calls = 0
+            before = commands(sync)
+            latencies = await stampede(lookup, key)
+            cmds[name].append(commands(sync) - before)
+            loads[name].append(counter.calls)
+            p50[name].append(percentile(latencies, 0.5))
+            p99[name].append(percentile(latencies, 0.99))
+            start = time.perf_counter()
+            for _ in range(200):
+                await lookup(key)
+            hits[name].append((time.perf_counter() - start) / 200 * 1e6)
+    sync.close()
+    rows = [
+        (
+            name,
+            f"{statistics.median(loads[name]):.0f}",
+            statistics.median(p50[name]),
+            statistics.median(p99[name]),
+            f"{statistics.median(cmds[name]):,.0f}" if uses_redis else "-",
+        )
+        for name, (_, uses_redis) in apps.items()
+    ]
+    stampede_table = table(
+        ["contender", "loader calls", "p50 ms", "p99 ms", "Redis commands"], rows
+    )
+    hit_table = table(
+        ["contender", "µs per warm read"],
+        [(name, statistics.median(hits[name])) for name in apps],
+    )
+    return stampede_table, hit_table
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    parts = ["# Cache benchmarks", "", "## Machine", ""]
+    with RedisServer() as server:
+        parts += [machine_facts(PACKAGES, find_redis_server()), ""]
+        stampede_table, hit_table = await bench(server.url, args.repeat)
+    parts += [
+        f"## Stampede: {REQUESTS:,} concurrent requests for one cold key, {LOAD_S * 1000:.0f} ms "
+        "loader, one process",
+        "",
+        stampede_table,
+        "",
+        "## Warm reads",
+        "",
+        hit_table,
+        "",
+        f"Medians of {args.repeat} runs. "
+        f"Rerun: `python dev.py bench cache --repeat {args.repeat}`.",
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="one run (a smoke test)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat = 1
+    report = asyncio.run(main_async(args))
+    print(report)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "cache.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
