@@ -82,7 +82,7 @@ class Cache:
 
     __slots__ = (
         "_flights",
-        "_reads",
+        "_lookups",
         "_shared",
         "_store",
         "beta",
@@ -149,7 +149,7 @@ class Cache:
             msg = f"a cache needs a MemoryBackend or a RedisBackend, not {backend!r}"
             raise ConfigurationError(msg)
         self._flights: dict[str, asyncio.Task[Any]] = {}
-        self._reads: dict[str, asyncio.Task[Entry | None]] = {}
+        self._lookups: dict[str, asyncio.Task[Any]] = {}
 
     # --- plain operations ---------------------------------------------------------------
 
@@ -185,9 +185,27 @@ class Cache:
         tags: Iterable[str] = (),
     ) -> _T:
         """Return *key*'s value, loading it with *loader* once for all concurrent misses."""
+        if self._shared is None:
+            return await self._lookup(key, loader, ttl, tags)  # type: ignore[no-any-return]
+        # On Redis, concurrent callers of a key share the whole lookup (one GET, then the
+        # load if needed): they wait once, not once per step.
+        task = self._lookups.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._lookup(key, loader, ttl, tags))
+            self._lookups[key] = task
+            task.add_done_callback(self._lookup_done(key))
+        return await asyncio.shield(task)
+
+    async def _lookup(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+        tags: Iterable[str],
+    ) -> Any:
         now = self.clock.time()
         try:
-            entry = await self._read(key, now)
+            entry = await self._store.get(key, now)
         except BackendError as exc:
             emit(self.observer, BackendFailed("cache", "get", exc, "loaded directly"))
             entry = None
@@ -196,35 +214,24 @@ class Cache:
                 if should_refresh_early(entry, now, self.beta, self.rng):
                     self._background(key, loader, ttl, tags, "early")
                 emit(self.observer, CacheHit("cache", key))
-                return self.serializer.loads(entry.data)  # type: ignore[no-any-return]
+                return self.serializer.loads(entry.data)
             if now < entry.expires_at + self.stale_while_revalidate:
                 self._background(key, loader, ttl, tags, "stale")
                 emit(self.observer, StaleServed("cache", key, "revalidating"))
-                return self.serializer.loads(entry.data)  # type: ignore[no-any-return]
+                return self.serializer.loads(entry.data)
         emit(self.observer, CacheMiss("cache", key))
         try:
-            return await self._flight(key, loader, ttl, tags)  # type: ignore[no-any-return]
+            return await self._flight(key, loader, ttl, tags)
         except Exception:
             if entry is not None and now < entry.expires_at + self.stale_if_error:
                 emit(self.observer, StaleServed("cache", key, "error"))
-                return self.serializer.loads(entry.data)  # type: ignore[no-any-return]
+                return self.serializer.loads(entry.data)
             raise
 
-    def _read(self, key: str, now: float) -> Awaitable[Entry | None]:
-        """Read *key*; on Redis, concurrent reads of a key share one ``GET``."""
-        if self._shared is None:
-            return self._store.get(key, now)
-        task = self._reads.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._store.get(key, now))
-            self._reads[key] = task
-            task.add_done_callback(self._read_done(key))
-        return asyncio.shield(task)
-
-    def _read_done(self, key: str) -> Callable[[asyncio.Task[Any]], None]:
+    def _lookup_done(self, key: str) -> Callable[[asyncio.Task[Any]], None]:
         def done(task: asyncio.Task[Any]) -> None:
-            if self._reads.get(key) is task:
-                del self._reads[key]
+            if self._lookups.get(key) is task:
+                del self._lookups[key]
             if not task.cancelled():
                 task.exception()
 
