@@ -269,8 +269,12 @@ class RedisBackend:
 
             self._key_slot = key_slot
         self._channel = None if self.is_cluster else _Channel(client)  # type: ignore[arg-type]
-        if timeout is None and self._channel is not None:
-            self.timeout = self._channel.socket_timeout
+        if timeout is None:
+            if self._channel is not None:
+                self.timeout = self._channel.socket_timeout
+            else:  # a cluster client: its nodes' socket timeout
+                configured = getattr(client, "connection_kwargs", {}).get("socket_timeout")
+                self.timeout = float(configured) if configured else None
         self._noscript = NoScriptError
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._stores: dict[str, Any] = {}

@@ -15,13 +15,13 @@ loop of the first call through a shared breaker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import threading
 from collections import deque
 from math import ceil
 from typing import TYPE_CHECKING
 
+from resilient._tasks import stop
 from resilient.backends.redis import RedisBackend, Script
 from resilient.breaker.core import State, Transition
 from resilient.clock import SystemClock
@@ -194,10 +194,7 @@ class SharedBreakerStore:
     async def aclose(self) -> None:
         """Stop the sync task."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
 
     def __repr__(self) -> str:
         return f"SharedBreakerStore({len(self._breakers)} breakers, interval={self.interval})"

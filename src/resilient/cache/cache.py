@@ -36,6 +36,7 @@ from resilient.events import (
 )
 
 if TYPE_CHECKING:
+    from resilient.cache.l1 import L1
     from resilient.cache.redis import RedisCacheStore
 
 __all__ = ["Cache"]
@@ -73,7 +74,10 @@ class Cache:
     polling), then load it themselves. The loader holds a lock for *lock_lease* seconds,
     renewed while it runs, so a process that dies while loading is replaced after its
     lease. If Redis fails, each process loads on its own (still once per process at a
-    time) and an event says so.
+    time) and an event says so. With *l1* > 0, up to *l1* recently read entries are also
+    kept in process, each for at most *l1_ttl* seconds, and dropped when another instance
+    writes, deletes or invalidates them (through Redis pub/sub; see
+    :mod:`resilient.cache.l1`).
 
     >>> cache = Cache(ttl=600, stale_while_revalidate=30)
     >>> async def product(product_id: int) -> dict[str, object]:
@@ -82,6 +86,7 @@ class Cache:
 
     __slots__ = (
         "_flights",
+        "_l1",
         "_lookups",
         "_shared",
         "_store",
@@ -112,6 +117,8 @@ class Cache:
         serializer: Serializer | None = None,
         lock_lease: float = 10.0,
         max_wait: float = 5.0,
+        l1: int = 0,
+        l1_ttl: float = 5.0,
         clock: Clock | None = None,
         rng: random.Random | None = None,
         observer: Observer | None = _DEFAULT_OBSERVER,
@@ -149,16 +156,54 @@ class Cache:
             msg = f"a cache needs a MemoryBackend or a RedisBackend, not {backend!r}"
             raise ConfigurationError(msg)
         self._flights: dict[str, asyncio.Task[Any]] = {}
+        if isinstance(l1, bool) or not isinstance(l1, int) or l1 < 0:
+            msg = f"l1 must be a number of entries >= 0, not {l1!r}"
+            raise ConfigurationError(msg)
+        self._l1: L1 | None = None
+        if l1:
+            if not isinstance(backend, RedisBackend):
+                msg = "an in-process tier (l1) sits in front of a RedisBackend only"
+                raise ConfigurationError(msg)
+            from resilient.cache.l1 import L1  # noqa: PLC0415
+
+            self._l1 = L1(
+                backend, l1, validate_seconds("l1_ttl", l1_ttl, allow_zero=False), observer
+            )
         self._lookups: dict[str, asyncio.Task[Any]] = {}
 
     # --- plain operations ---------------------------------------------------------------
 
     async def get(self, key: str) -> Any:
         """Return *key*'s fresh value, or :data:`~resilient.cache.MISSING`."""
-        entry = await self._store.get(key, self.clock.time())
+        entry = await self._entry_of(key, self.clock.time())
         if entry is None or not entry.fresh(self.clock.time()):
             return MISSING
         return self.serializer.loads(entry.data)
+
+    async def _entry_of(self, key: str, now: float) -> Entry | None:
+        l1 = self._l1
+        if l1 is not None:
+            entry = l1.get(key, now)
+            if entry is not None:
+                return entry
+        entry = await self._store.get(key, now)
+        if l1 is not None and entry is not None:
+            l1.put(key, entry, now)
+        return entry
+
+    async def _published(self, kind: str, name: str) -> None:
+        """Tell the other instances' in-process tiers to drop *name*."""
+        l1 = self._l1
+        if l1 is None:
+            return
+        if kind == "k":
+            l1.drop(name)
+        else:
+            l1.clear()
+        try:
+            await l1.publish(kind, name)
+        except BackendError as exc:
+            emit(self.observer, BackendFailed("cache", "publish", exc, "not published"))
 
     async def set(
         self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = ()
@@ -169,10 +214,14 @@ class Cache:
     async def delete(self, key: str) -> None:
         """Forget *key*."""
         await self._store.delete(key)
+        await self._published("k", key)
 
     async def invalidate_tags(self, tags: Iterable[str]) -> None:
         """Forget every value stored with any of *tags*."""
-        await self._store.invalidate_tags(list(tags))
+        tags = list(tags)
+        await self._store.invalidate_tags(tags)
+        for tag in tags:
+            await self._published("t", tag)
 
     # --- cache-aside --------------------------------------------------------------------
 
@@ -205,7 +254,7 @@ class Cache:
     ) -> Any:
         now = self.clock.time()
         try:
-            entry = await self._store.get(key, now)
+            entry = await self._entry_of(key, now)
         except BackendError as exc:
             emit(self.observer, BackendFailed("cache", "get", exc, "loaded directly"))
             entry = None
@@ -355,6 +404,10 @@ class Cache:
         entry = self._entry(value, ttl, delta=self.clock.monotonic() - started)
         now = self.clock.time()
         await store.fill(key, token, entry, tags if entry is not None else (), now)
+        if entry is not None:
+            await self._published("k", key)
+            if self._l1 is not None:
+                self._l1.put(key, entry, now)
         return value
 
     async def _renew(self, store: RedisCacheStore, key: str, token: str) -> None:
@@ -382,7 +435,16 @@ class Cache:
     ) -> None:
         entry = self._entry(value, ttl, delta=delta)
         if entry is not None:
-            await self._store.set(key, entry, tags, self.clock.time())
+            now = self.clock.time()
+            await self._store.set(key, entry, tags, now)
+            await self._published("k", key)
+            if self._l1 is not None:
+                self._l1.put(key, entry, now)
+
+    async def aclose(self) -> None:
+        """Stop the in-process tier's subscription, if there is one."""
+        if self._l1 is not None:
+            await self._l1.aclose()
 
     def __repr__(self) -> str:
         return f"Cache({self._store!r}, ttl={self.ttl!r})"
