@@ -21,6 +21,7 @@ from resilient.errors import (
     IdempotencyConflict,
     IdempotencyError,
     IdempotencyMismatch,
+    InvalidToken,
     RateLimitExceeded,
     ResilienceError,
 )
@@ -40,6 +41,7 @@ from resilient.ratelimit import (
 from resilient.retry import RetryBudget, retry
 
 if TYPE_CHECKING:
+    from resilient.auth import JWKSClient, JWTValidator
     from resilient.httpx import ResilientTransport, SyncResilientTransport
 
 __all__ = [
@@ -56,6 +58,9 @@ __all__ = [
     "IdempotencyError",
     "IdempotencyMiddleware",
     "IdempotencyMismatch",
+    "InvalidToken",
+    "JWKSClient",
+    "JWTValidator",
     "KeyFunc",
     "LoggingObserver",
     "MemoryBackend",
@@ -83,8 +88,10 @@ __all__ = [
 ]
 
 # Names whose module needs an optional dependency, imported on first use: `import
-# resilient` must not pay for importing httpx.
+# resilient` must not pay for importing httpx, PyJWT or cryptography.
 _LAZY = {
+    "JWKSClient": "resilient.auth",
+    "JWTValidator": "resilient.auth",
     "ResilientTransport": "resilient.httpx",
     "SyncResilientTransport": "resilient.httpx",
 }

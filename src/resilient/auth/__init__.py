@@ -1,0 +1,17 @@
+"""Authentication: JWTs validated against an issuer's JWKS.
+
+* :class:`JWKSClient`: an issuer's signing keys, fetched with httpx, cached, single-flight,
+  flood-proof and outage-tolerant (:mod:`resilient.auth.jwks`);
+* :class:`JWTValidator`: ``await validator.validate(token) -> claims``, every known JWT
+  attack refused by default (:mod:`resilient.auth.jwt`).
+
+This package needs PyJWT and httpx (``pip install 'resilient-asgi[jwt]'``); ``import
+resilient`` does not import it.
+"""
+
+from __future__ import annotations
+
+from resilient.auth.jwks import JWKSClient, SigningKey
+from resilient.auth.jwt import ASYMMETRIC_ALGORITHMS, JWTValidator, KeySource
+
+__all__ = ["ASYMMETRIC_ALGORITHMS", "JWKSClient", "JWTValidator", "KeySource", "SigningKey"]
