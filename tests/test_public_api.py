@@ -70,6 +70,7 @@ def test_the_design_names_are_importable_from_the_top() -> None:
         "ResilientTransport",
         "JWKSClient",
         "JWTValidator",
+        "JWTAuthMiddleware",
         "InvalidToken",
     ]:
         assert name in resilient.__all__

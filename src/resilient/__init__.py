@@ -41,7 +41,7 @@ from resilient.ratelimit import (
 from resilient.retry import RetryBudget, retry
 
 if TYPE_CHECKING:
-    from resilient.auth import JWKSClient, JWTValidator
+    from resilient.auth import JWKSClient, JWTAuthMiddleware, JWTValidator
     from resilient.httpx import ResilientTransport, SyncResilientTransport
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "IdempotencyMismatch",
     "InvalidToken",
     "JWKSClient",
+    "JWTAuthMiddleware",
     "JWTValidator",
     "KeyFunc",
     "LoggingObserver",
@@ -91,6 +92,7 @@ __all__ = [
 # resilient` must not pay for importing httpx, PyJWT or cryptography.
 _LAZY = {
     "JWKSClient": "resilient.auth",
+    "JWTAuthMiddleware": "resilient.auth",
     "JWTValidator": "resilient.auth",
     "ResilientTransport": "resilient.httpx",
     "SyncResilientTransport": "resilient.httpx",
