@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("ratelimit", "idempotency", "breaker", "retry")
+MODULES = ("ratelimit", "idempotency", "breaker", "retry", "auth")
 
 
 def main(argv: list[str]) -> int:
