@@ -10,7 +10,14 @@ import pytest
 
 from resilient.auth import JWKSClient, JWTValidator
 from resilient.auth.jwks import parse_key_set, parse_max_age
-from resilient.errors import BadIssuer, ConfigurationError, KeySetUnavailable, UnknownKey
+from resilient.errors import (
+    BadAudience,
+    BadIssuer,
+    ConfigurationError,
+    KeySetUnavailable,
+    UnknownKey,
+)
+from resilient.events import Event, KeySetFetched, KeySetFetchFailed, TokenRejected
 from resilient.testing import FakeClock, LocalIssuer
 
 
@@ -256,3 +263,28 @@ async def test_several_issuers_each_with_its_own_keys(clock: FakeClock) -> None:
             await validator.validate(forged)
         with pytest.raises(BadIssuer):
             await validator.validate(first.mint({"iss": "https://evil.example"}))
+
+
+async def test_fetches_and_refusals_are_reported_to_the_observer(
+    issuer: LocalIssuer, clock: FakeClock
+) -> None:
+    events: list[Event] = []
+    jwks = JWKSClient(issuer.jwks_url, stale_for=600, clock=clock, observer=events.append)
+    validator = JWTValidator(
+        jwks, issuer=issuer.issuer, audience="api", clock=clock, observer=events.append
+    )
+    await validator.validate(issuer.mint())
+    assert events == [KeySetFetched("jwks", issuer.jwks_url, 3, 300.0)]
+    issuer.fail(503)
+    clock.advance(300)
+    await validator.validate(issuer.mint())
+    clock.advance(600)
+    with pytest.raises(KeySetUnavailable):
+        await validator.validate(issuer.mint())
+    issuer.recover()
+    clock.advance(30)
+    with pytest.raises(BadAudience):
+        await validator.validate(issuer.mint({"aud": "other"}))
+    failures = [e for e in events if isinstance(e, KeySetFetchFailed)]
+    assert [e.outcome for e in failures] == ["stale", "unavailable"]
+    assert events[-1] == TokenRejected("jwt", "BadAudience")

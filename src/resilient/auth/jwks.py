@@ -46,6 +46,7 @@ except ImportError as error:  # pragma: no cover (the test suite always has them
 
 from resilient.clock import Clock, SystemClock
 from resilient.errors import ConfigurationError, KeySetUnavailable, UnknownKey
+from resilient.events import KeySetFetched, KeySetFetchFailed, LoggingObserver, Observer, emit
 
 __all__ = ["JWKSClient", "SigningKey", "check_url"]
 
@@ -54,6 +55,7 @@ logger = logging.getLogger("resilient.auth")
 MIN_RSA_BITS: Final = 2048
 EC_CURVES: Final = frozenset({"P-256", "P-384"})
 OKP_CURVES: Final = frozenset({"Ed25519"})
+_DEFAULT_OBSERVER = LoggingObserver()
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d{1,10})\"?\s*(?:,|$)", re.IGNORECASE)
 
 
@@ -161,7 +163,9 @@ class JWKSClient:
 
     *http* is an ``httpx.AsyncClient`` to fetch with (its redirects are not followed
     whatever it is configured to do); without one, each fetch opens a short-lived client.
-    Times are in seconds. See the module docstring for the guarantees.
+    Times are in seconds. Each fetch emits :class:`~resilient.events.KeySetFetched` or
+    :class:`~resilient.events.KeySetFetchFailed` to *observer* (logging by default). See
+    the module docstring for the guarantees.
 
     >>> jwks = JWKSClient("https://issuer.example/.well-known/jwks.json")
     """
@@ -179,6 +183,7 @@ class JWKSClient:
         timeout: float = 5.0,
         max_bytes: int = 1 << 20,
         clock: Clock | None = None,
+        observer: Observer | None = _DEFAULT_OBSERVER,
     ) -> None:
         self.url = check_url(url)
         for name, value in [
@@ -204,6 +209,7 @@ class JWKSClient:
         self.timeout = float(timeout)
         self.max_bytes = int(max_bytes)
         self._clock = clock or SystemClock()
+        self.observer = observer
         self._keys: dict[str, SigningKey] = {}
         self._expires_at = float("-inf")  # monotonic; -inf: never fetched
         self._last_attempt: float | None = None
@@ -290,7 +296,6 @@ class JWKSClient:
             await self._fetch_shared()
         except KeySetUnavailable:
             if self._clock.monotonic() < stale_until:
-                logger.warning("JWKS %s: fetch failed, serving the stale key set", self.url)
                 return
             raise
 
@@ -317,7 +322,9 @@ class JWKSClient:
                 raise ValueError(msg)
         except (httpx.HTTPError, ValueError, TimeoutError, RecursionError) as error:
             self._last_failed = True
-            logger.warning("JWKS %s: fetch failed: %s", self.url, error)
+            stale = self._clock.monotonic() < self._expires_at + self.stale_for
+            outcome = "stale" if stale else "unavailable"
+            emit(self.observer, KeySetFetchFailed("jwks", self.url, error, outcome))
             msg = "the key set is unavailable (its endpoint failed)"
             raise KeySetUnavailable(msg) from error
         max_age = parse_max_age(cache_control)
@@ -326,6 +333,7 @@ class JWKSClient:
         self._keys = keys
         self._expires_at = self._clock.monotonic() + ttl
         self._last_failed = False
+        emit(self.observer, KeySetFetched("jwks", self.url, len(keys), ttl))
 
     async def _get_json(self, url: str) -> object:
         document, _ = await self._get(url)

@@ -52,12 +52,14 @@ from resilient.errors import (
     ConfigurationError,
     DisallowedAlgorithm,
     ExpiredToken,
+    InvalidToken,
     MalformedToken,
     MissingClaim,
     NotYetValid,
     UnknownKey,
     WrongTokenUse,
 )
+from resilient.events import LoggingObserver, Observer, TokenRejected, emit
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "JWTValidator", "KeySource"]
 
@@ -89,6 +91,7 @@ _ECDSA: Final[Mapping[str, tuple[int, int]]] = {
     ),
 }
 
+_DEFAULT_OBSERVER = LoggingObserver()
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _KID = re.compile(r"[\x21-\x7e]{1,128}")
 _IGNORED_HEADERS: Final = ("jku", "x5u", "jwk", "x5c")
@@ -162,6 +165,7 @@ class JWTValidator:
         client_id: str | Collection[str] | None = None,
         reject_high_s: bool = True,
         clock: Clock | None = None,
+        observer: Observer | None = _DEFAULT_OBSERVER,
     ) -> None:
         self._jwks = jwks
         issuers = _strings(issuer, "issuer")
@@ -191,13 +195,22 @@ class JWTValidator:
         self.token_use = token_use
         self.reject_high_s = reject_high_s
         self._clock = clock or SystemClock()
+        self.observer = observer
 
     async def validate(self, token: str | bytes) -> dict[str, Any]:
         """Return the claims of *token* if it is valid; raise an :class:`InvalidToken` if not.
 
         May also raise :class:`~resilient.errors.KeySetUnavailable` when the issuer's key
-        set cannot be had (a server-side outage, not the client's fault).
+        set cannot be had (a server-side outage, not the client's fault). Each refusal
+        emits a :class:`~resilient.events.TokenRejected` to the observer.
         """
+        try:
+            return await self._validate(token)
+        except InvalidToken as error:
+            emit(self.observer, TokenRejected("jwt", type(error).__name__))
+            raise
+
+    async def _validate(self, token: str | bytes) -> dict[str, Any]:
         text = self._text(token)
         parts = text.split(".")
         if len(parts) != 3:
