@@ -72,6 +72,7 @@ def test_the_design_names_are_importable_from_the_top() -> None:
         "JWTValidator",
         "JWTAuthMiddleware",
         "InvalidToken",
+        "requires",
     ]:
         assert name in resilient.__all__
 

@@ -18,6 +18,7 @@ from resilient.errors import (
     BackendUnavailable,
     CircuitOpenError,
     ConfigurationError,
+    Forbidden,
     IdempotencyConflict,
     IdempotencyError,
     IdempotencyMismatch,
@@ -41,7 +42,7 @@ from resilient.ratelimit import (
 from resilient.retry import RetryBudget, retry
 
 if TYPE_CHECKING:
-    from resilient.auth import JWKSClient, JWTAuthMiddleware, JWTValidator
+    from resilient.auth import JWKSClient, JWTAuthMiddleware, JWTValidator, requires
     from resilient.httpx import ResilientTransport, SyncResilientTransport
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigurationError",
     "Decision",
     "Event",
+    "Forbidden",
     "IdempotencyConflict",
     "IdempotencyError",
     "IdempotencyMiddleware",
@@ -85,6 +87,7 @@ __all__ = [
     "by_user",
     "idempotent",
     "rate_limit",
+    "requires",
     "retry",
 ]
 
@@ -96,6 +99,7 @@ _LAZY = {
     "JWTValidator": "resilient.auth",
     "ResilientTransport": "resilient.httpx",
     "SyncResilientTransport": "resilient.httpx",
+    "requires": "resilient.auth",
 }
 
 

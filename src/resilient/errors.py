@@ -12,6 +12,7 @@
     │   ├── IdempotencyConflict                  ... its key is in progress elsewhere
     │   └── IdempotencyMismatch                  ... its key was used for another request
     ├── KeySetUnavailable                        no usable JWKS: fetch failed, nothing stale
+    ├── Forbidden                                a valid token lacks a scope, role or group
     └── InvalidToken                             a bearer token was refused
         ├── MalformedToken                       ... it is not a well-formed, small JWS
         ├── DisallowedAlgorithm                  ... its alg is not allowed or fits no key
@@ -51,6 +52,7 @@ __all__ = [
     "ConfigurationError",
     "DisallowedAlgorithm",
     "ExpiredToken",
+    "Forbidden",
     "IdempotencyConflict",
     "IdempotencyError",
     "IdempotencyMismatch",
@@ -231,3 +233,18 @@ class WrongTokenUse(InvalidToken):
     """The token is of the wrong kind, e.g. an ID token where an access token is expected."""
 
     default_message = "the token is of the wrong kind"
+
+
+class Forbidden(ResilienceError):
+    """A valid token lacks a required scope, role or group (HTTP 403).
+
+    ``missing`` lists what is missing (``"scope:orders:read"``, ``"role:admin"``,
+    ``"group:staff"``); ``error`` is RFC 6750's ``"insufficient_scope"``. The message is
+    safe to show to the client.
+    """
+
+    error = "insufficient_scope"
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing

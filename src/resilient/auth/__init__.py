@@ -5,7 +5,8 @@
 * :class:`JWTValidator`: ``await validator.validate(token) -> claims``, every known JWT
   attack refused by default (:mod:`resilient.auth.jwt`);
 * :class:`JWTAuthMiddleware`: bearer tokens checked at the edge of an ASGI application,
-  the principal put in the scope in Starlette's shape (:mod:`resilient.auth.middleware`).
+  the principal put in the scope in Starlette's shape (:mod:`resilient.auth.middleware`);
+* :func:`requires`: scopes, roles and groups an endpoint needs (403 otherwise).
 
 This package needs PyJWT and httpx (``pip install 'resilient-asgi[jwt]'``); ``import
 resilient`` does not import it.
@@ -21,6 +22,7 @@ from resilient.auth.middleware import (
     JWTUser,
     UnauthenticatedUser,
 )
+from resilient.auth.requires import Requirement, requires
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -30,6 +32,8 @@ __all__ = [
     "JWTUser",
     "JWTValidator",
     "KeySource",
+    "Requirement",
     "SigningKey",
     "UnauthenticatedUser",
+    "requires",
 ]
