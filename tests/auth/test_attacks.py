@@ -473,3 +473,14 @@ class JWTValidatorTools:
 
         part = token.rsplit(".", 1)[1]
         return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+async def test_an_id_token_is_refused_where_an_rfc_9068_access_token_is_expected(
+    jwks: JWKSClient, issuer: LocalIssuer, clock: FakeClock
+) -> None:
+    validator = JWTValidator(jwks, issuer=issuer.issuer, audience="api", typ="at+jwt", clock=clock)
+    assert await validator.validate(issuer.mint(headers={"typ": "at+jwt"}))
+    assert await validator.validate(issuer.mint(headers={"typ": "application/AT+JWT"}))
+    for typ in ["JWT", None, 5]:
+        with pytest.raises(WrongTokenUse, match="'at\\+jwt'"):
+            await validator.validate(issuer.mint(headers={"typ": typ}))

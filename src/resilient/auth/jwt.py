@@ -124,6 +124,12 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
+def _media_type(typ: str) -> str:
+    # RFC 7515 section 4.1.9: "application/" may be omitted, and compared case-insensitively.
+    typ = typ.lower()
+    return typ.removeprefix("application/")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -145,7 +151,9 @@ class JWTValidator:
     several issuers (the unverified ``iss`` picks the key source, then the verified
     ``iss`` must be one of *issuer*). *issuer* and *audience* are required: pass
     ``audience=None`` only for tokens without ``aud`` (Cognito access tokens, checked by
-    *client_id* instead). Times are in seconds.
+    *client_id* instead). *typ* requires that ``typ`` header (``"at+jwt"`` for RFC 9068
+    access tokens, so an ID token is refused where an access token is expected; a
+    Cognito-style ``token_use`` claim is checked by *token_use*). Times are in seconds.
 
     >>> validator = JWTValidator(jwks, issuer="https://issuer.example", audience="api")
     >>> claims = await validator.validate(token)  # doctest: +SKIP
@@ -164,6 +172,7 @@ class JWTValidator:
         token_use: str | None = None,
         client_id: str | Collection[str] | None = None,
         reject_high_s: bool = True,
+        typ: str | None = None,
         clock: Clock | None = None,
         observer: Observer | None = _DEFAULT_OBSERVER,
     ) -> None:
@@ -194,6 +203,7 @@ class JWTValidator:
         self.max_token_bytes = int(max_token_bytes)
         self.token_use = token_use
         self.reject_high_s = reject_high_s
+        self.typ = None if typ is None else _media_type(typ)
         self._clock = clock or SystemClock()
         self.observer = observer
 
@@ -265,6 +275,11 @@ class JWTValidator:
             msg = "the token has no valid key id (kid)"
             raise UnknownKey(msg)
         # jku, x5u, jwk and x5c are deliberately never read: keys come from the key set.
+        if self.typ is not None:
+            typ = header.get("typ")
+            if not isinstance(typ, str) or _media_type(typ) != self.typ:
+                msg = f"the token is not of type {self.typ!r}"
+                raise WrongTokenUse(msg)
         return alg
 
     def _source_for(self, payload_part: str) -> KeySource:
