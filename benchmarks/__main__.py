@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("ratelimit", "idempotency", "breaker", "cache", "retry")
+MODULES = ("ratelimit", "idempotency", "breaker", "cache", "retry", "auth")
 
 
 def main(argv: list[str]) -> int:

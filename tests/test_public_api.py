@@ -10,9 +10,11 @@ import sys
 import pytest
 
 import resilient
+import resilient.testing
 
 PUBLIC_MODULES = [
     "resilient",
+    "resilient.auth",
     "resilient.backends",
     "resilient.clock",
     "resilient.errors",
@@ -66,24 +68,32 @@ def test_the_design_names_are_importable_from_the_top() -> None:
         "retry",
         "RetryBudget",
         "ResilientTransport",
+        "JWKSClient",
+        "JWTValidator",
+        "JWTAuthMiddleware",
+        "InvalidToken",
+        "requires",
     ]:
         assert name in resilient.__all__
 
 
 def test_every_module_imports_without_optional_extras() -> None:
-    # redis, starlette and httpx are extras: nothing may need them at import time, except
-    # resilient.httpx, the integration with httpx, which says what to install.
+    # redis, starlette, httpx and PyJWT are extras: nothing may need them at import time,
+    # except the integrations with them, which say what to install.
     code = """
 import sys, importlib, pkgutil
-for blocked in ("redis", "starlette", "httpx", "hiredis"):
+for blocked in ("redis", "starlette", "httpx", "hiredis", "jwt", "cryptography"):
     sys.modules[blocked] = None
 import resilient
 for info in pkgutil.walk_packages(resilient.__path__, "resilient."):
     try:
         importlib.import_module(info.name)
     except ImportError as error:
-        assert info.name == "resilient.httpx", info.name
-        assert "pip install 'resilient-asgi[httpx]'" in str(error), error
+        if info.name == "resilient.httpx":
+            assert "pip install 'resilient-asgi[httpx]'" in str(error), error
+        else:
+            assert info.name.startswith(("resilient.auth", "resilient.testing._issuer")), info
+            assert "pip install 'resilient-asgi[jwt]'" in str(error), error
 print("ok")
 """
     result = subprocess.run(
@@ -92,8 +102,13 @@ print("ok")
     assert result.stdout.strip() == "ok", result.stderr
 
 
-def test_importing_resilient_does_not_import_httpx() -> None:
-    code = "import resilient, sys; assert 'httpx' not in sys.modules; print('ok')"
+def test_importing_resilient_does_not_import_httpx_nor_jwt() -> None:
+    code = (
+        "import resilient, resilient.testing, sys\n"
+        "for name in ('httpx', 'jwt', 'cryptography'):\n"
+        "    assert name not in sys.modules, name\n"
+        "print('ok')"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
     )
@@ -114,3 +129,14 @@ def test_exceptions_share_one_root() -> None:
     for name in ["BackendError", "BackendUnavailable", "ConfigurationError", "RateLimitExceeded"]:
         assert issubclass(getattr(resilient, name), resilient.ResilienceError)
     assert issubclass(resilient.ConfigurationError, ValueError)
+
+
+def test_the_auth_names_are_imported_from_the_top_on_first_use() -> None:
+    from resilient.auth import JWKSClient, JWTValidator
+    from resilient.testing._issuer import LocalIssuer
+
+    assert resilient.JWKSClient is JWKSClient
+    assert resilient.JWTValidator is JWTValidator
+    assert resilient.testing.LocalIssuer is LocalIssuer
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        resilient.testing.Nothing  # noqa: B018

@@ -19,9 +19,11 @@ from resilient.errors import (
     BackendUnavailable,
     CircuitOpenError,
     ConfigurationError,
+    Forbidden,
     IdempotencyConflict,
     IdempotencyError,
     IdempotencyMismatch,
+    InvalidToken,
     RateLimitExceeded,
     ResilienceError,
 )
@@ -41,6 +43,7 @@ from resilient.ratelimit import (
 from resilient.retry import RetryBudget, retry
 
 if TYPE_CHECKING:
+    from resilient.auth import JWKSClient, JWTAuthMiddleware, JWTValidator, requires
     from resilient.httpx import ResilientTransport, SyncResilientTransport
 
 __all__ = [
@@ -54,10 +57,15 @@ __all__ = [
     "ConfigurationError",
     "Decision",
     "Event",
+    "Forbidden",
     "IdempotencyConflict",
     "IdempotencyError",
     "IdempotencyMiddleware",
     "IdempotencyMismatch",
+    "InvalidToken",
+    "JWKSClient",
+    "JWTAuthMiddleware",
+    "JWTValidator",
     "KeyFunc",
     "LoggingObserver",
     "MemoryBackend",
@@ -82,14 +90,19 @@ __all__ = [
     "cached",
     "idempotent",
     "rate_limit",
+    "requires",
     "retry",
 ]
 
 # Names whose module needs an optional dependency, imported on first use: `import
-# resilient` must not pay for importing httpx.
+# resilient` must not pay for importing httpx, PyJWT or cryptography.
 _LAZY = {
+    "JWKSClient": "resilient.auth",
+    "JWTAuthMiddleware": "resilient.auth",
+    "JWTValidator": "resilient.auth",
     "ResilientTransport": "resilient.httpx",
     "SyncResilientTransport": "resilient.httpx",
+    "requires": "resilient.auth",
 }
 
 

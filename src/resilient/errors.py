@@ -8,9 +8,27 @@
     │   └── BackendUnavailable                   ... and the policy says fail closed
     ├── RateLimitExceeded                        a rate limit denied the call
     ├── CircuitOpenError                         a circuit breaker rejected the call
-    └── IdempotencyError                         an idempotent call could not run
-        ├── IdempotencyConflict                  ... its key is in progress elsewhere
-        └── IdempotencyMismatch                  ... its key was used for another request
+    ├── IdempotencyError                         an idempotent call could not run
+    │   ├── IdempotencyConflict                  ... its key is in progress elsewhere
+    │   └── IdempotencyMismatch                  ... its key was used for another request
+    ├── KeySetUnavailable                        no usable JWKS: fetch failed, nothing stale
+    ├── Forbidden                                a valid token lacks a scope, role or group
+    └── InvalidToken                             a bearer token was refused
+        ├── MalformedToken                       ... it is not a well-formed, small JWS
+        ├── DisallowedAlgorithm                  ... its alg is not allowed or fits no key
+        ├── UnknownKey                           ... its kid is in no published key set
+        ├── BadSignature                         ... its signature does not verify
+        ├── ExpiredToken                         ... its exp has passed
+        ├── NotYetValid                          ... its nbf or iat is in the future
+        ├── MissingClaim                         ... a required claim is absent
+        ├── BadIssuer                            ... its iss is not the expected issuer
+        ├── BadAudience                          ... its aud (or client_id) is not ours
+        └── WrongTokenUse                        ... e.g. an ID token where an access token
+                                                     is expected
+
+The message of an :class:`InvalidToken` is safe to show to the client (it never echoes
+the token, a key or a claim's value): ``JWTAuthMiddleware`` puts it in the
+``error_description`` of its ``WWW-Authenticate`` header.
 
 Every exception carries a message written for the person reading the log. Exceptions
 from a backend's client library (``redis.exceptions.*``) never escape: backends translate
@@ -27,13 +45,26 @@ if TYPE_CHECKING:
 __all__ = [
     "BackendError",
     "BackendUnavailable",
+    "BadAudience",
+    "BadIssuer",
+    "BadSignature",
     "CircuitOpenError",
     "ConfigurationError",
+    "DisallowedAlgorithm",
+    "ExpiredToken",
+    "Forbidden",
     "IdempotencyConflict",
     "IdempotencyError",
     "IdempotencyMismatch",
+    "InvalidToken",
+    "KeySetUnavailable",
+    "MalformedToken",
+    "MissingClaim",
+    "NotYetValid",
     "RateLimitExceeded",
     "ResilienceError",
+    "UnknownKey",
+    "WrongTokenUse",
 ]
 
 
@@ -113,3 +144,107 @@ class IdempotencyConflict(IdempotencyError):
 
 class IdempotencyMismatch(IdempotencyError):
     """The key was first used for a different request (another fingerprint)."""
+
+
+class KeySetUnavailable(ResilienceError):
+    """No key set can be used: the JWKS endpoint failed and no stale copy is recent enough.
+
+    A server-side outage, not the client's fault: answer 503, not 401. ``__cause__``
+    holds the fetch's own error.
+    """
+
+
+class InvalidToken(ResilienceError):
+    """A bearer token was refused; the message is safe to show to the client.
+
+    ``error`` is the OAuth error code of RFC 6750 (always ``"invalid_token"``), for the
+    ``WWW-Authenticate`` header.
+    """
+
+    error = "invalid_token"
+    default_message = "the token is invalid"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+    @property
+    def description(self) -> str:
+        """The message, for the ``error_description`` of a ``WWW-Authenticate`` header."""
+        return str(self)
+
+
+class MalformedToken(InvalidToken):
+    """The token is not a compact JWS of three base64url parts with a JSON header, or too big."""
+
+    default_message = "the token is malformed"
+
+
+class DisallowedAlgorithm(InvalidToken):
+    """The header's ``alg`` is not in the allow-list, or does not fit the signing key."""
+
+    default_message = "the token's signing algorithm is not allowed"
+
+
+class UnknownKey(InvalidToken):
+    """The header's ``kid`` names no key of the issuer's published key set."""
+
+    default_message = "the token's signing key is unknown"
+
+
+class BadSignature(InvalidToken):
+    """The signature does not verify with the issuer's key."""
+
+    default_message = "the token's signature is invalid"
+
+
+class ExpiredToken(InvalidToken):
+    """The ``exp`` claim is in the past (beyond the leeway)."""
+
+    default_message = "the token has expired"
+
+
+class NotYetValid(InvalidToken):
+    """The ``nbf`` claim, or the ``iat`` claim, is in the future (beyond the leeway)."""
+
+    default_message = "the token is not valid yet"
+
+
+class MissingClaim(InvalidToken):
+    """A required claim is absent or has the wrong type; ``claim`` names it."""
+
+    def __init__(self, claim: str, message: str | None = None) -> None:
+        super().__init__(message or f"the token has no valid {claim!r} claim")
+        self.claim = claim
+
+
+class BadIssuer(InvalidToken):
+    """The ``iss`` claim is not the expected issuer."""
+
+    default_message = "the token was issued by an unexpected issuer"
+
+
+class BadAudience(InvalidToken):
+    """The ``aud`` claim (or Cognito's ``client_id``) is not one this service accepts."""
+
+    default_message = "the token is not meant for this audience"
+
+
+class WrongTokenUse(InvalidToken):
+    """The token is of the wrong kind, e.g. an ID token where an access token is expected."""
+
+    default_message = "the token is of the wrong kind"
+
+
+class Forbidden(ResilienceError):
+    """A valid token lacks a required scope, role or group (HTTP 403).
+
+    ``missing`` lists what is missing (``"scope:orders:read"``, ``"role:admin"``,
+    ``"group:staff"``); ``error`` is RFC 6750's ``"insufficient_scope"``. The message is
+    safe to show to the client.
+    """
+
+    error = "insufficient_scope"
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing

@@ -29,6 +29,8 @@ __all__ = [
     "Event",
     "IdempotencyConflict",
     "IdempotencyReplayed",
+    "KeySetFetchFailed",
+    "KeySetFetched",
     "LeaseLost",
     "LoggingObserver",
     "Observer",
@@ -37,6 +39,7 @@ __all__ = [
     "RetryGaveUp",
     "RetryScheduled",
     "StaleServed",
+    "TokenRejected",
     "emit",
     "observe_all",
 ]
@@ -209,6 +212,37 @@ class CacheRefreshed(Event):
     """``key`` is recomputed in the background; ``reason``: ``"early"`` or ``"stale"``."""
 
     key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeySetFetched(Event):
+    """A JWKS was fetched from ``url``: ``keys`` usable keys, cached for ``ttl`` seconds."""
+
+    level: ClassVar[int] = logging.INFO
+    url: str
+    keys: int
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeySetFetchFailed(Event):
+    """Fetching the JWKS at ``url`` failed.
+
+    ``outcome`` is ``"stale"`` when the last good keys keep serving, ``"unavailable"``
+    when none are recent enough (tokens cannot be checked until a fetch succeeds).
+    """
+
+    level: ClassVar[int] = logging.WARNING
+    url: str
+    error: BaseException
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRejected(Event):
+    """A token was refused; ``reason`` names the :class:`~resilient.InvalidToken` subclass."""
+
     reason: str
 
 

@@ -1,0 +1,31 @@
+"""Fixtures: a local issuer on real loopback HTTP, a fake clock shared by everyone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from resilient.auth import JWKSClient, JWTValidator
+from resilient.testing import FakeClock, LocalIssuer
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def issuer(clock: FakeClock) -> Iterator[LocalIssuer]:
+    with LocalIssuer(clock=clock) as issuer:
+        yield issuer
+
+
+@pytest.fixture
+def jwks(issuer: LocalIssuer, clock: FakeClock) -> JWKSClient:
+    return JWKSClient(issuer.jwks_url, clock=clock)
+
+
+@pytest.fixture
+def validator(jwks: JWKSClient, issuer: LocalIssuer, clock: FakeClock) -> JWTValidator:
+    return JWTValidator(jwks, issuer=issuer.issuer, audience="api", clock=clock)

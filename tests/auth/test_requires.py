@@ -1,0 +1,103 @@
+"""requires: scopes, roles and groups, checked on the principal the middleware found."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from resilient import Forbidden, JWTAuthMiddleware, requires
+from resilient.auth import JWTUser, JWTValidator
+from resilient.errors import ConfigurationError
+from resilient.testing import LocalIssuer
+
+
+@requires(scopes=["orders:read"], groups=["staff"])
+async def orders(request: Request) -> JSONResponse:
+    return JSONResponse({"orders": []})
+
+
+@requires(roles=["admin"])
+def admin(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("admin")
+
+
+@pytest.fixture
+async def client(validator: JWTValidator) -> AsyncIterator[httpx.AsyncClient]:
+    app = Starlette(routes=[Route("/orders", orders), Route("/admin", admin)])
+    transport = httpx.ASGITransport(app=JWTAuthMiddleware(app, validator=validator))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_a_token_with_everything_required_passes(
+    client: httpx.AsyncClient, issuer: LocalIssuer
+) -> None:
+    token = issuer.mint({"scope": "orders:read profile", "cognito:groups": ["staff"]})
+    assert (await client.get("/orders", headers=bearer(token))).status_code == 200
+
+
+async def test_a_missing_scope_or_group_is_a_403_naming_it(
+    client: httpx.AsyncClient, issuer: LocalIssuer
+) -> None:
+    token = issuer.mint({"scope": "profile", "groups": ["staff"]})
+    response = await client.get("/orders", headers=bearer(token))
+    assert response.status_code == 403
+    assert response.headers["www-authenticate"] == (
+        'Bearer error="insufficient_scope", '
+        'error_description="the token does not grant scope:orders:read"'
+    )
+    token = issuer.mint({"scp": ["orders:read"]})
+    response = await client.get("/orders", headers=bearer(token))
+    assert response.status_code == 403
+    assert "group:staff" in response.headers["www-authenticate"]
+
+
+async def test_roles_are_checked_on_sync_endpoints_too(
+    client: httpx.AsyncClient, issuer: LocalIssuer
+) -> None:
+    assert (
+        await client.get("/admin", headers=bearer(issuer.mint({"roles": ["admin"]})))
+    ).text == "admin"
+    response = await client.get("/admin", headers=bearer(issuer.mint({"roles": "user"})))
+    assert response.status_code == 403
+
+
+def test_check_raises_forbidden_with_what_is_missing() -> None:
+    requirement = requires(scopes=["a", "b"], roles=["r"], groups=["g"])
+    with pytest.raises(Forbidden) as caught:
+        requirement.check({"scope": "a", "roles": ["r"]})
+    assert caught.value.missing == ("scope:b", "group:g")
+    with pytest.raises(Forbidden):
+        requirement.check(None)
+    requirement.check({"scope": "a b", "roles": "r", "groups": ["g"]})
+
+
+def test_an_unauthenticated_scope_is_forbidden() -> None:
+    requirement = requires(scopes=["a"])
+    with pytest.raises(Forbidden):
+        requirement.check_scope({"type": "http"})
+    requirement.check_scope({"type": "http", "user": JWTUser({"scope": "a"})})
+
+
+def test_an_endpoint_without_a_request_is_a_configuration_error() -> None:
+    @requires(scopes=["a"])
+    def lonely() -> None:
+        pass  # pragma: no cover
+
+    with pytest.raises(ConfigurationError, match="got no request"):
+        lonely()
+
+
+def test_a_string_instead_of_a_list_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="list of strings"):
+        requires(scopes="orders:read")
