@@ -10,6 +10,7 @@ import redis.asyncio
 from hypothesis import settings
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
+from resilient import RedisBackend
 from resilient.testing import RedisCluster, RedisServer
 
 settings.register_profile("default", max_examples=100, deadline=None)
@@ -56,3 +57,20 @@ async def cluster_client(redis_cluster: RedisCluster) -> AsyncIterator[AsyncRedi
     await client.flushall(target_nodes=AsyncRedisCluster.PRIMARIES)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def two_backends(
+    redis_server: RedisServer,
+) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Two backends on the session's server, each with a client of its own: two instances
+    of one service (the server is flushed first)."""
+    if not redis_server.is_running:
+        redis_server.start()
+    one = redis.asyncio.Redis.from_url(redis_server.url)
+    other = redis.asyncio.Redis.from_url(redis_server.url)
+    await one.flushall()
+    async with RedisBackend(one) as a, RedisBackend(other) as b:
+        yield a, b
+    await one.aclose()
+    await other.aclose()

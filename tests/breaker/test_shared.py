@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -65,26 +64,11 @@ async def ok() -> str:
     return "ok"
 
 
-@pytest.fixture
-async def two_instances(
-    redis_server: RedisServer,
-) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    if not redis_server.is_running:
-        redis_server.start()
-    one = redis.asyncio.Redis.from_url(redis_server.url)
-    two = redis.asyncio.Redis.from_url(redis_server.url)
-    await one.flushall()
-    async with RedisBackend(one) as a, RedisBackend(two) as b:
-        yield a, b
-    await one.aclose()
-    await two.aclose()
-
-
 async def test_an_open_on_one_instance_opens_the_others_and_one_probes(
-    two_instances: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
-    a, b = (make(backend, clock) for backend in two_instances)
+    a, b = (make(backend, clock) for backend in two_backends)
     await trip(a)
     await store(a).sync_now()  # publishes the opening
     assert await b.call(ok) == "ok"  # b has not synced yet: it still decides alone
@@ -107,10 +91,10 @@ async def test_an_open_on_one_instance_opens_the_others_and_one_probes(
 
 
 async def test_a_failed_probe_reopens_for_everyone(
-    two_instances: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
-    a, b = (make(backend, clock, half_open_calls=1) for backend in two_instances)
+    a, b = (make(backend, clock, half_open_calls=1) for backend in two_backends)
     await trip(a)
     await store(a).sync_now()
     clock.advance(10)
@@ -152,13 +136,13 @@ async def test_without_redis_each_instance_decides_alone(
 
 
 async def test_successful_calls_send_no_redis_command(
-    two_instances: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
-    a = make(two_instances[0], clock, window=100, minimum_calls=100)
+    a = make(two_backends[0], clock, window=100, minimum_calls=100)
     await store(a).sync_now()
     await asyncio.sleep(0)  # let the background task take its first turn
-    client = two_instances[0].client
+    client = two_backends[0].client
     before = (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
     for _ in range(1000):
         await a.call(ok)
@@ -167,10 +151,10 @@ async def test_successful_calls_send_no_redis_command(
 
 
 async def test_the_background_task_spreads_an_opening(
-    two_instances: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
-    a, b = (make(backend, clock, sync_interval=0.05) for backend in two_instances)
+    a, b = (make(backend, clock, sync_interval=0.05) for backend in two_backends)
     assert await b.call(ok) == "ok"  # b's task is running
     await trip(a)  # a's task publishes at once
     for _ in range(200):  # bounded: b's task reads every 50 ms

@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis.asyncio
 
 from resilient import ConfigurationError, MemoryBackend, RedisBackend
 from resilient.cache import Cache
-from resilient.testing import RedisServer
-
-
-@pytest.fixture
-async def two(redis_server: RedisServer) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    if not redis_server.is_running:
-        redis_server.start()
-    one = redis.asyncio.Redis.from_url(redis_server.url)
-    other = redis.asyncio.Redis.from_url(redis_server.url)
-    await one.flushall()
-    async with RedisBackend(one) as a, RedisBackend(other) as b:
-        yield a, b
-    await one.aclose()
-    await other.aclose()
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -42,9 +27,9 @@ async def gets(client: Any) -> int:
 
 
 async def test_hits_from_the_in_process_tier_cost_no_redis_command(
-    two: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
-    cache = Cache(two[0], l1=100, jitter=0.0)
+    cache = Cache(two_backends[0], l1=100, jitter=0.0)
     loads: list[int] = []
 
     async def load() -> dict[str, int]:
@@ -56,18 +41,18 @@ async def test_hits_from_the_in_process_tier_cost_no_redis_command(
     l1 = cache._l1
     await until(lambda: l1.listening)
     await cache.get_or_load("k", load)  # from Redis, now kept in process
-    before = await gets(two[0].client)
+    before = await gets(two_backends[0].client)
     for _ in range(100):
         assert await cache.get_or_load("k", load) == {"v": 1}
-    assert await gets(two[0].client) == before
+    assert await gets(two_backends[0].client) == before
     assert loads == [1]
     await cache.aclose()
 
 
 async def test_a_write_on_one_instance_drops_the_others_copy(
-    two: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
-    a, b = Cache(two[0], l1=100, jitter=0.0), Cache(two[1], l1=100, jitter=0.0)
+    a, b = Cache(two_backends[0], l1=100, jitter=0.0), Cache(two_backends[1], l1=100, jitter=0.0)
     await a.set("product:1", {"price": 10}, tags=["products"])
     assert b._l1 is not None
     b_l1 = b._l1

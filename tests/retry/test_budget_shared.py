@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import redis.asyncio
 
 from resilient import BackendError, ConfigurationError, RedisBackend, RetryBudget
 from resilient.testing import FakeClock, RedisServer
-
-
-@pytest.fixture
-async def backends(redis_server: RedisServer) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    if not redis_server.is_running:
-        redis_server.start()
-    one = redis.asyncio.Redis.from_url(redis_server.url)
-    two = redis.asyncio.Redis.from_url(redis_server.url)
-    await one.flushall()
-    async with RedisBackend(one) as a, RedisBackend(two) as b:
-        yield a, b
-    await one.aclose()
-    await two.aclose()
 
 
 def budget(backend: RedisBackend, clock: FakeClock) -> RetryBudget:
@@ -31,10 +16,10 @@ def budget(backend: RedisBackend, clock: FakeClock) -> RetryBudget:
 
 
 async def test_deposits_of_one_instance_fund_the_retries_of_another(
-    backends: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
-    a, b = budget(backends[0], clock), budget(backends[1], clock)
+    a, b = budget(two_backends[0], clock), budget(two_backends[1], clock)
     await b.sync_now()
     assert b.balance == 0
     assert not b.try_withdraw()
@@ -50,10 +35,10 @@ async def test_deposits_of_one_instance_fund_the_retries_of_another(
 
 
 async def test_shared_tokens_expire_with_the_window(
-    backends: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
-    a, b = budget(backends[0], clock), budget(backends[1], clock)
+    a, b = budget(two_backends[0], clock), budget(two_backends[1], clock)
     for _ in range(4):
         a.deposit()
     await a.sync_now()
@@ -93,11 +78,11 @@ async def scripts_run(backend: RedisBackend) -> int:
 
 
 async def test_async_callers_sync_in_the_background_at_most_once_an_interval(
-    backends: tuple[RedisBackend, RedisBackend],
+    two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
-    a, b = budget(backends[0], clock), budget(backends[1], clock)
-    before = await scripts_run(backends[0])
+    a, b = budget(two_backends[0], clock), budget(two_backends[1], clock)
+    before = await scripts_run(two_backends[0])
     for _ in range(10):
         a.deposit()  # the first starts a sync; the others fall in the same interval
     assert a._task is not None
@@ -105,6 +90,6 @@ async def test_async_callers_sync_in_the_background_at_most_once_an_interval(
     clock.advance(1.0)
     a.deposit()  # a new interval: a second sync carries the deposits since the first
     await a._task
-    assert await scripts_run(backends[0]) - before == 2
+    assert await scripts_run(two_backends[0]) - before == 2
     await b.sync_now()
     assert b.balance == 5.5
