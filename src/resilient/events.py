@@ -21,6 +21,7 @@ __all__ = [
     "BackendFailed",
     "BreakerStateChanged",
     "CacheHit",
+    "CacheLockWait",
     "CacheMiss",
     "CacheRefreshed",
     "CallFailed",
@@ -189,6 +190,14 @@ class CacheHit(Event):
     """The cache answered ``key`` with a fresh value."""
 
     key: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLockWait(Event):
+    """Another process is loading ``key``: this one waits, up to ``seconds``, to be woken."""
+
+    key: str
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)

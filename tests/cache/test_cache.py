@@ -258,8 +258,49 @@ def test_bad_configuration_is_refused() -> None:
         Cache(stale_if_error=-1)
     with pytest.raises(ConfigurationError, match="needs a MemoryBackend"):
         Cache(object())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="async functions"):
+    import redis.asyncio
 
-        @cached(Cache(), key="k")  # type: ignore[arg-type]
+    from resilient import RedisBackend
+
+    on_redis = Cache(RedisBackend(redis.asyncio.Redis()))
+    with pytest.raises(TypeError, match="needs the memory backend"):
+
+        @cached(on_redis, key="k")
         def sync() -> int:
             return 1
+
+    with pytest.raises(ConfigurationError, match="need the memory backend"):
+        on_redis.get_or_load_sync("k", lambda: 1)
+
+
+def test_plain_functions_in_threads_share_one_load() -> None:
+    import threading
+
+    clock = FakeClock()
+    cache = make(clock, stale_if_error=60.0)
+    calls: list[int] = []
+    gate = threading.Event()
+
+    @cached(cache, key="rate:{currency}", tags=["rates"])
+    def rate(currency: str) -> float:
+        calls.append(1)
+        gate.wait(5)
+        if len(calls) > 1:
+            raise ConnectionError("rates service down")
+        return 1.08
+
+    results: list[float] = []
+    threads = [threading.Thread(target=lambda: results.append(rate("EUR"))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join()
+    assert results == [1.08] * 8
+    assert calls == [1]
+    clock.advance(11)  # expired: the loader fails, the stale value is served
+    assert rate("EUR") == 1.08
+    assert calls == [1, 1]
+    clock.advance(60)  # beyond stale_if_error
+    with pytest.raises(ConnectionError):
+        rate("EUR")

@@ -178,6 +178,8 @@ async def test_a_loader_error_reaches_the_waiting_processes(backend: RedisBacken
     async def second() -> str:
         return "second loads after the failure"
 
+    waits: list[Event] = []
+    two.observer = waits.append
     first = asyncio.create_task(one.get_or_load("k", failing))
     await asyncio.sleep(0.05)
     waiting = asyncio.create_task(two.get_or_load("k", second))
@@ -187,6 +189,7 @@ async def test_a_loader_error_reaches_the_waiting_processes(backend: RedisBacken
         await first
     # woken by the failed owner, the waiter claims the lock and loads itself
     assert await waiting == "second loads after the failure"
+    assert "CacheLockWait" in [type(e).__name__ for e in waits]
 
 
 async def test_redis_down_loads_directly(fresh_redis_server: RedisServer) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import math
 import random
 import secrets
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,6 +28,7 @@ from resilient.errors import BackendError, ConfigurationError
 from resilient.events import (
     BackendFailed,
     CacheHit,
+    CacheLockWait,
     CacheMiss,
     CacheRefreshed,
     LoggingObserver,
@@ -90,6 +92,8 @@ class Cache:
         "_lookups",
         "_shared",
         "_store",
+        "_sync_flights",
+        "_sync_lock",
         "beta",
         "clock",
         "jitter",
@@ -156,6 +160,8 @@ class Cache:
             msg = f"a cache needs a MemoryBackend or a RedisBackend, not {backend!r}"
             raise ConfigurationError(msg)
         self._flights: dict[str, asyncio.Task[Any]] = {}
+        self._sync_flights: dict[str, threading.Lock] = {}
+        self._sync_lock = threading.Lock()
         if isinstance(l1, bool) or not isinstance(l1, int) or l1 < 0:
             msg = f"l1 must be a number of entries >= 0, not {l1!r}"
             raise ConfigurationError(msg)
@@ -277,6 +283,51 @@ class Cache:
                 return self.serializer.loads(entry.data)
             raise
 
+    def get_or_load_sync(
+        self,
+        key: str,
+        loader: Callable[[], _T],
+        *,
+        ttl: float | None = None,
+        tags: Iterable[str] = (),
+    ) -> _T:
+        """Do :meth:`get_or_load` for plain functions and threads (memory backend only).
+
+        Concurrent misses on a key in several threads share one loader call: the others
+        wait for it, then read its value (or, if it failed, load in turn). Stale values are
+        served only on error (``stale_if_error``): there is no background refresh here.
+        """
+        store = self._store
+        if not isinstance(store, MemoryCacheStore):
+            msg = "get_or_load_sync and @cached on a def need the memory backend"
+            raise ConfigurationError(msg)
+        now = self.clock.time()
+        entry = store.get_now(key, now)
+        if entry is not None and entry.fresh(now):
+            emit(self.observer, CacheHit("cache", key))
+            return self.serializer.loads(entry.data)  # type: ignore[no-any-return]
+        with self._sync_lock:
+            lock = self._sync_flights.setdefault(key, threading.Lock())
+        with lock:  # one loader per key; the others wait here, then find its value
+            now = self.clock.time()
+            again = store.get_now(key, now)
+            if again is not None and again.fresh(now):
+                emit(self.observer, CacheHit("cache", key))
+                return self.serializer.loads(again.data)  # type: ignore[no-any-return]
+            emit(self.observer, CacheMiss("cache", key))
+            started = self.clock.monotonic()
+            try:
+                value = loader()
+            except Exception:
+                if entry is not None and now < entry.expires_at + self.stale_if_error:
+                    emit(self.observer, StaleServed("cache", key, "error"))
+                    return self.serializer.loads(entry.data)  # type: ignore[no-any-return]
+                raise
+            fresh = self._entry(value, ttl, delta=self.clock.monotonic() - started)
+            if fresh is not None:
+                store.set_now(key, fresh, tags, self.clock.time())
+            return value
+
     def _lookup_done(self, key: str) -> Callable[[asyncio.Task[Any]], None]:
         def done(task: asyncio.Task[Any]) -> None:
             if self._lookups.get(key) is task:
@@ -377,7 +428,9 @@ class Cache:
                 )
                 raise BackendError("waited max_wait for another process's load")
             lock_left = (found or lease_ms) / 1000
-            await store.wait(key, min(left, lock_left + 0.05))
+            wait = min(left, lock_left + 0.05)
+            emit(self.observer, CacheLockWait("cache", key, wait))
+            await store.wait(key, wait)
 
     async def _load_owned(
         self,

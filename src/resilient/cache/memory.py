@@ -33,6 +33,14 @@ class MemoryCacheStore:
 
     async def get(self, key: str, now: float) -> Entry | None:
         """Return *key*'s entry if it is still servable and none of its tags moved on."""
+        return self.get_now(key, now)
+
+    async def set(self, key: str, entry: Entry, tags: Iterable[str], now: float) -> None:
+        """Store *entry* under *key*, stamped with the current versions of *tags*."""
+        self.set_now(key, entry, tags, now)
+
+    def get_now(self, key: str, now: float) -> Entry | None:
+        """Do :meth:`get` synchronously (it never waits on I/O)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -45,8 +53,8 @@ class MemoryCacheStore:
             self._entries.move_to_end(key)
             return entry
 
-    async def set(self, key: str, entry: Entry, tags: Iterable[str], now: float) -> None:
-        """Store *entry* under *key*, stamped with the current versions of *tags*."""
+    def set_now(self, key: str, entry: Entry, tags: Iterable[str], now: float) -> None:
+        """Do :meth:`set` synchronously."""
         with self._lock:
             entry.tags = {tag: self._tags.get(tag, 0) for tag in tags}
             self._entries[key] = entry
