@@ -416,17 +416,9 @@ class Cache:
             if kind == "o":
                 return await self._load_owned(store, key, token, loader=loader, ttl=ttl, tags=tags)
             left = deadline - loop.time()
-            if left <= 0:
-                emit(
-                    self.observer,
-                    BackendFailed(
-                        "cache",
-                        "wait",
-                        BackendError("the loading process took too long"),
-                        "loaded directly",
-                    ),
-                )
-                raise BackendError("waited max_wait for another process's load")
+            if left <= 0:  # reported by the caller, which then loads on its own
+                msg = f"another process's load of {key!r} took longer than max_wait"
+                raise BackendError(msg)
             lock_left = (found or lease_ms) / 1000
             wait = min(left, lock_left + 0.05)
             emit(self.observer, CacheLockWait("cache", key, wait))
