@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,3 +108,32 @@ def machine_facts(packages: Sequence[str], redis_server: str | None = None) -> s
         facts.append(f"- {version}")
     facts.append("- packages: " + ", ".join(f"{p} {_version(p)}" for p in packages))
     return "\n".join(facts)
+
+
+def run_cli(
+    name: str,
+    doc: str | None,
+    main_async: Callable[[argparse.Namespace], Coroutine[Any, Any, str]],
+    argv: list[str] | None,
+    *,
+    sections: Sequence[str] = (),
+) -> int:
+    """Parse a benchmark's options, run it, print its report and, after a full run, save it.
+
+    Options: ``--quick`` (a smoke test, nothing saved), ``--repeat`` (runs per figure, the
+    median is reported) and, with *sections*, ``--only`` (a partial report is not saved).
+    """
+    import asyncio
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
+    if sections:
+        parser.add_argument("--only", action="append", choices=sections, help="run only these")
+    args = parser.parse_args(argv)
+    report = asyncio.run(main_async(args))
+    print(report)
+    if not args.quick and not getattr(args, "only", None):
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.md").write_text(report + "\n")
+    return 0

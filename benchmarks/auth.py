@@ -14,7 +14,6 @@ Every figure is the median of ``--repeat`` runs; contenders alternate within eac
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from collections.abc import Callable
 
 import jwt
 
-from benchmarks._common import RESULTS, machine_facts, table
+from benchmarks._common import machine_facts, run_cli, table
 from resilient.auth import JWKSClient, JWTValidator
 from resilient.testing import LocalIssuer
 
@@ -88,26 +87,21 @@ async def bench(repeat: int, count: int) -> str:
     return table(headers, rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
-    args = parser.parse_args(argv)
+async def main_async(args: argparse.Namespace) -> str:
     count = 50 if args.quick else 2000
     print("auth section...", file=sys.stderr, flush=True)
     parts = ["# JWT validation benchmarks", "", "## Machine", "", machine_facts(PACKAGES), ""]
     parts += ["## Validations per second, warm key cache", ""]
-    parts += [asyncio.run(bench(args.repeat, count)), ""]
+    parts += [await bench(args.repeat, count), ""]
     parts.append(
         f"Medians of {args.repeat} runs of {count} validations. Rerun: `python dev.py bench "
         f"auth{' --quick' if args.quick else ''} --repeat {args.repeat}`."
     )
-    report = "\n".join(parts)
-    print(report)
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "auth.md").write_text(report + "\n")
-    return 0
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("auth", __doc__, main_async, argv)
 
 
 if __name__ == "__main__":

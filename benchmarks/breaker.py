@@ -14,14 +14,13 @@ that drift of the machine touches them alike.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks._common import RESULTS, machine_facts, table
+from benchmarks._common import machine_facts, run_cli, table
 from resilient import CircuitBreaker
 
 PACKAGES = ["resilient-asgi", "circuitbreaker", "pybreaker", "aiobreaker", "purgatory", "redis"]
@@ -197,17 +196,7 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
-    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these")
-    args = parser.parse_args(argv)
-    report = asyncio.run(main_async(args))
-    print(report)
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "breaker.md").write_text(report + "\n")
-    return 0
+    return run_cli("breaker", __doc__, main_async, argv, sections=SECTIONS)
 
 
 if __name__ == "__main__":

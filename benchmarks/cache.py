@@ -24,7 +24,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from benchmarks._common import RESULTS, machine_facts, percentile, table
+from benchmarks._common import machine_facts, percentile, run_cli, table
 from resilient import Cache, MemoryBackend, RedisBackend
 from resilient.testing import RedisServer, find_redis_server
 
@@ -221,6 +221,8 @@ def bench_processes(url: str, repeat: int) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> str:
+    if args.quick:
+        args.repeat = 1
     parts = ["# Cache benchmarks", "", "## Machine", ""]
     with RedisServer() as server:
         parts += [machine_facts(PACKAGES, find_redis_server()), ""]
@@ -250,18 +252,7 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="one run (a smoke test)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeat = 1
-    report = asyncio.run(main_async(args))
-    print(report)
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "cache.md").write_text(report + "\n")
-    return 0
+    return run_cli("cache", __doc__, main_async, argv)
 
 
 if __name__ == "__main__":

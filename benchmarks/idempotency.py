@@ -19,7 +19,6 @@ Every figure is the median of ``--repeat`` runs; contenders alternate within eac
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from benchmarks._common import RESULTS, machine_facts, table
+from benchmarks._common import machine_facts, run_cli, table
 from resilient import IdempotencyMiddleware, MemoryBackend, RedisBackend
 from resilient.testing import RedisServer, find_redis_server
 
@@ -192,16 +191,7 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
-    args = parser.parse_args(argv)
-    report = asyncio.run(main_async(args))
-    print(report)
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "idempotency.md").write_text(report + "\n")
-    return 0
+    return run_cli("idempotency", __doc__, main_async, argv)
 
 
 if __name__ == "__main__":

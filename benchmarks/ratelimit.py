@@ -16,7 +16,6 @@ that drift of the machine touches them alike.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 
 import redis.asyncio
 
-from benchmarks._common import RESULTS, Run, machine_facts, measure, median_run, table
+from benchmarks._common import Run, machine_facts, measure, median_run, run_cli, table
 from resilient import (
     MemoryBackend,
     RateLimiter,
@@ -393,17 +392,7 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
-    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these")
-    args = parser.parse_args(argv)
-    report = asyncio.run(main_async(args))
-    print(report)
-    if not args.quick and not args.only:  # a partial report must not replace the whole one
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "ratelimit.md").write_text(report + "\n")
-    return 0
+    return run_cli("ratelimit", __doc__, main_async, argv, sections=SECTIONS)
 
 
 if __name__ == "__main__":

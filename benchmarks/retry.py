@@ -14,7 +14,6 @@ that drift of the machine touches them alike.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import stamina
 import stamina.instrumentation
 import tenacity
 
-from benchmarks._common import RESULTS, machine_facts, table
+from benchmarks._common import machine_facts, run_cli, table
 from resilient import RetryBudget, retry
 from resilient.testing import retries_without_waits
 
@@ -292,17 +291,7 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
-    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these")
-    args = parser.parse_args(argv)
-    report = asyncio.run(main_async(args))
-    print(report)
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "retry.md").write_text(report + "\n")
-    return 0
+    return run_cli("retry", __doc__, main_async, argv, sections=SECTIONS)
 
 
 if __name__ == "__main__":
