@@ -37,7 +37,7 @@ class Prometheus:
             if not sample.name.endswith("_created")
         }
 
-    def value(self, name: str, **labels: str) -> float | None:
+    def value(self, name: str, /, **labels: str) -> float | None:
         """The value of one sample, ``None`` when it was never recorded."""
         return self.registry.get_sample_value(name, labels)
 
