@@ -298,3 +298,15 @@ def test_a_namespace_that_is_no_metric_name_is_refused(namespace: object) -> Non
 def test_a_registry_must_be_a_collector_registry() -> None:
     with pytest.raises(ConfigurationError, match="CollectorRegistry"):
         PrometheusObserver(registry=object())  # type: ignore[arg-type]
+
+
+def test_observe_all_still_counts_when_an_observer_before_it_raises(
+    prometheus: Prometheus, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: object) -> None:
+        raise RuntimeError("exporter down")
+
+    observer = observe_all(broken, prometheus.observer)
+    observer(_denied())
+    assert prometheus.value("resilient_ratelimit_denied_total", policy="5/minute") == 1
+    assert "exporter down" in caplog.text
