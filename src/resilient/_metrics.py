@@ -48,7 +48,9 @@ __all__ = ["METRICS", "Measurement", "Metric", "check_namespace", "error_type", 
 Kind: TypeAlias = Literal["counter", "histogram", "gauge"]
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: each metric is one module constant, so identity is equality, and hashing it
+# (once per measurement, to find its instrument) costs nothing.
+@dataclass(frozen=True, slots=True, eq=False)
 class Metric:
     """One metric, named without its namespace: ``"breaker.call.duration"``.
 

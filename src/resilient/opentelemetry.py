@@ -2,6 +2,7 @@
 
 ::
 
+    from resilient import CircuitBreaker
     from resilient.events import LoggingObserver, observe_all
     from resilient.opentelemetry import OpenTelemetryObserver
 

@@ -3,6 +3,7 @@
 ::
 
     from prometheus_client import start_http_server
+    from resilient import RateLimiter
     from resilient.events import LoggingObserver, observe_all
     from resilient.prometheus import PrometheusObserver
 
