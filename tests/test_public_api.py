@@ -21,7 +21,9 @@ PUBLIC_MODULES = [
     "resilient.events",
     "resilient.httpx",
     "resilient.keys",
+    "resilient.opentelemetry",
     "resilient.problem",
+    "resilient.prometheus",
     "resilient.ratelimit",
     "resilient.retry",
     "resilient.retry.core",
@@ -78,19 +80,23 @@ def test_the_design_names_are_importable_from_the_top() -> None:
 
 
 def test_every_module_imports_without_optional_extras() -> None:
-    # redis, starlette, httpx and PyJWT are extras: nothing may need them at import time,
-    # except the integrations with them, which say what to install.
+    # redis, starlette, httpx, PyJWT and the metrics clients are extras: nothing may need
+    # them at import time, except the integrations with them, which say what to install.
     code = """
 import sys, importlib, pkgutil
-for blocked in ("redis", "starlette", "httpx", "hiredis", "jwt", "cryptography"):
-    sys.modules[blocked] = None
+blocked = ("redis", "starlette", "httpx", "hiredis", "jwt", "cryptography",
+           "prometheus_client", "opentelemetry")
+for name in blocked:
+    sys.modules[name] = None
 import resilient
+extras = {"resilient.httpx": "httpx", "resilient.prometheus": "prometheus",
+          "resilient.opentelemetry": "opentelemetry"}
 for info in pkgutil.walk_packages(resilient.__path__, "resilient."):
     try:
         importlib.import_module(info.name)
     except ImportError as error:
-        if info.name == "resilient.httpx":
-            assert "pip install 'resilient-asgi[httpx]'" in str(error), error
+        if info.name in extras:
+            assert f"pip install 'resilient-asgi[{extras[info.name]}]'" in str(error), error
         else:
             assert info.name.startswith(("resilient.auth", "resilient.testing._issuer")), info
             assert "pip install 'resilient-asgi[jwt]'" in str(error), error
@@ -102,10 +108,10 @@ print("ok")
     assert result.stdout.strip() == "ok", result.stderr
 
 
-def test_importing_resilient_does_not_import_httpx_nor_jwt() -> None:
+def test_importing_resilient_does_not_import_httpx_nor_jwt_nor_metrics_clients() -> None:
     code = (
         "import resilient, resilient.testing, sys\n"
-        "for name in ('httpx', 'jwt', 'cryptography'):\n"
+        "for name in ('httpx', 'jwt', 'cryptography', 'prometheus_client', 'opentelemetry'):\n"
         "    assert name not in sys.modules, name\n"
         "print('ok')"
     )

@@ -1,0 +1,45 @@
+"""docs/observability.md: its snippets run, in order, and its table lists every metric."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from resilient._metrics import METRICS
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "observability.md"
+
+
+def test_the_guide_snippets_run() -> None:
+    snippets = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
+    assert len(snippets) >= 3
+    namespace: dict[str, object] = {"__name__": "guide"}
+    for snippet in snippets:
+        exec(compile(snippet, str(GUIDE), "exec"), namespace)
+    assert namespace["denied"] == ["search"]
+
+
+def test_the_metrics_table_has_a_row_for_every_metric_in_both_namings() -> None:
+    rows = [line for line in GUIDE.read_text().splitlines() if line.startswith("| `resilient")]
+    assert len(rows) == len(METRICS)
+    for metric, row in zip(METRICS, rows, strict=True):
+        suffix = "_total" if metric.kind == "counter" else ""
+        prometheus, opentelemetry, kind = (cell.strip() for cell in row.split("|")[1:4])
+        assert prometheus == f"`{metric.prometheus_name('resilient')}{suffix}`"
+        assert opentelemetry == f"`{metric.opentelemetry_name('resilient')}`"
+        assert kind == metric.kind
+
+
+def test_the_events_table_has_a_row_for_every_event() -> None:
+    import resilient.events
+
+    text = GUIDE.read_text()
+    events = [
+        name
+        for name in resilient.events.__all__
+        if isinstance(getattr(resilient.events, name), type)
+        and issubclass(getattr(resilient.events, name), resilient.events.Event)
+        and name != "Event"
+    ]
+    for name in events:
+        assert re.search(rf"^\| `{name}` \|", text, flags=re.MULTILINE), name
