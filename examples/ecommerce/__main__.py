@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,10 @@ def wait_until_up(url: str, timeout: float = 15.0) -> None:
             time.sleep(0.1)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the example shop.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -51,6 +56,9 @@ def main() -> None:
         )
     os.environ.setdefault("SHOP_PUBLIC_URL", f"http://{args.host}:{args.port}")
     os.environ.setdefault("PAYMENT_URL", f"http://127.0.0.1:{args.payment_port}")
+    # uvicorn re-raises SIGTERM once it has shut down: make it unwind this process (and
+    # stop the provider below) instead of killing it on the spot.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     provider = subprocess.Popen(
         [
             sys.executable,

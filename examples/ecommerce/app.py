@@ -43,6 +43,7 @@ from resilient import (
     JWKSClient,
     JWTAuthMiddleware,
     JWTValidator,
+    LoggingObserver,
     MemoryBackend,
     RateLimiter,
     RateLimitMiddleware,
@@ -57,7 +58,9 @@ from resilient import (
     requires,
     retry,
 )
+from resilient.events import observe_all
 from resilient.problem import problem_body
+from resilient.prometheus import PrometheusObserver
 
 __all__ = ["Shop", "create_app"]
 
@@ -156,15 +159,25 @@ class Shop:
         self.clock = clock = clock or SystemClock()
         self.db = Database(settings.database, products=settings.products, seed=settings.seed)
         self.db.prepare()
+        # Events go to the log and, as metrics, to /metrics.
+        self.registry = CollectorRegistry()
+        self.observer = observer = observe_all(
+            LoggingObserver(), PrometheusObserver(registry=self.registry)
+        )
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
         self.backend: MemoryBackend | RedisBackend = (
             RedisBackend(self.redis, prefix="shop") if self.redis is not None else MemoryBackend()
         )
         shared = self.backend if isinstance(self.backend, RedisBackend) else None
-        self.limiter = RateLimiter(self.backend, clock=clock, deny_cache=10_000)
+        self.limiter = RateLimiter(self.backend, clock=clock, deny_cache=10_000, observer=observer)
         self.login_policy = SlidingWindow(settings.login_user_rate, block_for=settings.login_block)
         self.cache = Cache(
-            self.backend, ttl=300, stale_while_revalidate=30, negative_ttl=30, clock=clock
+            self.backend,
+            ttl=300,
+            stale_while_revalidate=30,
+            negative_ttl=30,
+            clock=clock,
+            observer=observer,
         )
         self.issuer = Issuer(
             settings.signing_key,
@@ -180,6 +193,7 @@ class Shop:
                 settings.oidc_issuer.rstrip("/") + "/.well-known/jwks.json",
                 self.jwks_http,
                 clock=clock,
+                observer=observer,
             )
             self.validator = JWTValidator(
                 jwks,
@@ -189,11 +203,15 @@ class Shop:
                 client_id=settings.oidc_client_id,
                 algorithms=["RS256"],
                 clock=clock,
+                observer=observer,
             )
             self.admin = requires(groups=["admin"])
         else:
             jwks = JWKSClient(
-                settings.public_url + "/.well-known/jwks.json", self.jwks_http, clock=clock
+                settings.public_url + "/.well-known/jwks.json",
+                self.jwks_http,
+                clock=clock,
+                observer=observer,
             )
             self.validator = JWTValidator(
                 jwks,
@@ -202,6 +220,7 @@ class Shop:
                 algorithms=["ES256"],
                 typ="at+jwt",
                 clock=clock,
+                observer=observer,
             )
             self.admin = requires(roles=["admin"])
         self.payments_breaker = CircuitBreaker(
@@ -212,17 +231,19 @@ class Shop:
             open_for=settings.breaker_open_for,
             backend=shared,
             clock=clock,
+            observer=observer,
         )
         self.payments = httpx.AsyncClient(
             base_url=settings.payment_url,
             transport=ResilientTransport(
                 payment_transport or httpx.AsyncHTTPTransport(),
                 breaker=self.payments_breaker,
-                retry=retry(attempts=3, deadline=3.0, base=0.1, cap=0.5, clock=clock),
+                retry=retry(
+                    attempts=3, deadline=3.0, base=0.1, cap=0.5, clock=clock, observer=observer
+                ),
                 timeout=2.0,
             ),
         )
-        self.registry = CollectorRegistry()
         self.catalog_loads = Counter(
             "shop_catalog_loads",
             "Catalog reads that reached the database (cache misses that loaded)",
@@ -457,7 +478,7 @@ class Shop:
         )
         client = by_ip(trusted_proxies=list(self.settings.trusted_proxies))
         guarded = IdempotencyMiddleware(
-            app, self.backend, required=["/api/orders"], clock=self.clock
+            app, self.backend, required=["/api/orders"], clock=self.clock, observer=self.observer
         )
         limited = RateLimitMiddleware(
             guarded,

@@ -368,6 +368,9 @@ async def test_a_payment_outage_fails_fast_then_recovers(harness: Harness) -> No
     assert harness.provider.calls == calls  # the circuit is open: the provider rests
     assert stock_of(harness, 20) == 100  # every failed order gave its stock back
     assert harness.provider.charges == {}
+    opened = {"name": "payments", "from": "closed", "to": "open"}
+    registry = harness.shop.registry
+    assert registry.get_sample_value("resilient_breaker_transitions_total", opened) == 1
     harness.provider.failure_rate = 0.0
     harness.clock.advance(harness.shop.settings.breaker_open_for + 1)
     shared = harness.shop.payments_breaker._shared

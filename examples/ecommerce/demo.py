@@ -1,0 +1,342 @@
+"""``python -m examples.ecommerce.demo``: the shop's story, told by a client, as a table.
+
+By default it starts its own shop and payment provider (fresh data, free ports, behind a
+pretend load balancer on 127.0.0.1 so that it can play many clients), walks through each
+scenario, prints what happened, and stops them. ``--url`` points it at a running shop
+instead (started with ``SHOP_TRUSTED_PROXIES=127.0.0.1/32``); ``REDIS_URL`` in the
+environment puts the shop it starts on Redis.
+
+Scenarios: a brute-force login is blocked; a double-submitted order is placed once; a
+crowd on a cold catalog page costs one database load; a payment outage opens the circuit
+(fast 503s) and the shop recovers; forged, unsigned and expired tokens are refused; only
+an admin changes a product, and readers see the change at once; each user has a token
+bucket on the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from examples.ecommerce.__main__ import wait_until_up
+from examples.ecommerce.issuer import Issuer
+
+__all__ = ["Demo", "main"]
+
+UNSIGNED = b'{"alg":"none"}'
+# Seconds the payments circuit stays open in the demo's own shop: longer than the shop's
+# retry deadline (3 s), so an order finds the circuit open and fails at once.
+OPEN_FOR = 5.0
+
+
+@dataclass
+class Row:
+    """One line of the report."""
+
+    scenario: str
+    happened: str
+    ok: bool
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def servers(data_dir: Path) -> Iterator[tuple[str, str]]:
+    """Start a shop and its payment provider; yield their URLs; stop them."""
+    shop_port, payment_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "SHOP_DATA_DIR": str(data_dir),
+        "SHOP_TRUSTED_PROXIES": "127.0.0.1/32",
+        "SHOP_BREAKER_OPEN_FOR": str(OPEN_FOR),
+    }
+    for name in ("SHOP_PUBLIC_URL", "PAYMENT_URL"):
+        env.pop(name, None)
+    log = (data_dir / "shop.log").open("wb")  # the shop's own log, events included
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.ecommerce", "--port", str(shop_port),
+         "--payment-port", str(payment_port), "--payment-latency", "0.02"],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )  # fmt: skip
+    try:
+        shop, payments = f"http://127.0.0.1:{shop_port}", f"http://127.0.0.1:{payment_port}"
+        wait_until_up(shop + "/healthz", timeout=60)
+        yield shop, payments
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        log.close()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Demo:
+    """The scenarios, run against a shop at *shop* and its provider at *payments*."""
+
+    def __init__(self, shop: str, payments: str, *, data_dir: Path | None = None) -> None:
+        self.shop = shop
+        self.payments = payments
+        self.data_dir = data_dir
+        self.http = httpx.AsyncClient(base_url=shop, timeout=30.0)
+        self.rows: list[Row] = []
+        self._addresses = iter(range(1, 1 << 16))
+
+    def client_ip(self) -> dict[str, str]:
+        """Headers that make a request come from a client address of its own."""
+        n = next(self._addresses)
+        return {"X-Forwarded-For": f"10.{n >> 8 & 255}.{n & 255}.7"}
+
+    def report(self, scenario: str, happened: str, *, ok: bool) -> None:
+        self.rows.append(Row(scenario, happened, ok))
+
+    async def login(self, username: str, password: str) -> dict[str, str]:
+        response = await self.http.post(
+            "/api/login",
+            json={"username": username, "password": password},
+            headers=self.client_ip(),
+        )
+        response.raise_for_status()
+        body = response.json()
+        return {"Authorization": f"Bearer {body['access_token']}", "X-User": body["user_id"]}
+
+    async def metric(self, name: str, **labels: str) -> float:
+        text = (await self.http.get("/metrics")).text
+        selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        pattern = rf"^{re.escape(name)}\{{{re.escape(selector)}\}} (\S+)$"
+        match = re.search(pattern, text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    # -- the scenarios ------------------------------------------------------------------
+
+    async def brute_force(self) -> None:
+        attacker = self.client_ip()
+        statuses = []
+        for guess in range(6):
+            response = await self.http.post(
+                "/api/login",
+                json={"username": "alice", "password": f"guess-{guess}"},
+                headers=attacker,
+            )
+            statuses.append(response.status_code)
+        right = await self.http.post(
+            "/api/login", json={"username": "alice", "password": "wonderland"}, headers=attacker
+        )
+        self.report(
+            "brute-force login on alice",
+            f"6 guesses: {_counts(statuses)}; then the right password: {right.status_code}, "
+            f"Retry-After {right.headers.get('retry-after')} s",
+            ok=statuses == [401] * 5 + [429] and right.status_code == 429,
+        )
+
+    async def double_submit(self) -> None:
+        bob = await self.login("bob", "builder")
+        user = bob.pop("X-User")
+        headers = {**bob, "Idempotency-Key": f"checkout-{time.time_ns()}"}
+        order = {"items": [{"product_id": 1, "quantity": 1}]}
+        first, second = await asyncio.gather(
+            self.http.post("/api/orders", json=order, headers=headers),
+            self.http.post("/api/orders", json=order, headers=headers),
+        )
+        if {first.status_code, second.status_code} == {201, 409}:  # both at once: one waits
+            await asyncio.sleep(0.5)
+            second = await self.http.post("/api/orders", json=order, headers=headers)
+        changed = await self.http.post(
+            "/api/orders", json={"items": [{"product_id": 2, "quantity": 1}]}, headers=headers
+        )
+        orders = (await self.http.get(f"/api/users/{user}/orders", headers=bob)).json()["orders"]
+        self.report(
+            "order submitted twice (same Idempotency-Key)",
+            f"{first.status_code}, then {second.status_code} replayed="
+            f"{second.headers.get('idempotent-replayed')}; same key, other order: "
+            f"{changed.status_code}; orders in the database: {len(orders)}",
+            ok=first.status_code == 201
+            and second.headers.get("idempotent-replayed") == "true"
+            and changed.status_code == 422
+            and len(orders) == 1,
+        )
+
+    async def stampede(self) -> None:
+        before = await self.metric("shop_catalog_loads_total", kind="list")
+        query = {"category": "games", "page": "3", "per_page": "50"}
+        responses = await asyncio.gather(
+            *(self.http.get("/api/products", params=query, headers=self.client_ip())
+              for _ in range(200))
+        )  # fmt: skip
+        after = await self.metric("shop_catalog_loads_total", kind="list")
+        statuses = [r.status_code for r in responses]
+        self.report(
+            "200 clients at once on a cold catalog page",
+            f"{_counts(statuses)}; database loads: {after - before:g}",
+            ok=statuses == [200] * 200 and after - before == 1,
+        )
+
+    async def payment_outage(self) -> None:
+        carol = await self.login("carol", "christmas")
+        carol.pop("X-User")
+        order = {"items": [{"product_id": 3, "quantity": 1}]}
+        seen: list[str] = []
+
+        async def place(label: str) -> httpx.Response:
+            start = time.perf_counter()
+            response = await self.http.post(
+                "/api/orders",
+                json=order,
+                headers={**carol, "Idempotency-Key": f"{label}-{time.time_ns()}"},
+            )
+            seen.append(f"{response.status_code} in {(time.perf_counter() - start) * 1000:.0f} ms")
+            return response
+
+        await self.http.post(self.payments + "/control", json={"failure_rate": 1.0})
+        during = [await place("outage") for _ in range(3)]
+        await self.http.post(self.payments + "/control", json={"failure_rate": 0.0})
+        await asyncio.sleep(OPEN_FOR + 1.5)  # the circuit's open period, and a sync
+        after = await place("recovered")
+        self.report(
+            "payment provider down, then back",
+            "; ".join(seen) + f" (Retry-After {during[-1].headers.get('retry-after')} s)",
+            ok=[r.status_code for r in during] == [503] * 3 and after.status_code == 201,
+        )
+
+    async def bad_tokens(self) -> None:
+        bob = await self.login("bob", "builder")
+        token = bob["Authorization"][7:]
+        header, payload, signature = token.split(".")
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+        tokens = {
+            "forged (roles edited)": ".".join(
+                [header, _b64(json.dumps({**claims, "roles": ["admin"]}).encode()), signature]
+            ),
+            "unsigned (alg none)": f"{_b64(UNSIGNED)}.{payload}.",
+        }
+        if self.data_dir is not None:  # we started the shop: we hold its key
+            issuer = Issuer(
+                self.data_dir / "signing-key.pem", issuer=claims["iss"], audience=claims["aud"]
+            )
+            tokens["expired"] = issuer.mint(
+                {"id": claims["sub"], "username": "bob", "roles": []}, now=time.time() - 3600
+            )
+        outcomes = []
+        for name, bad in tokens.items():
+            response = await self.http.get(
+                "/api/products/1", headers={"Authorization": f"Bearer {bad}", **self.client_ip()}
+            )
+            reason = re.search(
+                r'error_description="([^"]*)"', response.headers.get("www-authenticate", "")
+            )
+            outcomes.append((name, response.status_code, reason.group(1) if reason else "-"))
+        self.report(
+            "forged, unsigned and expired tokens",
+            "; ".join(f"{name}: {status} ({why})" for name, status, why in outcomes),
+            ok=all(status == 401 for _, status, _ in outcomes),
+        )
+
+    async def admin_only(self) -> None:
+        bob = await self.login("bob", "builder")
+        admin = await self.login("admin", "admin-secret")
+        bob.pop("X-User")
+        admin.pop("X-User")
+        before = (await self.http.get("/api/products/5", headers=self.client_ip())).json()
+        price = before["price_cents"] + 100
+        by_bob = await self.http.put("/api/products/5", json={"price_cents": price}, headers=bob)
+        by_admin = await self.http.put(
+            "/api/products/5", json={"price_cents": price}, headers=admin
+        )
+        after = (await self.http.get("/api/products/5", headers=self.client_ip())).json()
+        self.report(
+            "product price change",
+            f"by bob: {by_bob.status_code}; by admin: {by_admin.status_code}; readers see "
+            f"{before['price_cents']} -> {after['price_cents']}",
+            ok=by_bob.status_code == 403
+            and by_admin.status_code == 200
+            and after["price_cents"] == price,
+        )
+
+    async def token_bucket(self) -> None:
+        customer = await self.login("customer001", "password-1")
+        customer.pop("X-User")
+        statuses = [
+            (await self.http.get("/api/products/9", headers=customer)).status_code
+            for _ in range(60)
+        ]
+        self.report(
+            "one user, 60 requests in a burst",
+            f"{_counts(statuses)} (a bucket of 40, refilled at 20/s)",
+            ok=200 in statuses and 429 in statuses,
+        )
+
+    async def run(self) -> list[Row]:
+        scenarios: list[Callable[[], Awaitable[None]]] = [
+            self.brute_force,
+            self.double_submit,
+            self.stampede,
+            self.payment_outage,
+            self.bad_tokens,
+            self.admin_only,
+            self.token_bucket,
+        ]
+        try:
+            for scenario in scenarios:
+                await scenario()
+        finally:
+            await self.http.aclose()
+        return self.rows
+
+
+def _counts(statuses: list[int]) -> str:
+    counts: dict[int, int] = {}
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{count} x {status}" for status, count in counts.items())
+
+
+def render(rows: list[Row]) -> str:
+    """The report as a plain-text table."""
+    width = max(len(row.scenario) for row in rows)
+    lines = [f"{'scenario':<{width}}  ok  what happened", f"{'-' * width}  --  {'-' * 40}"]
+    lines += [
+        f"{row.scenario:<{width}}  {'ok' if row.ok else 'NO'}  {row.happened}" for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Walk through the shop's story.")
+    parser.add_argument("--url", help="a running shop (else one is started)")
+    parser.add_argument("--payments", default="http://127.0.0.1:8001")
+    args = parser.parse_args(argv)
+    if args.url:
+        rows = asyncio.run(Demo(args.url.rstrip("/"), args.payments).run())
+    else:
+        with tempfile.TemporaryDirectory() as data, servers(Path(data)) as (shop, payments):
+            print(f"started a shop at {shop} (payments at {payments})\n", flush=True)
+            rows = asyncio.run(Demo(shop, payments, data_dir=Path(data)).run())
+    print(render(rows))
+    return 0 if all(row.ok for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
