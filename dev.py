@@ -4,7 +4,8 @@ Standard library only, so it runs on a fresh machine with nothing but Python 3.1
 
 * ``test [pytest arguments]``: the whole test suite (it starts its own Redis servers);
 * ``check``: ruff, ruff format --check and mypy --strict;
-* ``example [arguments]``: the example server on http://127.0.0.1:8000;
+* ``example [arguments]``: the example shop on http://127.0.0.1:8000;
+* ``demo``: starts the example shop and walks through its story;
 * ``bench [arguments]``: the benchmarks, side by side with the peer libraries.
 
 It creates ``.venv`` beside this file, installs the project with the extras the command
@@ -31,6 +32,7 @@ EXTRAS = {
     "test": "test,lint",
     "check": "test,lint",
     "example": "examples",
+    "demo": "examples",
     "bench": "bench,test",
 }
 
@@ -92,7 +94,9 @@ def main(argv: list[str]) -> int:
         failed |= run(PYTHON, "-m", "mypy")
         return 1 if failed else 0
     if command == "example":
-        return run(PYTHON, "-m", "examples.hello", *rest)
+        return run(PYTHON, "-m", "examples.ecommerce", *rest)
+    if command == "demo":
+        return run(PYTHON, "-m", "examples.ecommerce.demo", *rest)
     ensure_redis_server()
     return run(PYTHON, "-m", "benchmarks", *rest)
 
