@@ -21,8 +21,12 @@ How the blocks run, for whoever writes a page:
   Cluster (``redis_cluster``, every master flushed). A page makes its own client, as an
   application would: ``redis.asyncio.Redis.from_url(os.environ["REDIS_URL"])``.
 * Tracebacks point at the page itself: a failing line shows as ``docs/<page>.md``, line N.
-* Whatever a page turns off globally (retry waits) is turned back on after it; tasks it
-  leaves running are cancelled with its event loop.
+* After a page, what it left open in its namespace is closed, newest first, as a
+  reader's process would on exit: objects with an ``aclose()`` coroutine (clients,
+  backends, caches), and objects with ``close()`` and a ``with`` form (issuers, sync
+  clients). Name a backend (``backend = RedisBackend(client)``) so it is closed too;
+  tasks left running are cancelled with the page's event loop, and whatever the page
+  turned off globally (retry waits) is turned back on.
 """
 
 from __future__ import annotations
@@ -128,6 +132,18 @@ def redis_urls(
     return provide
 
 
+async def _close_leftovers(namespace: dict[str, object]) -> None:
+    """Close what a page left open in its namespace, newest first."""
+    for value in reversed(list(namespace.values())):
+        if isinstance(value, type | types.ModuleType | types.FunctionType):
+            continue
+        aclose = getattr(value, "aclose", None)
+        if inspect.iscoroutinefunction(aclose):
+            await aclose()
+        elif hasattr(value, "__enter__") and callable(getattr(value, "close", None)):
+            value.close()  # type: ignore[attr-defined]
+
+
 async def _cancel_leftovers() -> None:
     """Cancel the tasks a page left running (background refreshes, sync loops)."""
     pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
@@ -154,6 +170,7 @@ def run_blocks(path: Path, blocks: list[Block]) -> types.ModuleType:
                 exec(code, module.__dict__)
     finally:
         waits.enabled = enabled
+        loop.run_until_complete(_close_leftovers(module.__dict__))
         loop.run_until_complete(_cancel_leftovers())
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.run_until_complete(loop.shutdown_default_executor())
