@@ -3,7 +3,9 @@
 Standard library only, so it runs on a fresh machine with nothing but Python 3.11+:
 
 * ``test [pytest arguments]``: the whole test suite (it starts its own Redis servers);
-* ``check``: ruff, ruff format --check and mypy --strict;
+* ``check``: ruff, ruff format --check, mypy --strict and a strict build of the docs;
+* ``docs [mkdocs arguments]``: the documentation site, built strictly into ``site/``
+  (``docs serve`` previews it on http://127.0.0.1:8000);
 * ``example [arguments]``: the example shop on http://127.0.0.1:8000;
 * ``demo``: starts the example shop and walks through its story;
 * ``bench [arguments]``: the benchmarks, side by side with the peer libraries.
@@ -20,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -31,9 +34,17 @@ PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 EXTRAS = {
     "test": "test,lint",
     "check": "test,lint",
+    "docs": "docs",
     "example": "examples",
     "demo": "examples",
     "bench": "bench,test",
+}
+
+# The commands that run a module of this repository.
+MODULES = {
+    "example": "examples.ecommerce",
+    "demo": "examples.ecommerce.demo",
+    "bench": "benchmarks",
 }
 
 
@@ -78,6 +89,7 @@ def ensure_redis_server() -> None:
 
 
 def main(argv: list[str]) -> int:
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # mkdocs-material's banner, not ours
     if sys.version_info < (3, 11):  # noqa: UP036 (dev.py may be run by an older Python)
         sys.exit("dev.py: resilient needs Python 3.11 or newer")
     if not argv or argv[0] not in EXTRAS:
@@ -92,13 +104,14 @@ def main(argv: list[str]) -> int:
         failed = run(PYTHON, "-m", "ruff", "check", ".")
         failed |= run(PYTHON, "-m", "ruff", "format", "--check", ".")
         failed |= run(PYTHON, "-m", "mypy")
+        with tempfile.TemporaryDirectory() as site:  # a few seconds; CI runs it with the rest
+            failed |= run(BIN / "mkdocs", "build", "--strict", "--site-dir", site)
         return 1 if failed else 0
-    if command == "example":
-        return run(PYTHON, "-m", "examples.ecommerce", *rest)
-    if command == "demo":
-        return run(PYTHON, "-m", "examples.ecommerce.demo", *rest)
-    ensure_redis_server()
-    return run(PYTHON, "-m", "benchmarks", *rest)
+    if command == "docs":
+        return run(BIN / "mkdocs", *(rest or ["build", "--strict", "--site-dir", "site"]))
+    if command == "bench":
+        ensure_redis_server()
+    return run(PYTHON, "-m", MODULES[command], *rest)
 
 
 if __name__ == "__main__":
