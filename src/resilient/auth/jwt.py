@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import json
 import math
 import re
 from collections.abc import Collection, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 try:
     import jwt
@@ -61,7 +62,13 @@ from resilient.errors import (
 )
 from resilient.events import LoggingObserver, Observer, TokenRejected, emit
 
-__all__ = ["ASYMMETRIC_ALGORITHMS", "JWTValidator", "KeySource"]
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "JWTValidator",
+    "KeySource",
+    "SyncJWTValidator",
+    "SyncKeySource",
+]
 
 # alg -> (kty, crv or None for any supported curve of that kty)
 _KEY_FOR_ALG: Final[Mapping[str, tuple[str, str | None]]] = {
@@ -98,11 +105,22 @@ _IGNORED_HEADERS: Final = ("jku", "x5u", "jwk", "x5c")
 
 
 class KeySource(Protocol):
-    """Where a validator finds keys: :class:`JWKSClient` is one."""
+    """Where a :class:`JWTValidator` finds keys: :class:`JWKSClient` is one."""
 
     async def get_key(self, kid: str) -> SigningKey:
         """Return the key named *kid*, or raise :class:`~resilient.errors.UnknownKey`."""
         ...
+
+
+class SyncKeySource(Protocol):
+    """Where a :class:`SyncJWTValidator` finds keys: :class:`SyncJWKSClient` is one."""
+
+    def get_key(self, kid: str) -> SigningKey:
+        """Return the key named *kid*, or raise :class:`~resilient.errors.UnknownKey`."""
+        ...
+
+
+_S = TypeVar("_S", KeySource, SyncKeySource)
 
 
 def _b64decode(part: str) -> bytes:
@@ -144,24 +162,14 @@ def _strings(value: str | Collection[str] | None, name: str) -> frozenset[str] |
     return values
 
 
-class JWTValidator:
-    """Validates bearer JWTs against the keys of a :class:`JWKSClient`.
+class _Validation(Generic[_S]):
+    """The options and every check of a validator: all but the call for the key."""
 
-    *jwks* is a key source, or a mapping ``issuer -> key source`` to accept tokens of
-    several issuers (the unverified ``iss`` picks the key source, then the verified
-    ``iss`` must be one of *issuer*). *issuer* and *audience* are required: pass
-    ``audience=None`` only for tokens without ``aud`` (Cognito access tokens, checked by
-    *client_id* instead). *typ* requires that ``typ`` header (``"at+jwt"`` for RFC 9068
-    access tokens, so an ID token is refused where an access token is expected; a
-    Cognito-style ``token_use`` claim is checked by *token_use*). Times are in seconds.
-
-    >>> validator = JWTValidator(jwks, issuer="https://issuer.example", audience="api")
-    >>> claims = await validator.validate(token)  # doctest: +SKIP
-    """
+    _wants_coroutines: bool
 
     def __init__(
         self,
-        jwks: KeySource | Mapping[str, KeySource],
+        jwks: _S | Mapping[str, _S],
         *,
         issuer: str | Collection[str],
         audience: str | Collection[str] | None,
@@ -176,7 +184,9 @@ class JWTValidator:
         clock: Clock | None = None,
         observer: Observer | None = _DEFAULT_OBSERVER,
     ) -> None:
-        self._jwks = jwks
+        for source in jwks.values() if isinstance(jwks, Mapping) else [jwks]:
+            self._check_source(source)
+        self._jwks: _S | Mapping[str, _S] = jwks
         issuers = _strings(issuer, "issuer")
         assert issuers is not None
         self.issuers = issuers
@@ -207,29 +217,22 @@ class JWTValidator:
         self._clock = clock or SystemClock()
         self.observer = observer
 
-    async def validate(self, token: str | bytes) -> dict[str, Any]:
-        """Return the claims of *token* if it is valid; raise an :class:`InvalidToken` if not.
+    def _begin(self, token: str | bytes) -> tuple[str, list[str], str, str, _S]:
+        """Check what can be checked before a key is needed; return what finishes the job.
 
-        May also raise :class:`~resilient.errors.KeySetUnavailable` when the issuer's key
-        set cannot be had (a server-side outage, not the client's fault). Each refusal
-        emits a :class:`~resilient.events.TokenRejected` to the observer.
+        That is the token's text, its three parts, its ``alg`` and ``kid``, and the key
+        source to ask for the key.
         """
-        try:
-            return await self._validate(token)
-        except InvalidToken as error:
-            emit(self.observer, TokenRejected("jwt", type(error).__name__))
-            raise
-
-    async def _validate(self, token: str | bytes) -> dict[str, Any]:
         text = self._text(token)
         parts = text.split(".")
         if len(parts) != 3:
             raise MalformedToken
         header = _json_object(_b64decode(parts[0]))
         alg = self._check_header(header)
-        kid = header["kid"]
-        source = self._source_for(parts[1])
-        key = await source.get_key(kid)
+        return text, parts, alg, header["kid"], self._source_for(parts[1])
+
+    def _finish(self, text: str, parts: list[str], alg: str, key: SigningKey) -> dict[str, Any]:
+        """Check the key, the signature and the claims; return the claims."""
         self._check_key(alg, key)
         signature = _b64decode(parts[2])
         if alg in _ECDSA:
@@ -244,6 +247,24 @@ class JWTValidator:
         claims = _json_object(_b64decode(parts[1]))
         self._check_claims(claims)
         return claims
+
+    def _rejected(self, error: InvalidToken) -> None:
+        emit(self.observer, TokenRejected("jwt", type(error).__name__))
+
+    def _check_source(self, source: object) -> None:
+        get_key = getattr(source, "get_key", None)
+        if get_key is None:
+            msg = f"{source!r} is not a key source: it has no get_key method"
+            raise ConfigurationError(msg)
+        # Only plain functions say for sure whether they are coroutine functions.
+        if inspect.ismethod(get_key) or inspect.isfunction(get_key):
+            is_async = inspect.iscoroutinefunction(get_key)
+            if is_async != self._wants_coroutines:
+                kind, twin = (
+                    ("a sync", "JWTValidator") if is_async else ("an async", "SyncJWTValidator")
+                )
+                msg = f"{source!r} is {kind} key source: use it with a {twin}"
+                raise ConfigurationError(msg)
 
     def _text(self, token: str | bytes) -> str:
         if isinstance(token, bytes):
@@ -282,7 +303,7 @@ class JWTValidator:
                 raise WrongTokenUse(msg)
         return alg
 
-    def _source_for(self, payload_part: str) -> KeySource:
+    def _source_for(self, payload_part: str) -> _S:
         if not isinstance(self._jwks, Mapping):
             return self._jwks
         issuer = _json_object(_b64decode(payload_part)).get("iss")
@@ -351,4 +372,75 @@ class JWTValidator:
                 raise BadAudience
 
     def __repr__(self) -> str:
-        return f"JWTValidator(issuer={sorted(self.issuers)!r}, audience={self.audiences!r})"
+        return (
+            f"{type(self).__name__}(issuer={sorted(self.issuers)!r}, audience={self.audiences!r})"
+        )
+
+
+class JWTValidator(_Validation[KeySource]):
+    """Validates bearer JWTs against the keys of a :class:`JWKSClient` (asyncio).
+
+    *jwks* is a key source, or a mapping ``issuer -> key source`` to accept tokens of
+    several issuers (the unverified ``iss`` picks the key source, then the verified
+    ``iss`` must be one of *issuer*). *issuer* and *audience* are required: pass
+    ``audience=None`` only for tokens without ``aud`` (Cognito access tokens, checked by
+    *client_id* instead). *typ* requires that ``typ`` header (``"at+jwt"`` for RFC 9068
+    access tokens, so an ID token is refused where an access token is expected; a
+    Cognito-style ``token_use`` claim is checked by *token_use*). Times are in seconds.
+    :class:`SyncJWTValidator` is its twin for code without an event loop.
+
+    >>> validator = JWTValidator(jwks, issuer="https://issuer.example", audience="api")
+    >>> claims = await validator.validate(token)  # doctest: +SKIP
+    """
+
+    _wants_coroutines = True
+
+    async def validate(self, token: str | bytes) -> dict[str, Any]:
+        """Return the claims of *token* if it is valid; raise an :class:`InvalidToken` if not.
+
+        May also raise :class:`~resilient.errors.KeySetUnavailable` when the issuer's key
+        set cannot be had (a server-side outage, not the client's fault). Each refusal
+        emits a :class:`~resilient.events.TokenRejected` to the observer.
+        """
+        try:
+            text, parts, alg, kid, source = self._begin(token)
+            return self._finish(text, parts, alg, await source.get_key(kid))
+        except InvalidToken as error:
+            self._rejected(error)
+            raise
+
+
+class SyncJWTValidator(_Validation[SyncKeySource]):
+    """Validates bearer JWTs against a :class:`SyncJWKSClient`, for code without an event loop.
+
+    Takes the same options as :class:`JWTValidator` and checks exactly the same things
+    (both run one set of checks; only the call for the key differs), but its key source
+    answers ``get_key`` synchronously and :meth:`validate` is a plain method.
+
+    Why a twin class rather than a ``validate_sync`` method on :class:`JWTValidator`: a
+    validator's key source is either async or sync, and so is everything it can do. With
+    one class per kind, each has a single ``validate`` that cannot be called the wrong
+    way, the type checker refuses a :class:`JWKSClient` here (and the constructor refuses
+    it at run time with a clear message), and there is no method that would fail for
+    half the key sources it accepts. It is the pairing httpx uses (``Client`` and
+    ``AsyncClient``), and the one :class:`~resilient.httpx.SyncResilientTransport` follows.
+
+    >>> validator = SyncJWTValidator(jwks, issuer="https://issuer.example", audience="api")
+    >>> claims = validator.validate(token)  # doctest: +SKIP
+    """
+
+    _wants_coroutines = False
+
+    def validate(self, token: str | bytes) -> dict[str, Any]:
+        """Return the claims of *token* if it is valid; raise an :class:`InvalidToken` if not.
+
+        May also raise :class:`~resilient.errors.KeySetUnavailable` when the issuer's key
+        set cannot be had (a server-side outage, not the client's fault). Each refusal
+        emits a :class:`~resilient.events.TokenRejected` to the observer.
+        """
+        try:
+            text, parts, alg, kid, source = self._begin(token)
+            return self._finish(text, parts, alg, source.get_key(kid))
+        except InvalidToken as error:
+            self._rejected(error)
+            raise
