@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from resilient._asgi import ASGIApp, Receive, Scope, Send
+from resilient._asgi import ASGIApp, Message, Receive, Scope, Send
 from resilient._routing import PathPattern
 from resilient.errors import InvalidToken, KeySetUnavailable
 from resilient.problem import send_problem
@@ -38,7 +38,11 @@ from resilient.problem import send_problem
 if TYPE_CHECKING:
     from resilient.auth.jwt import JWTValidator
 
-__all__ = ["AuthCredentials", "JWTAuthMiddleware", "JWTUser", "UnauthenticatedUser"]
+__all__ = ["REFUSAL", "AuthCredentials", "JWTAuthMiddleware", "JWTUser", "UnauthenticatedUser"]
+
+REFUSAL = "resilient.auth.refusal"
+"""The scope key where :func:`~resilient.auth.requires` leaves its refusal, ``(status,
+detail, error)``, for the middleware to answer with its realm and a problem body."""
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *")
@@ -166,6 +170,8 @@ class JWTAuthMiddleware:
             if refusal is not None:
                 await self._refuse(scope, send, *refusal)
                 return
+            if scope["type"] == "http":
+                send = _Responder(self, scope, send).send
         await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope) -> tuple[int, str, str | None] | None:
@@ -193,6 +199,7 @@ class JWTAuthMiddleware:
     async def _refuse(
         self, scope: Scope, send: Send, status: int, detail: str, error: str | None
     ) -> None:
+        """Send the refusal: a problem body, and a challenge (or ``Retry-After`` for 503)."""
         if scope["type"] == "websocket":
             code = 1011 if status == 503 else 1008  # server error, or policy violation
             await send({"type": "websocket.close", "code": code, "reason": ""})
@@ -206,3 +213,33 @@ class JWTAuthMiddleware:
                 challenge += f', error="{error}", error_description="{description}"'
             headers = [(b"www-authenticate", challenge.encode())]
         await send_problem(send, status, detail, headers=headers)
+
+
+class _Responder:
+    """One request's way out: answers a refusal of ``requires`` as the middleware's own.
+
+    The application renders the ``HTTPException`` that ``requires`` raised its own way
+    (plain text, FastAPI's JSON...); when the response starts with the status that
+    ``requires`` left in the scope, the middleware sends its refusal instead and drops
+    the application's body.
+    """
+
+    __slots__ = ("_send", "middleware", "replaced", "scope")
+
+    def __init__(self, middleware: JWTAuthMiddleware, scope: Scope, send: Send) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self._send = send
+        self.replaced = False
+
+    async def send(self, message: Message) -> None:
+        """Pass *message* on, unless it belongs to a refusal answered in its place."""
+        if self.replaced:
+            return
+        if message["type"] == "http.response.start":
+            refusal = self.scope.get(REFUSAL)
+            if refusal is not None and refusal[0] == message["status"]:
+                self.replaced = True
+                await self.middleware._refuse(self.scope, self._send, *refusal)
+                return
+        await self._send(message)
