@@ -100,6 +100,12 @@ _ECDSA: Final[Mapping[str, tuple[int, int]]] = {
 
 _DEFAULT_OBSERVER = LoggingObserver()
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_B64_VALUES: Final = {
+    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+# The last character of a part of 4n+2 characters carries 2 bits of data and 4 unused
+# ones; of 4n+3 characters, 4 bits of data and 2 unused. Unused bits must be zero.
+_UNUSED_BITS: Final = {2: 0b1111, 3: 0b11}
 _KID = re.compile(r"[\x21-\x7e]{1,128}")
 _IGNORED_HEADERS: Final = ("jku", "x5u", "jwk", "x5c")
 
@@ -126,9 +132,14 @@ _S = TypeVar("_S", KeySource, SyncKeySource)
 def _b64decode(part: str) -> bytes:
     if _B64URL.fullmatch(part) is None:
         raise MalformedToken
+    rest = len(part) % 4
+    if rest and (rest == 1 or _B64_VALUES[part[-1]] & _UNUSED_BITS[rest]):
+        # Padding bits set: a second spelling of the same bytes. Refused, so that a token
+        # has one spelling only (a denylist of tokens cannot be dodged by respelling).
+        raise MalformedToken
     try:
         return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError):  # pragma: no cover (refused above)
         raise MalformedToken from None
 
 
@@ -148,8 +159,19 @@ def _media_type(typ: str) -> str:
     return typ.removeprefix("application/")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _date(claims: Mapping[str, Any], name: str) -> float | None:
+    """Return the NumericDate claim *name* as a float (``None`` if absent), or refuse it."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)  # an int past 1.8e308 cannot be compared with a time
+        except OverflowError:
+            number = math.nan
+        if math.isfinite(number):
+            return number
+    raise MissingClaim(name)
 
 
 def _strings(value: str | Collection[str] | None, name: str) -> frozenset[str] | None:
@@ -337,15 +359,13 @@ class _Validation(Generic[_S]):
         for name in self.required_claims:
             if name not in claims:
                 raise MissingClaim(name)
+        exp, nbf, iat = _date(claims, "exp"), _date(claims, "nbf"), _date(claims, "iat")
         now = self._clock.time()
-        for name in ("exp", "nbf", "iat"):
-            if name in claims and not _is_number(claims[name]):
-                raise MissingClaim(name)
-        if "exp" in claims and now >= claims["exp"] + self.leeway:
+        if exp is not None and now >= exp + self.leeway:
             raise ExpiredToken
-        if "nbf" in claims and claims["nbf"] > now + self.leeway:
+        if nbf is not None and nbf > now + self.leeway:
             raise NotYetValid
-        if "iat" in claims and claims["iat"] > now + self.leeway:
+        if iat is not None and iat > now + self.leeway:
             msg = "the token was issued in the future"
             raise NotYetValid(msg)
         iss = claims.get("iss")

@@ -11,12 +11,15 @@
   ``scope["auth"]`` (an :class:`AuthCredentials` whose ``scopes`` come from the ``scope``
   or ``scp`` claim), so ``request.user``, ``request.auth.scopes`` and Starlette's own
   ``requires`` work. ``scope["state"]["claims"]`` holds the claims too.
-* Without a token: 401 with ``WWW-Authenticate: Bearer realm="..."``, unless
-  ``optional=True``, which lets the request through with an unauthenticated user.
-* A malformed ``Authorization`` header: 400, ``error="invalid_request"``.
-* An invalid token: 401 with ``WWW-Authenticate: Bearer error="invalid_token",
-  error_description="..."``; the description is the :class:`InvalidToken` message, safe
-  to show. Every error has an RFC 9457 ``application/problem+json`` body.
+* Without a token (no ``Authorization`` header, or one of another scheme, such as
+  ``Basic``): 401 with a bare ``WWW-Authenticate: Bearer realm="..."`` (RFC 6750 section
+  3.1: no error code when no bearer credentials were sent), unless ``optional=True``,
+  which lets the request through with an unauthenticated user.
+* An invalid token, including a ``Bearer`` credential that is not a token at all: 401
+  with ``WWW-Authenticate: Bearer error="invalid_token", error_description="..."``; the
+  description is the :class:`InvalidToken` message, safe to show.
+* Several ``Authorization`` headers: 400, ``error="invalid_request"``.
+* Every error has an RFC 9457 ``application/problem+json`` body.
 * The key set unavailable (the issuer is down, no stale keys left): 503 with
   ``Retry-After``, since the client did nothing wrong.
 
@@ -45,7 +48,9 @@ REFUSAL = "resilient.auth.refusal"
 detail, error)``, for the middleware to answer with its realm and a problem body."""
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *")
+_BEARER = re.compile(r"[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)[ \t]*")
+# Credentials of the Bearer scheme, whatever follows (RFC 9110: the scheme is case-blind).
+_BEARER_SCHEME = re.compile(r"[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr](?:[ \t]|$)")
 # RFC 6750 section 3: error_description is limited to %x20-21 / %x23-5B / %x5D-7E.
 _UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
@@ -131,6 +136,20 @@ def scopes_of(claims: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _bearer_token(scope: Scope) -> str | tuple[int, str, str] | None:
+    """Return the request's bearer token, ``None`` if it sent none, or a refusal."""
+    values = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
+    if len(values) > 1:
+        return 400, "the request has more than one Authorization header", "invalid_request"
+    text = values[0].decode("latin-1") if values else ""
+    match = _BEARER.fullmatch(text)
+    if match is not None:
+        return match.group(1)
+    if _BEARER_SCHEME.match(text) is not None:
+        return 401, "the bearer token is malformed", "invalid_token"
+    return None
+
+
 class JWTAuthMiddleware:
     """Authenticate every HTTP and WebSocket request with a bearer JWT.
 
@@ -176,17 +195,16 @@ class JWTAuthMiddleware:
 
     async def _authenticate(self, scope: Scope) -> tuple[int, str, str | None] | None:
         """Put the principal in *scope*; or return (status, detail, error) to refuse."""
-        values = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
-        if not values:
+        token = _bearer_token(scope)
+        if isinstance(token, tuple):
+            return token
+        if token is None:  # no credentials, or another scheme's: no bearer token was sent
             if self.optional:
                 scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
                 return None
             return 401, "a bearer token is required", None
-        match = _BEARER.fullmatch(values[0].decode("latin-1")) if len(values) == 1 else None
-        if match is None:
-            return 400, "the Authorization header is not a single bearer token", "invalid_request"
         try:
-            claims = await self.validator.validate(match.group(1))
+            claims = await self.validator.validate(token)
         except InvalidToken as error:
             return 401, error.description, error.error
         except KeySetUnavailable:
