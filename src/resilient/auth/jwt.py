@@ -5,9 +5,16 @@
     validator = JWTValidator(jwks, issuer="https://issuer.example", audience="api")
     claims = await validator.validate(token)       # or an InvalidToken subclass
 
+    validator = SyncJWTValidator(sync_jwks, issuer="https://issuer.example", audience="api")
+    claims = validator.validate(token)             # the same, without an event loop
+
+Both run the same checks (written once, in a base class); they differ only in how they
+ask their key source for the key.
+
 Checked before any key is looked up, on the raw header (never trusting PyJWT's defaults):
 
-* the token is a compact JWS of three base64url parts, at most ``max_token_bytes``;
+* the token is a compact JWS of three base64url parts, at most ``max_token_bytes``, each
+  in its one canonical spelling (unused bits zero), so a token cannot be respelled;
 * ``alg`` is in the allow-list, which holds asymmetric algorithms only (``none`` and
   ``HS*`` can never be allowed, so a public key can never serve as an HMAC secret);
 * ``kid`` is a short printable string without ``..`` or a backslash;
@@ -20,9 +27,9 @@ P-384 for ES384, OKP for EdDSA, and the JWK's own ``alg`` if it pins one); ECDSA
 must have the exact length with ``0 < r, s < n`` and, by default, a low ``s``; PyJWT's
 algorithm objects verify the signature (on ``cryptography``), over the bytes parsed once
 here rather than parsed again by ``jwt.decode``. Last the claims, against the injected
-clock: the required ones (``exp`` by default), ``exp``, ``nbf`` and ``iat`` (not in the
-future) with ``leeway``, ``iss``, ``aud``, and Cognito's ``token_use`` and ``client_id``
-when asked for.
+clock: the required ones (``exp`` by default), ``exp``, ``nbf`` and ``iat`` (finite
+numbers, not in the future) with ``leeway``, ``iss``, ``aud``, and Cognito's
+``token_use`` and ``client_id`` when asked for.
 
 This module needs PyJWT and httpx (``pip install 'resilient-asgi[jwt]'``).
 """
