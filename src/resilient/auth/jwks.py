@@ -219,12 +219,17 @@ class _KeySetClient:
         """How long past their expiry the last good keys serve while the endpoint fails."""
         return self._cache.stale_for
 
-    def _accept(self, document: object, cache_control: str | None) -> Event:
-        """Keep the keys of a fetched *document*; raise :class:`ValueError` if it has none."""
+    @staticmethod
+    def _usable_keys(document: object) -> dict[str, SigningKey]:
+        """Return the keys of a fetched *document*; raise :class:`ValueError` if none."""
         keys = parse_key_set(document)
         if not keys:
             msg = "the key set has no usable signature key"
             raise ValueError(msg)
+        return keys
+
+    def _keep(self, keys: Mapping[str, SigningKey], cache_control: str | None) -> Event:
+        """Record a successful fetch of *keys*; return the event to emit."""
         ttl = self._cache.ttl_for(cache_control)
         self._cache.fetched(keys, ttl, self._clock.monotonic())
         return KeySetFetched("jwks", self.url, len(keys), ttl)
@@ -395,7 +400,7 @@ class JWKSClient(_KeySetClient):
         self.fetches += 1
         try:
             document, cache_control = await self._get(self.url)
-            event = self._accept(document, cache_control)
+            event = self._keep(self._usable_keys(document), cache_control)
         except _FETCH_ERRORS as error:
             failure, event = self._reject(error)
             emit(self.observer, event)
@@ -524,17 +529,21 @@ class SyncJWKSClient(_KeySetClient):
         self.fetches += 1
         try:
             document, cache_control = self._get(self.url)
+            keys = self._usable_keys(document)  # parsing keys takes a while: not locked
             with self._lock:
-                event = self._accept(document, cache_control)
+                event = self._keep(keys, cache_control)
+                self._inflight = None
         except _FETCH_ERRORS as error:
             with self._lock:
                 failure, event = self._reject(error)
+                self._inflight = None
             inflight.set_exception(failure)
         except BaseException:
             # Interrupted (KeyboardInterrupt, a bug): let the waiters, and the next caller,
             # go on instead of waiting for a fetch that will never report.
             with self._lock:
                 self._cache.abandoned()
+                self._inflight = None
             msg = "the fetch of the key set was interrupted"
             inflight.set_exception(KeySetUnavailable(msg))
             raise
