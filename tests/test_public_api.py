@@ -15,6 +15,7 @@ import resilient.testing
 PUBLIC_MODULES = [
     "resilient",
     "resilient.auth",
+    "resilient.auth.core",
     "resilient.backends",
     "resilient.clock",
     "resilient.errors",
@@ -138,11 +139,14 @@ def test_exceptions_share_one_root() -> None:
 
 
 def test_the_auth_names_are_imported_from_the_top_on_first_use() -> None:
-    from resilient.auth import JWKSClient, JWTValidator
+    from resilient.auth import JWKSClient, JWTValidator, SyncJWKSClient, SyncJWTValidator
     from resilient.testing._issuer import LocalIssuer
 
     assert resilient.JWKSClient is JWKSClient
     assert resilient.JWTValidator is JWTValidator
+    assert resilient.SyncJWKSClient is SyncJWKSClient
+    assert resilient.SyncJWTValidator is SyncJWTValidator
+    assert {"SyncJWKSClient", "SyncJWTValidator"} <= set(dir(resilient))
     assert resilient.testing.LocalIssuer is LocalIssuer
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         resilient.testing.Nothing  # noqa: B018

@@ -43,7 +43,14 @@ from resilient.ratelimit import (
 from resilient.retry import RetryBudget, retry
 
 if TYPE_CHECKING:
-    from resilient.auth import JWKSClient, JWTAuthMiddleware, JWTValidator, requires
+    from resilient.auth import (
+        JWKSClient,
+        JWTAuthMiddleware,
+        JWTValidator,
+        SyncJWKSClient,
+        SyncJWTValidator,
+        requires,
+    )
     from resilient.httpx import ResilientTransport, SyncResilientTransport
 
 __all__ = [
@@ -80,6 +87,8 @@ __all__ = [
     "RetryBudget",
     "Rule",
     "SlidingWindow",
+    "SyncJWKSClient",
+    "SyncJWTValidator",
     "SyncResilientTransport",
     "SystemClock",
     "TokenBucket",
@@ -101,6 +110,8 @@ _LAZY = {
     "JWTAuthMiddleware": "resilient.auth",
     "JWTValidator": "resilient.auth",
     "ResilientTransport": "resilient.httpx",
+    "SyncJWKSClient": "resilient.auth",
+    "SyncJWTValidator": "resilient.auth",
     "SyncResilientTransport": "resilient.httpx",
     "requires": "resilient.auth",
 }

@@ -1,4 +1,5 @@
-"""Fixtures: a local issuer on real loopback HTTP, a fake clock shared by everyone."""
+"""Fixtures: a local issuer on real loopback HTTP, a fake clock shared by everyone, and
+the async and sync clients and validators on them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from resilient.auth import JWKSClient, JWTValidator
+from resilient.auth import JWKSClient, JWTValidator, SyncJWKSClient, SyncJWTValidator
 from resilient.testing import FakeClock, LocalIssuer
 
 
@@ -29,3 +30,15 @@ def jwks(issuer: LocalIssuer, clock: FakeClock) -> JWKSClient:
 @pytest.fixture
 def validator(jwks: JWKSClient, issuer: LocalIssuer, clock: FakeClock) -> JWTValidator:
     return JWTValidator(jwks, issuer=issuer.issuer, audience="api", clock=clock)
+
+
+@pytest.fixture
+def sync_jwks(issuer: LocalIssuer, clock: FakeClock) -> SyncJWKSClient:
+    return SyncJWKSClient(issuer.jwks_url, clock=clock)
+
+
+@pytest.fixture
+def sync_validator(
+    sync_jwks: SyncJWKSClient, issuer: LocalIssuer, clock: FakeClock
+) -> SyncJWTValidator:
+    return SyncJWTValidator(sync_jwks, issuer=issuer.issuer, audience="api", clock=clock)

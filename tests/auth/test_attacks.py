@@ -484,3 +484,33 @@ async def test_an_id_token_is_refused_where_an_rfc_9068_access_token_is_expected
     for typ in ["JWT", None, 5]:
         with pytest.raises(WrongTokenUse, match="'at\\+jwt'"):
             await validator.validate(issuer.mint(headers={"typ": typ}))
+
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+async def test_a_signature_respelled_with_padding_bits_set_is_refused(
+    validator: JWTValidator, issuer: LocalIssuer, alg: str
+) -> None:
+    # Found by fuzzing: the last character of a base64url part has unused bits; setting
+    # them spelled the same signature another way, and the new token string validated.
+    token = issuer.mint(alg=alg)
+    assert len(token.rsplit(".", 1)[1]) % 4 in {2, 3}
+    respelled = token[:-1] + B64URL[B64URL.index(token[-1]) ^ 1]
+    assert JWTValidatorTools.signature(respelled) == JWTValidatorTools.signature(token)
+    assert await validator.validate(token)
+    with pytest.raises(MalformedToken):
+        await validator.validate(respelled)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+async def test_a_time_claim_too_large_for_a_float_is_refused_not_a_crash(
+    validator: JWTValidator, issuer: LocalIssuer, claim: str
+) -> None:
+    # Found by fuzzing: an integer past 1.8e308 raised OverflowError (a 500 at the edge).
+    with pytest.raises(MissingClaim, match=repr(claim)):
+        await validator.validate(issuer.mint({claim: 10**400}))
+    with pytest.raises(MissingClaim, match=repr(claim)):
+        await validator.validate(issuer.mint({claim: -(10**309)}))
+    assert await validator.validate(issuer.mint({"exp": 10**300}))

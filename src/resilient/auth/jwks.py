@@ -5,11 +5,18 @@
     jwks = JWKSClient("https://issuer.example/.well-known/jwks.json")
     key = await jwks.get_key(kid)          # a SigningKey, or UnknownKey / KeySetUnavailable
 
-What it promises:
+    jwks = SyncJWKSClient("https://issuer.example/.well-known/jwks.json")
+    key = jwks.get_key(kid)                # the same, for code without an event loop
+
+Both clients make the same promises, because one :class:`~resilient.auth.core.KeySetCache`
+makes every decision for both; they differ only in their I/O (``httpx.AsyncClient`` and an
+asyncio task shared by concurrent callers, or ``httpx.Client`` and a future shared by
+threads). What they promise:
 
 * **cached**: the key set is kept for ``Cache-Control: max-age`` seconds, bounded to
   ``[min_ttl, max_ttl]`` (``default_ttl`` when the header says nothing);
-* **single-flight**: concurrent callers that need a fetch share one;
+* **single-flight**: concurrent callers (coroutines, or threads) that need a fetch share
+  one;
 * **flood-proof**: an unknown ``kid`` triggers a refetch at most once per
   ``refetch_cooldown`` (one clock for every kid), and known kids keep validating meanwhile;
 * **outage-tolerant**: when the endpoint fails, the last good keys are served for
@@ -26,14 +33,14 @@ This module needs PyJWT and httpx (``pip install 'resilient-asgi[jwt]'``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+import threading
+import time
+from collections.abc import Generator, Mapping
+from concurrent.futures import Future
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 try:
@@ -44,11 +51,26 @@ except ImportError as error:  # pragma: no cover (the test suite always has them
     msg = "resilient.auth needs PyJWT and httpx: pip install 'resilient-asgi[jwt]'"
     raise ImportError(msg) from error
 
+from resilient.auth.core import KeySetCache, Need, SigningKey, parse_max_age
 from resilient.clock import Clock, SystemClock
-from resilient.errors import ConfigurationError, KeySetUnavailable, UnknownKey
-from resilient.events import KeySetFetched, KeySetFetchFailed, LoggingObserver, Observer, emit
+from resilient.errors import ConfigurationError, KeySetUnavailable
+from resilient.events import (
+    Event,
+    KeySetFetched,
+    KeySetFetchFailed,
+    LoggingObserver,
+    Observer,
+    emit,
+)
 
-__all__ = ["JWKSClient", "SigningKey", "check_url"]
+__all__ = [
+    "JWKSClient",
+    "SigningKey",
+    "SyncJWKSClient",
+    "check_url",
+    "parse_key_set",
+    "parse_max_age",
+]
 
 logger = logging.getLogger("resilient.auth")
 
@@ -56,23 +78,9 @@ MIN_RSA_BITS: Final = 2048
 EC_CURVES: Final = frozenset({"P-256", "P-384"})
 OKP_CURVES: Final = frozenset({"Ed25519"})
 _DEFAULT_OBSERVER = LoggingObserver()
-_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d{1,10})\"?\s*(?:,|$)", re.IGNORECASE)
-
-
-@dataclass(frozen=True, slots=True)
-class SigningKey:
-    """One public signing key of a key set.
-
-    ``kty`` is ``"RSA"``, ``"EC"`` or ``"OKP"``; ``crv`` names the curve (``None`` for
-    RSA); ``alg`` is the algorithm the JWK pins, if it pins one; ``key`` is the
-    ``cryptography`` public key object to verify with.
-    """
-
-    kid: str
-    kty: str
-    crv: str | None
-    alg: str | None
-    key: Any
+# What a failed fetch may raise: the network, the HTTP status, the size, the JSON, the keys.
+_FETCH_ERRORS: Final = (httpx.HTTPError, ValueError, TimeoutError, RecursionError)
+_T = TypeVar("_T")
 
 
 def check_url(url: str) -> str:
@@ -97,17 +105,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def parse_max_age(cache_control: str | None) -> int | None:
-    """Return the ``max-age`` of a ``Cache-Control`` header, 0 for no-store/no-cache."""
-    if not cache_control:
-        return None
-    lowered = cache_control.lower()
-    if "no-store" in lowered or "no-cache" in lowered:
-        return 0
-    match = _MAX_AGE.search(lowered)
-    return int(match.group(1)) if match else None
 
 
 def parse_key_set(document: object) -> dict[str, SigningKey]:
@@ -158,14 +155,151 @@ def _parse_key(entry: object) -> SigningKey | None:  # noqa: PLR0911 (one reason
     )
 
 
-class JWKSClient:
-    """The signing keys of one issuer, fetched from its JWKS URL and cached.
+class _KeySetClient:
+    """What both clients share: options, the cache's decisions, checks of what came back."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_ttl: float,
+        max_ttl: float,
+        default_ttl: float,
+        refetch_cooldown: float,
+        stale_for: float,
+        timeout: float,
+        max_bytes: int,
+        clock: Clock | None,
+        observer: Observer | None,
+    ) -> None:
+        self.url = check_url(url)
+        self._cache = KeySetCache(
+            min_ttl=min_ttl,
+            max_ttl=max_ttl,
+            default_ttl=default_ttl,
+            refetch_cooldown=refetch_cooldown,
+            stale_for=stale_for,
+        )
+        if not timeout > 0 or max_bytes < 1:
+            msg = "timeout and max_bytes must be positive"
+            raise ConfigurationError(msg)
+        self.timeout = float(timeout)
+        self.max_bytes = int(max_bytes)
+        self._clock = clock or SystemClock()
+        self.observer = observer
+        self.fetches = 0
+
+    @property
+    def keys(self) -> Mapping[str, SigningKey]:
+        """The keys currently cached, by ``kid`` (empty before the first fetch)."""
+        return dict(self._cache.keys)
+
+    @property
+    def min_ttl(self) -> float:
+        """The shortest time keys are kept, whatever ``Cache-Control`` says."""
+        return self._cache.min_ttl
+
+    @property
+    def max_ttl(self) -> float:
+        """The longest time keys are kept, whatever ``Cache-Control`` says."""
+        return self._cache.max_ttl
+
+    @property
+    def default_ttl(self) -> float:
+        """How long keys are kept when the response has no ``max-age``."""
+        return self._cache.default_ttl
+
+    @property
+    def refetch_cooldown(self) -> float:
+        """The least time between two fetch attempts for unknown kids or after a failure."""
+        return self._cache.refetch_cooldown
+
+    @property
+    def stale_for(self) -> float:
+        """How long past their expiry the last good keys serve while the endpoint fails."""
+        return self._cache.stale_for
+
+    @staticmethod
+    def _usable_keys(document: object) -> dict[str, SigningKey]:
+        """Return the keys of a fetched *document*; raise :class:`ValueError` if none."""
+        keys = parse_key_set(document)
+        if not keys:
+            msg = "the key set has no usable signature key"
+            raise ValueError(msg)
+        return keys
+
+    def _keep(self, keys: Mapping[str, SigningKey], cache_control: str | None) -> Event:
+        """Record a successful fetch of *keys*; return the event to emit."""
+        ttl = self._cache.ttl_for(cache_control)
+        self._cache.fetched(keys, ttl, self._clock.monotonic())
+        return KeySetFetched("jwks", self.url, len(keys), ttl)
+
+    def _reject(self, error: Exception) -> tuple[KeySetUnavailable, Event]:
+        """Record a failed fetch: the error for its waiters, and the event to emit."""
+        stale = self._cache.failed(self._clock.monotonic())
+        event = KeySetFetchFailed("jwks", self.url, error, "stale" if stale else "unavailable")
+        msg = "the key set is unavailable (its endpoint failed)"
+        failure = KeySetUnavailable(msg)
+        failure.__cause__ = error
+        return failure, event
+
+    def _request(self, http: httpx.Client | httpx.AsyncClient, url: str) -> httpx.Request:
+        check_url(url)
+        headers = {"accept": "application/json"}
+        return http.build_request("GET", url, headers=headers, timeout=self.timeout)
+
+    def _check_head(self, response: httpx.Response) -> None:
+        if response.status_code != 200:
+            msg = f"HTTP {response.status_code} (redirects are not followed)"
+            raise ValueError(msg)
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            self._too_large()
+
+    def _check_size(self, body: bytearray) -> None:
+        if len(body) > self.max_bytes:
+            self._too_large()
+
+    def _too_large(self) -> None:
+        msg = f"the response is larger than {self.max_bytes} bytes"
+        raise ValueError(msg)
+
+    @staticmethod
+    def _discovery_url(issuer: str) -> str:
+        check_url(issuer)
+        return issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+    @staticmethod
+    def _jwks_uri(issuer: str, document: object) -> str:
+        if not isinstance(document, Mapping) or document.get("issuer") != issuer:
+            msg = f"the discovery document of {issuer!r} names another issuer"
+            raise ConfigurationError(msg)
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            msg = f"the discovery document of {issuer!r} has no jwks_uri"
+            raise ConfigurationError(msg)
+        return jwks_uri
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def _discovery_failed(issuer: str, error: Exception) -> KeySetUnavailable:
+    msg = f"OpenID Connect discovery failed for {issuer!r}"
+    failure = KeySetUnavailable(msg)
+    failure.__cause__ = error
+    return failure
+
+
+class JWKSClient(_KeySetClient):
+    """The signing keys of one issuer, fetched from its JWKS URL and cached (asyncio).
 
     *http* is an ``httpx.AsyncClient`` to fetch with (its redirects are not followed
     whatever it is configured to do); without one, each fetch opens a short-lived client.
     Times are in seconds. Each fetch emits :class:`~resilient.events.KeySetFetched` or
     :class:`~resilient.events.KeySetFetchFailed` to *observer* (logging by default). See
-    the module docstring for the guarantees.
+    the module docstring for the guarantees; :class:`SyncJWKSClient` is its twin for code
+    without an event loop.
 
     >>> jwks = JWKSClient("https://issuer.example/.well-known/jwks.json")
     """
@@ -185,37 +319,20 @@ class JWKSClient:
         clock: Clock | None = None,
         observer: Observer | None = _DEFAULT_OBSERVER,
     ) -> None:
-        self.url = check_url(url)
-        for name, value in [
-            ("min_ttl", min_ttl),
-            ("refetch_cooldown", refetch_cooldown),
-            ("stale_for", stale_for),
-        ]:
-            if not value >= 0:
-                msg = f"{name} must be >= 0, got {value!r}"
-                raise ConfigurationError(msg)
-        if not max_ttl >= min_ttl:
-            msg = f"max_ttl ({max_ttl!r}) must be >= min_ttl ({min_ttl!r})"
-            raise ConfigurationError(msg)
-        if not timeout > 0 or max_bytes < 1:
-            msg = "timeout and max_bytes must be positive"
-            raise ConfigurationError(msg)
+        super().__init__(
+            url,
+            min_ttl=min_ttl,
+            max_ttl=max_ttl,
+            default_ttl=default_ttl,
+            refetch_cooldown=refetch_cooldown,
+            stale_for=stale_for,
+            timeout=timeout,
+            max_bytes=max_bytes,
+            clock=clock,
+            observer=observer,
+        )
         self._http = http
-        self.min_ttl = float(min_ttl)
-        self.max_ttl = float(max_ttl)
-        self.default_ttl = float(default_ttl)
-        self.refetch_cooldown = float(refetch_cooldown)
-        self.stale_for = float(stale_for)
-        self.timeout = float(timeout)
-        self.max_bytes = int(max_bytes)
-        self._clock = clock or SystemClock()
-        self.observer = observer
-        self._keys: dict[str, SigningKey] = {}
-        self._expires_at = float("-inf")  # monotonic; -inf: never fetched
-        self._last_attempt: float | None = None
-        self._last_failed = False
         self._inflight: asyncio.Task[None] | None = None
-        self.fetches = 0
 
     @classmethod
     async def from_issuer(
@@ -227,27 +344,13 @@ class JWKSClient:
         key set), checks that the document names the same issuer, and returns a client
         for its ``jwks_uri``. *options* are the constructor's keywords.
         """
-        check_url(issuer)
+        url = cls._discovery_url(issuer)
         probe = cls(issuer, http, **options)
-        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
         try:
-            document = await probe._get_json(url)
-        except (httpx.HTTPError, ValueError, TimeoutError, RecursionError) as error:
-            msg = f"OpenID Connect discovery failed for {issuer!r}"
-            raise KeySetUnavailable(msg) from error
-        if not isinstance(document, Mapping) or document.get("issuer") != issuer:
-            msg = f"the discovery document of {issuer!r} names another issuer"
-            raise ConfigurationError(msg)
-        jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str):
-            msg = f"the discovery document of {issuer!r} has no jwks_uri"
-            raise ConfigurationError(msg)
-        return cls(jwks_uri, http, **options)
-
-    @property
-    def keys(self) -> Mapping[str, SigningKey]:
-        """The keys currently cached, by ``kid`` (empty before the first fetch)."""
-        return dict(self._keys)
+            document, _ = await probe._get(url)
+        except _FETCH_ERRORS as error:
+            raise _discovery_failed(issuer, error) from error
+        return cls(cls._jwks_uri(issuer, document), http, **options)
 
     async def get_key(self, kid: str) -> SigningKey:
         """Return the key named *kid*, fetching the key set when it must.
@@ -256,59 +359,40 @@ class JWKSClient:
         at most one refetch per cooldown), and :class:`~resilient.errors.KeySetUnavailable`
         when the key set cannot be fetched and no stale copy is recent enough.
         """
-        now = self._clock.monotonic()
-        if now >= self._expires_at:
-            await self._refresh_expired(now)
-        key = self._keys.get(kid)
+        key = self._cache.fresh_key(kid, self._clock.monotonic())
         if key is not None:
             return key
-        if self._may_fetch(self._clock.monotonic()):
-            # An unknown kid: perhaps the issuer rotated. One fetch per cooldown for all.
-            with contextlib.suppress(KeySetUnavailable):
-                await self._fetch_shared()
-            key = self._keys.get(kid)
-            if key is not None:
-                return key
-        elif self._inflight is not None:
-            with contextlib.suppress(KeySetUnavailable):
-                await asyncio.shield(self._inflight)
-            key = self._keys.get(kid)
-            if key is not None:
-                return key
-        raise UnknownKey
+        return await self._drive(self._cache.lookup(kid, self._clock))
 
     async def refresh(self) -> None:
         """Fetch the key set now (sharing a fetch in flight); raise if it fails."""
-        await self._fetch_shared()
+        await self._drive(self._cache.refresh(self._clock))
 
-    def _may_fetch(self, now: float) -> bool:
-        return self._last_attempt is None or now - self._last_attempt >= self.refetch_cooldown
-
-    async def _refresh_expired(self, now: float) -> None:
-        stale_until = self._expires_at + self.stale_for
-        if self._inflight is None and self._last_failed and not self._may_fetch(now):
-            # The endpoint failed a moment ago: do not hammer it, serve stale if we may.
-            if now < stale_until:
-                return
-            msg = "the key set is unavailable (its endpoint failed, no recent keys)"
-            raise KeySetUnavailable(msg)
-        try:
-            await self._fetch_shared()
-        except KeySetUnavailable:
-            if self._clock.monotonic() < stale_until:
-                return
-            raise
-
-    async def _fetch_shared(self) -> None:
-        if self._inflight is None:
-            self._last_attempt = self._clock.monotonic()
-            self._inflight = asyncio.create_task(self._fetch())
-            self._inflight.add_done_callback(self._forget)
-        await asyncio.shield(self._inflight)
+    async def _drive(self, flow: Generator[Need, KeySetUnavailable | None, _T]) -> _T:
+        failure: KeySetUnavailable | None = None
+        while True:
+            try:
+                need = flow.send(failure)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if need is Need.FETCH:
+                task = asyncio.create_task(self._fetch())
+                task.add_done_callback(self._forget)
+                self._inflight = task
+            assert self._inflight is not None  # the cache says a fetch is in flight
+            try:
+                # Shielded: a caller that gives up does not cancel the others' fetch.
+                await asyncio.shield(self._inflight)
+            except KeySetUnavailable as error:
+                failure = error
+            else:
+                failure = None
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         if self._inflight is task:
             self._inflight = None
+            if self._cache.fetching:  # cancelled before it could report: let others try
+                self._cache.abandoned()
         if not task.cancelled():
             task.exception()  # retrieved: the callers saw it through the shield
 
@@ -316,31 +400,14 @@ class JWKSClient:
         self.fetches += 1
         try:
             document, cache_control = await self._get(self.url)
-            keys = parse_key_set(document)
-            if not keys:
-                msg = "the key set has no usable signature key"
-                raise ValueError(msg)
-        except (httpx.HTTPError, ValueError, TimeoutError, RecursionError) as error:
-            self._last_failed = True
-            stale = self._clock.monotonic() < self._expires_at + self.stale_for
-            outcome = "stale" if stale else "unavailable"
-            emit(self.observer, KeySetFetchFailed("jwks", self.url, error, outcome))
-            msg = "the key set is unavailable (its endpoint failed)"
-            raise KeySetUnavailable(msg) from error
-        max_age = parse_max_age(cache_control)
-        ttl = self.default_ttl if max_age is None else float(max_age)
-        ttl = min(max(ttl, self.min_ttl), self.max_ttl)
-        self._keys = keys
-        self._expires_at = self._clock.monotonic() + ttl
-        self._last_failed = False
-        emit(self.observer, KeySetFetched("jwks", self.url, len(keys), ttl))
-
-    async def _get_json(self, url: str) -> object:
-        document, _ = await self._get(url)
-        return document
+            event = self._keep(self._usable_keys(document), cache_control)
+        except _FETCH_ERRORS as error:
+            failure, event = self._reject(error)
+            emit(self.observer, event)
+            raise failure from error
+        emit(self.observer, event)
 
     async def _get(self, url: str) -> tuple[object, str | None]:
-        check_url(url)
         async with asyncio.timeout(self.timeout):
             if self._http is not None:
                 return await self._get_with(self._http, url)
@@ -348,27 +415,163 @@ class JWKSClient:
                 return await self._get_with(http, url)
 
     async def _get_with(self, http: httpx.AsyncClient, url: str) -> tuple[object, str | None]:
-        request = http.build_request(
-            "GET", url, headers={"accept": "application/json"}, timeout=self.timeout
-        )
+        request = self._request(http, url)
         response = await http.send(request, stream=True, follow_redirects=False)
         try:
-            if response.status_code != 200:
-                msg = f"HTTP {response.status_code} (redirects are not followed)"
-                raise ValueError(msg)
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-                msg = f"the response is larger than {self.max_bytes} bytes"
-                raise ValueError(msg)
+            self._check_head(response)
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
-                if len(body) > self.max_bytes:
-                    msg = f"the response is larger than {self.max_bytes} bytes"
-                    raise ValueError(msg)
+                self._check_size(body)
         finally:
             await response.aclose()
         return json.loads(body), response.headers.get("cache-control")
 
-    def __repr__(self) -> str:
-        return f"JWKSClient({self.url!r})"
+
+class SyncJWKSClient(_KeySetClient):
+    """The signing keys of one issuer, fetched and cached, for code without an event loop.
+
+    The twin of :class:`JWKSClient`, with the same options and the same promises (one
+    :class:`~resilient.auth.core.KeySetCache` decides for both): only the I/O differs.
+    *http* is an ``httpx.Client``; fetches block the calling thread. It is thread-safe, and
+    single-flight across threads: the threads that need a fetch while one is in flight
+    wait for that one, while those whose kid is cached and fresh take no lock at all.
+    Use it with a :class:`~resilient.auth.SyncJWTValidator`.
+
+    >>> jwks = SyncJWKSClient("https://issuer.example/.well-known/jwks.json")
+    """
+
+    def __init__(
+        self,
+        url: str,
+        http: httpx.Client | None = None,
+        *,
+        min_ttl: float = 60.0,
+        max_ttl: float = 86_400.0,
+        default_ttl: float = 300.0,
+        refetch_cooldown: float = 30.0,
+        stale_for: float = 6 * 3600.0,
+        timeout: float = 5.0,
+        max_bytes: int = 1 << 20,
+        clock: Clock | None = None,
+        observer: Observer | None = _DEFAULT_OBSERVER,
+    ) -> None:
+        super().__init__(
+            url,
+            min_ttl=min_ttl,
+            max_ttl=max_ttl,
+            default_ttl=default_ttl,
+            refetch_cooldown=refetch_cooldown,
+            stale_for=stale_for,
+            timeout=timeout,
+            max_bytes=max_bytes,
+            clock=clock,
+            observer=observer,
+        )
+        self._http = http
+        # Guards the cache's state and the future of the fetch in flight; never held
+        # during I/O, so a fetch does not block lookups that need none.
+        self._lock = threading.Lock()
+        self._inflight: Future[None] | None = None
+
+    @classmethod
+    def from_issuer(
+        cls, issuer: str, http: httpx.Client | None = None, **options: Any
+    ) -> SyncJWKSClient:
+        """Discover the ``jwks_uri`` of *issuer* through OpenID Connect discovery.
+
+        Fetches ``{issuer}/.well-known/openid-configuration`` (same network rules as the
+        key set), checks that the document names the same issuer, and returns a client
+        for its ``jwks_uri``. *options* are the constructor's keywords.
+        """
+        url = cls._discovery_url(issuer)
+        probe = cls(issuer, http, **options)
+        try:
+            document, _ = probe._get(url)
+        except _FETCH_ERRORS as error:
+            raise _discovery_failed(issuer, error) from error
+        return cls(cls._jwks_uri(issuer, document), http, **options)
+
+    def get_key(self, kid: str) -> SigningKey:
+        """Return the key named *kid*, fetching the key set when it must.
+
+        Raises :class:`~resilient.errors.UnknownKey` when no key has that ``kid`` (after
+        at most one refetch per cooldown), and :class:`~resilient.errors.KeySetUnavailable`
+        when the key set cannot be fetched and no stale copy is recent enough.
+        """
+        key = self._cache.fresh_key(kid, self._clock.monotonic())
+        if key is not None:
+            return key
+        return self._drive(self._cache.lookup(kid, self._clock))
+
+    def refresh(self) -> None:
+        """Fetch the key set now (sharing a fetch in flight); raise if it fails."""
+        self._drive(self._cache.refresh(self._clock))
+
+    def _drive(self, flow: Generator[Need, KeySetUnavailable | None, _T]) -> _T:
+        failure: KeySetUnavailable | None = None
+        while True:
+            with self._lock:
+                try:
+                    need = flow.send(failure)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                if need is Need.FETCH:
+                    self._inflight = Future()
+                inflight = self._inflight
+            assert inflight is not None  # the cache says a fetch is in flight
+            if need is Need.FETCH:
+                self._fetch(inflight)
+            error = inflight.exception()  # waits for the fetch to end
+            failure = error if isinstance(error, KeySetUnavailable) else None
+
+    def _fetch(self, inflight: Future[None]) -> None:
+        self.fetches += 1
+        try:
+            document, cache_control = self._get(self.url)
+            keys = self._usable_keys(document)  # parsing keys takes a while: not locked
+            with self._lock:
+                event = self._keep(keys, cache_control)
+                self._inflight = None
+        except _FETCH_ERRORS as error:
+            with self._lock:
+                failure, event = self._reject(error)
+                self._inflight = None
+            inflight.set_exception(failure)
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, a bug): let the waiters, and the next caller,
+            # go on instead of waiting for a fetch that will never report.
+            with self._lock:
+                self._cache.abandoned()
+                self._inflight = None
+            msg = "the fetch of the key set was interrupted"
+            inflight.set_exception(KeySetUnavailable(msg))
+            raise
+        else:
+            inflight.set_result(None)
+        emit(self.observer, event)
+
+    def _get(self, url: str) -> tuple[object, str | None]:
+        if self._http is not None:
+            return self._get_with(self._http, url)
+        with httpx.Client(timeout=self.timeout, follow_redirects=False) as http:
+            return self._get_with(http, url)
+
+    def _get_with(self, http: httpx.Client, url: str) -> tuple[object, str | None]:
+        # httpx bounds each read; a server trickling bytes is bounded here as a whole,
+        # on the real clock (the async client uses asyncio.timeout the same way).
+        deadline = time.monotonic() + self.timeout
+        request = self._request(http, url)
+        response = http.send(request, stream=True, follow_redirects=False)
+        try:
+            self._check_head(response)
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                self._check_size(body)
+                if time.monotonic() > deadline:
+                    msg = f"the key set took longer than {self.timeout} seconds"
+                    raise TimeoutError(msg)
+        finally:
+            response.close()
+        return json.loads(body), response.headers.get("cache-control")

@@ -5,9 +5,16 @@
     validator = JWTValidator(jwks, issuer="https://issuer.example", audience="api")
     claims = await validator.validate(token)       # or an InvalidToken subclass
 
+    validator = SyncJWTValidator(sync_jwks, issuer="https://issuer.example", audience="api")
+    claims = validator.validate(token)             # the same, without an event loop
+
+Both run the same checks (written once, in a base class); they differ only in how they
+ask their key source for the key.
+
 Checked before any key is looked up, on the raw header (never trusting PyJWT's defaults):
 
-* the token is a compact JWS of three base64url parts, at most ``max_token_bytes``;
+* the token is a compact JWS of three base64url parts, at most ``max_token_bytes``, each
+  in its one canonical spelling (unused bits zero), so a token cannot be respelled;
 * ``alg`` is in the allow-list, which holds asymmetric algorithms only (``none`` and
   ``HS*`` can never be allowed, so a public key can never serve as an HMAC secret);
 * ``kid`` is a short printable string without ``..`` or a backslash;
@@ -20,9 +27,9 @@ P-384 for ES384, OKP for EdDSA, and the JWK's own ``alg`` if it pins one); ECDSA
 must have the exact length with ``0 < r, s < n`` and, by default, a low ``s``; PyJWT's
 algorithm objects verify the signature (on ``cryptography``), over the bytes parsed once
 here rather than parsed again by ``jwt.decode``. Last the claims, against the injected
-clock: the required ones (``exp`` by default), ``exp``, ``nbf`` and ``iat`` (not in the
-future) with ``leeway``, ``iss``, ``aud``, and Cognito's ``token_use`` and ``client_id``
-when asked for.
+clock: the required ones (``exp`` by default), ``exp``, ``nbf`` and ``iat`` (finite
+numbers, not in the future) with ``leeway``, ``iss``, ``aud``, and Cognito's
+``token_use`` and ``client_id`` when asked for.
 
 This module needs PyJWT and httpx (``pip install 'resilient-asgi[jwt]'``).
 """
@@ -31,11 +38,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import json
 import math
 import re
 from collections.abc import Collection, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 try:
     import jwt
@@ -61,7 +69,13 @@ from resilient.errors import (
 )
 from resilient.events import LoggingObserver, Observer, TokenRejected, emit
 
-__all__ = ["ASYMMETRIC_ALGORITHMS", "JWTValidator", "KeySource"]
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "JWTValidator",
+    "KeySource",
+    "SyncJWTValidator",
+    "SyncKeySource",
+]
 
 # alg -> (kty, crv or None for any supported curve of that kty)
 _KEY_FOR_ALG: Final[Mapping[str, tuple[str, str | None]]] = {
@@ -93,24 +107,46 @@ _ECDSA: Final[Mapping[str, tuple[int, int]]] = {
 
 _DEFAULT_OBSERVER = LoggingObserver()
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_B64_VALUES: Final = {
+    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+# The last character of a part of 4n+2 characters carries 2 bits of data and 4 unused
+# ones; of 4n+3 characters, 4 bits of data and 2 unused. Unused bits must be zero.
+_UNUSED_BITS: Final = {2: 0b1111, 3: 0b11}
 _KID = re.compile(r"[\x21-\x7e]{1,128}")
 _IGNORED_HEADERS: Final = ("jku", "x5u", "jwk", "x5c")
 
 
 class KeySource(Protocol):
-    """Where a validator finds keys: :class:`JWKSClient` is one."""
+    """Where a :class:`JWTValidator` finds keys: :class:`JWKSClient` is one."""
 
     async def get_key(self, kid: str) -> SigningKey:
         """Return the key named *kid*, or raise :class:`~resilient.errors.UnknownKey`."""
         ...
 
 
+class SyncKeySource(Protocol):
+    """Where a :class:`SyncJWTValidator` finds keys: :class:`SyncJWKSClient` is one."""
+
+    def get_key(self, kid: str) -> SigningKey:
+        """Return the key named *kid*, or raise :class:`~resilient.errors.UnknownKey`."""
+        ...
+
+
+_S = TypeVar("_S", KeySource, SyncKeySource)
+
+
 def _b64decode(part: str) -> bytes:
     if _B64URL.fullmatch(part) is None:
         raise MalformedToken
+    rest = len(part) % 4
+    if rest and (rest == 1 or _B64_VALUES[part[-1]] & _UNUSED_BITS[rest]):
+        # Padding bits set: a second spelling of the same bytes. Refused, so that a token
+        # has one spelling only (a denylist of tokens cannot be dodged by respelling).
+        raise MalformedToken
     try:
         return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError):  # pragma: no cover (refused above)
         raise MalformedToken from None
 
 
@@ -130,8 +166,19 @@ def _media_type(typ: str) -> str:
     return typ.removeprefix("application/")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _date(claims: Mapping[str, Any], name: str) -> float | None:
+    """Return the NumericDate claim *name* as a float (``None`` if absent), or refuse it."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)  # an int past 1.8e308 cannot be compared with a time
+        except OverflowError:
+            number = math.nan
+        if math.isfinite(number):
+            return number
+    raise MissingClaim(name)
 
 
 def _strings(value: str | Collection[str] | None, name: str) -> frozenset[str] | None:
@@ -144,24 +191,14 @@ def _strings(value: str | Collection[str] | None, name: str) -> frozenset[str] |
     return values
 
 
-class JWTValidator:
-    """Validates bearer JWTs against the keys of a :class:`JWKSClient`.
+class _Validation(Generic[_S]):
+    """The options and every check of a validator: all but the call for the key."""
 
-    *jwks* is a key source, or a mapping ``issuer -> key source`` to accept tokens of
-    several issuers (the unverified ``iss`` picks the key source, then the verified
-    ``iss`` must be one of *issuer*). *issuer* and *audience* are required: pass
-    ``audience=None`` only for tokens without ``aud`` (Cognito access tokens, checked by
-    *client_id* instead). *typ* requires that ``typ`` header (``"at+jwt"`` for RFC 9068
-    access tokens, so an ID token is refused where an access token is expected; a
-    Cognito-style ``token_use`` claim is checked by *token_use*). Times are in seconds.
-
-    >>> validator = JWTValidator(jwks, issuer="https://issuer.example", audience="api")
-    >>> claims = await validator.validate(token)  # doctest: +SKIP
-    """
+    _wants_coroutines: bool
 
     def __init__(
         self,
-        jwks: KeySource | Mapping[str, KeySource],
+        jwks: _S | Mapping[str, _S],
         *,
         issuer: str | Collection[str],
         audience: str | Collection[str] | None,
@@ -176,7 +213,9 @@ class JWTValidator:
         clock: Clock | None = None,
         observer: Observer | None = _DEFAULT_OBSERVER,
     ) -> None:
-        self._jwks = jwks
+        for source in jwks.values() if isinstance(jwks, Mapping) else [jwks]:
+            self._check_source(source)
+        self._jwks: _S | Mapping[str, _S] = jwks
         issuers = _strings(issuer, "issuer")
         assert issuers is not None
         self.issuers = issuers
@@ -207,29 +246,22 @@ class JWTValidator:
         self._clock = clock or SystemClock()
         self.observer = observer
 
-    async def validate(self, token: str | bytes) -> dict[str, Any]:
-        """Return the claims of *token* if it is valid; raise an :class:`InvalidToken` if not.
+    def _begin(self, token: str | bytes) -> tuple[str, list[str], str, str, _S]:
+        """Check what can be checked before a key is needed; return what finishes the job.
 
-        May also raise :class:`~resilient.errors.KeySetUnavailable` when the issuer's key
-        set cannot be had (a server-side outage, not the client's fault). Each refusal
-        emits a :class:`~resilient.events.TokenRejected` to the observer.
+        That is the token's text, its three parts, its ``alg`` and ``kid``, and the key
+        source to ask for the key.
         """
-        try:
-            return await self._validate(token)
-        except InvalidToken as error:
-            emit(self.observer, TokenRejected("jwt", type(error).__name__))
-            raise
-
-    async def _validate(self, token: str | bytes) -> dict[str, Any]:
         text = self._text(token)
         parts = text.split(".")
         if len(parts) != 3:
             raise MalformedToken
         header = _json_object(_b64decode(parts[0]))
         alg = self._check_header(header)
-        kid = header["kid"]
-        source = self._source_for(parts[1])
-        key = await source.get_key(kid)
+        return text, parts, alg, header["kid"], self._source_for(parts[1])
+
+    def _finish(self, text: str, parts: list[str], alg: str, key: SigningKey) -> dict[str, Any]:
+        """Check the key, the signature and the claims; return the claims."""
         self._check_key(alg, key)
         signature = _b64decode(parts[2])
         if alg in _ECDSA:
@@ -244,6 +276,24 @@ class JWTValidator:
         claims = _json_object(_b64decode(parts[1]))
         self._check_claims(claims)
         return claims
+
+    def _rejected(self, error: InvalidToken) -> None:
+        emit(self.observer, TokenRejected("jwt", type(error).__name__))
+
+    def _check_source(self, source: object) -> None:
+        get_key = getattr(source, "get_key", None)
+        if get_key is None:
+            msg = f"{source!r} is not a key source: it has no get_key method"
+            raise ConfigurationError(msg)
+        # Only plain functions say for sure whether they are coroutine functions.
+        if inspect.ismethod(get_key) or inspect.isfunction(get_key):
+            is_async = inspect.iscoroutinefunction(get_key)
+            if is_async != self._wants_coroutines:
+                kind, twin = (
+                    ("a sync", "JWTValidator") if is_async else ("an async", "SyncJWTValidator")
+                )
+                msg = f"{source!r} is {kind} key source: use it with a {twin}"
+                raise ConfigurationError(msg)
 
     def _text(self, token: str | bytes) -> str:
         if isinstance(token, bytes):
@@ -282,7 +332,7 @@ class JWTValidator:
                 raise WrongTokenUse(msg)
         return alg
 
-    def _source_for(self, payload_part: str) -> KeySource:
+    def _source_for(self, payload_part: str) -> _S:
         if not isinstance(self._jwks, Mapping):
             return self._jwks
         issuer = _json_object(_b64decode(payload_part)).get("iss")
@@ -316,15 +366,13 @@ class JWTValidator:
         for name in self.required_claims:
             if name not in claims:
                 raise MissingClaim(name)
+        exp, nbf, iat = _date(claims, "exp"), _date(claims, "nbf"), _date(claims, "iat")
         now = self._clock.time()
-        for name in ("exp", "nbf", "iat"):
-            if name in claims and not _is_number(claims[name]):
-                raise MissingClaim(name)
-        if "exp" in claims and now >= claims["exp"] + self.leeway:
+        if exp is not None and now >= exp + self.leeway:
             raise ExpiredToken
-        if "nbf" in claims and claims["nbf"] > now + self.leeway:
+        if nbf is not None and nbf > now + self.leeway:
             raise NotYetValid
-        if "iat" in claims and claims["iat"] > now + self.leeway:
+        if iat is not None and iat > now + self.leeway:
             msg = "the token was issued in the future"
             raise NotYetValid(msg)
         iss = claims.get("iss")
@@ -351,4 +399,75 @@ class JWTValidator:
                 raise BadAudience
 
     def __repr__(self) -> str:
-        return f"JWTValidator(issuer={sorted(self.issuers)!r}, audience={self.audiences!r})"
+        return (
+            f"{type(self).__name__}(issuer={sorted(self.issuers)!r}, audience={self.audiences!r})"
+        )
+
+
+class JWTValidator(_Validation[KeySource]):
+    """Validates bearer JWTs against the keys of a :class:`JWKSClient` (asyncio).
+
+    *jwks* is a key source, or a mapping ``issuer -> key source`` to accept tokens of
+    several issuers (the unverified ``iss`` picks the key source, then the verified
+    ``iss`` must be one of *issuer*). *issuer* and *audience* are required: pass
+    ``audience=None`` only for tokens without ``aud`` (Cognito access tokens, checked by
+    *client_id* instead). *typ* requires that ``typ`` header (``"at+jwt"`` for RFC 9068
+    access tokens, so an ID token is refused where an access token is expected; a
+    Cognito-style ``token_use`` claim is checked by *token_use*). Times are in seconds.
+    :class:`SyncJWTValidator` is its twin for code without an event loop.
+
+    >>> validator = JWTValidator(jwks, issuer="https://issuer.example", audience="api")
+    >>> claims = await validator.validate(token)  # doctest: +SKIP
+    """
+
+    _wants_coroutines = True
+
+    async def validate(self, token: str | bytes) -> dict[str, Any]:
+        """Return the claims of *token* if it is valid; raise an :class:`InvalidToken` if not.
+
+        May also raise :class:`~resilient.errors.KeySetUnavailable` when the issuer's key
+        set cannot be had (a server-side outage, not the client's fault). Each refusal
+        emits a :class:`~resilient.events.TokenRejected` to the observer.
+        """
+        try:
+            text, parts, alg, kid, source = self._begin(token)
+            return self._finish(text, parts, alg, await source.get_key(kid))
+        except InvalidToken as error:
+            self._rejected(error)
+            raise
+
+
+class SyncJWTValidator(_Validation[SyncKeySource]):
+    """Validates bearer JWTs against a :class:`SyncJWKSClient`, for code without an event loop.
+
+    Takes the same options as :class:`JWTValidator` and checks exactly the same things
+    (both run one set of checks; only the call for the key differs), but its key source
+    answers ``get_key`` synchronously and :meth:`validate` is a plain method.
+
+    Why a twin class rather than a ``validate_sync`` method on :class:`JWTValidator`: a
+    validator's key source is either async or sync, and so is everything it can do. With
+    one class per kind, each has a single ``validate`` that cannot be called the wrong
+    way, the type checker refuses a :class:`JWKSClient` here (and the constructor refuses
+    it at run time with a clear message), and there is no method that would fail for
+    half the key sources it accepts. It is the pairing httpx uses (``Client`` and
+    ``AsyncClient``), and the one :class:`~resilient.httpx.SyncResilientTransport` follows.
+
+    >>> validator = SyncJWTValidator(jwks, issuer="https://issuer.example", audience="api")
+    >>> claims = validator.validate(token)  # doctest: +SKIP
+    """
+
+    _wants_coroutines = False
+
+    def validate(self, token: str | bytes) -> dict[str, Any]:
+        """Return the claims of *token* if it is valid; raise an :class:`InvalidToken` if not.
+
+        May also raise :class:`~resilient.errors.KeySetUnavailable` when the issuer's key
+        set cannot be had (a server-side outage, not the client's fault). Each refusal
+        emits a :class:`~resilient.events.TokenRejected` to the observer.
+        """
+        try:
+            text, parts, alg, kid, source = self._begin(token)
+            return self._finish(text, parts, alg, source.get_key(kid))
+        except InvalidToken as error:
+            self._rejected(error)
+            raise

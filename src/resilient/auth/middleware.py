@@ -11,12 +11,15 @@
   ``scope["auth"]`` (an :class:`AuthCredentials` whose ``scopes`` come from the ``scope``
   or ``scp`` claim), so ``request.user``, ``request.auth.scopes`` and Starlette's own
   ``requires`` work. ``scope["state"]["claims"]`` holds the claims too.
-* Without a token: 401 with ``WWW-Authenticate: Bearer realm="..."``, unless
-  ``optional=True``, which lets the request through with an unauthenticated user.
-* A malformed ``Authorization`` header: 400, ``error="invalid_request"``.
-* An invalid token: 401 with ``WWW-Authenticate: Bearer error="invalid_token",
-  error_description="..."``; the description is the :class:`InvalidToken` message, safe
-  to show. Every error has an RFC 9457 ``application/problem+json`` body.
+* Without a token (no ``Authorization`` header, or one of another scheme, such as
+  ``Basic``): 401 with a bare ``WWW-Authenticate: Bearer realm="..."`` (RFC 6750 section
+  3.1: no error code when no bearer credentials were sent), unless ``optional=True``,
+  which lets the request through with an unauthenticated user.
+* An invalid token, including a ``Bearer`` credential that is not a token at all: 401
+  with ``WWW-Authenticate: Bearer error="invalid_token", error_description="..."``; the
+  description is the :class:`InvalidToken` message, safe to show.
+* Several ``Authorization`` headers: 400, ``error="invalid_request"``.
+* Every error has an RFC 9457 ``application/problem+json`` body.
 * The key set unavailable (the issuer is down, no stale keys left): 503 with
   ``Retry-After``, since the client did nothing wrong.
 
@@ -30,7 +33,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from resilient._asgi import ASGIApp, Receive, Scope, Send
+from resilient._asgi import ASGIApp, Message, Receive, Scope, Send
 from resilient._routing import PathPattern
 from resilient.errors import InvalidToken, KeySetUnavailable
 from resilient.problem import send_problem
@@ -38,10 +41,16 @@ from resilient.problem import send_problem
 if TYPE_CHECKING:
     from resilient.auth.jwt import JWTValidator
 
-__all__ = ["AuthCredentials", "JWTAuthMiddleware", "JWTUser", "UnauthenticatedUser"]
+__all__ = ["REFUSAL", "AuthCredentials", "JWTAuthMiddleware", "JWTUser", "UnauthenticatedUser"]
+
+REFUSAL = "resilient.auth.refusal"
+"""The scope key where :func:`~resilient.auth.requires` leaves its refusal, ``(status,
+detail, error)``, for the middleware to answer with its realm and a problem body."""
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *")
+_BEARER = re.compile(r"[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)[ \t]*")
+# Credentials of the Bearer scheme, whatever follows (RFC 9110: the scheme is case-blind).
+_BEARER_SCHEME = re.compile(r"[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr](?:[ \t]|$)")
 # RFC 6750 section 3: error_description is limited to %x20-21 / %x23-5B / %x5D-7E.
 _UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
@@ -127,6 +136,20 @@ def scopes_of(claims: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _bearer_token(scope: Scope) -> str | tuple[int, str, str] | None:
+    """Return the request's bearer token, ``None`` if it sent none, or a refusal."""
+    values = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
+    if len(values) > 1:
+        return 400, "the request has more than one Authorization header", "invalid_request"
+    text = values[0].decode("latin-1") if values else ""
+    match = _BEARER.fullmatch(text)
+    if match is not None:
+        return match.group(1)
+    if _BEARER_SCHEME.match(text) is not None:
+        return 401, "the bearer token is malformed", "invalid_token"
+    return None
+
+
 class JWTAuthMiddleware:
     """Authenticate every HTTP and WebSocket request with a bearer JWT.
 
@@ -166,21 +189,22 @@ class JWTAuthMiddleware:
             if refusal is not None:
                 await self._refuse(scope, send, *refusal)
                 return
+            if scope["type"] == "http":
+                send = _Responder(self, scope, send).send
         await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope) -> tuple[int, str, str | None] | None:
         """Put the principal in *scope*; or return (status, detail, error) to refuse."""
-        values = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
-        if not values:
+        token = _bearer_token(scope)
+        if isinstance(token, tuple):
+            return token
+        if token is None:  # no credentials, or another scheme's: no bearer token was sent
             if self.optional:
                 scope["user"], scope["auth"] = UnauthenticatedUser(), AuthCredentials()
                 return None
             return 401, "a bearer token is required", None
-        match = _BEARER.fullmatch(values[0].decode("latin-1")) if len(values) == 1 else None
-        if match is None:
-            return 400, "the Authorization header is not a single bearer token", "invalid_request"
         try:
-            claims = await self.validator.validate(match.group(1))
+            claims = await self.validator.validate(token)
         except InvalidToken as error:
             return 401, error.description, error.error
         except KeySetUnavailable:
@@ -193,6 +217,7 @@ class JWTAuthMiddleware:
     async def _refuse(
         self, scope: Scope, send: Send, status: int, detail: str, error: str | None
     ) -> None:
+        """Send the refusal: a problem body, and a challenge (or ``Retry-After`` for 503)."""
         if scope["type"] == "websocket":
             code = 1011 if status == 503 else 1008  # server error, or policy violation
             await send({"type": "websocket.close", "code": code, "reason": ""})
@@ -206,3 +231,33 @@ class JWTAuthMiddleware:
                 challenge += f', error="{error}", error_description="{description}"'
             headers = [(b"www-authenticate", challenge.encode())]
         await send_problem(send, status, detail, headers=headers)
+
+
+class _Responder:
+    """One request's way out: answers a refusal of ``requires`` as the middleware's own.
+
+    The application renders the ``HTTPException`` that ``requires`` raised its own way
+    (plain text, FastAPI's JSON...); when the response starts with the status that
+    ``requires`` left in the scope, the middleware sends its refusal instead and drops
+    the application's body.
+    """
+
+    __slots__ = ("_send", "middleware", "replaced", "scope")
+
+    def __init__(self, middleware: JWTAuthMiddleware, scope: Scope, send: Send) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self._send = send
+        self.replaced = False
+
+    async def send(self, message: Message) -> None:
+        """Pass *message* on, unless it belongs to a refusal answered in its place."""
+        if self.replaced:
+            return
+        if message["type"] == "http.response.start":
+            refusal = self.scope.get(REFUSAL)
+            if refusal is not None and refusal[0] == message["status"]:
+                self.replaced = True
+                await self.middleware._refuse(self.scope, self._send, *refusal)
+                return
+        await self._send(message)
