@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -422,7 +423,8 @@ class Shop:
     # -- operations ---------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        # The process id tells apart the workers of one shop (``--workers N``).
+        return JSONResponse({"status": "ok", "process": os.getpid()})
 
     async def readyz(self, request: Request) -> Response:
         checks: dict[str, str] = {}

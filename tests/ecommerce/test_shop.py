@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import sqlite3
 
 import httpx
@@ -17,6 +18,7 @@ from tests.ecommerce.conftest import Harness, ShopFactory
 ALICE = ("alice", "wonderland")
 BOB = ("bob", "builder")
 ADMIN = ("admin", "admin-secret")
+ON_REDIS = pytest.mark.parametrize("redis_url", ["redis"], indirect=True)
 
 
 def stock_of(harness: Harness, product_id: int) -> int:
@@ -126,10 +128,9 @@ async def test_a_cold_catalog_page_is_loaded_once_for_a_crowd(harness: Harness) 
     assert loads(harness, "item") == 1
 
 
+@ON_REDIS  # instances share a catalog load only through Redis
 async def test_a_crowd_on_two_instances_loads_once_with_redis(make_shop: ShopFactory) -> None:
     one, other = await make_shop(), await make_shop()
-    if one.shop.redis is None:
-        pytest.skip("instances share a catalog load only through Redis")
     responses = await crowd([one, other], 100, "/api/products", {"brand": "Acme"})
     assert {r.status_code for r in responses} == {200}
     assert loads(one, "list") + loads(other, "list") == 1
@@ -416,7 +417,7 @@ async def test_each_user_has_a_token_bucket_on_the_api(harness: Harness) -> None
 
 async def test_health_readiness_and_metrics(harness: Harness) -> None:
     async with harness.client() as client:
-        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/healthz")).json() == {"status": "ok", "process": os.getpid()}
         ready = await client.get("/readyz")
         await client.get("/api/products/3")
         metrics = await client.get("/metrics")
@@ -428,10 +429,10 @@ async def test_health_readiness_and_metrics(harness: Harness) -> None:
     assert [key["kid"] for key in jwks.json()["keys"]] == [harness.shop.issuer.kid]
 
 
+@ON_REDIS
 async def test_readiness_fails_when_redis_is_down(make_shop: ShopFactory) -> None:
     harness = await make_shop()
-    if harness.shop.redis is None:
-        pytest.skip("needs Redis")
+    assert harness.shop.redis is not None
     harness.shop.redis.connection_pool.connection_kwargs["port"] = 1  # a closed port
     await harness.shop.redis.connection_pool.disconnect()
     async with harness.client() as client:
