@@ -22,9 +22,10 @@ written by the client (or by proxies we know nothing about) and is ignored. A ho
 cannot be parsed (garbage, ``unknown``, an obfuscated ``_name``) ends the walk at the
 last trusted proxy before it: the key becomes that proxy's address, never an address
 from further left. This holds only for the header your proxies actually write: by
-default ``Forwarded`` is preferred to ``X-Forwarded-For``, so behind proxies that write
-only ``X-Forwarded-For`` (and pass a client's ``Forwarded`` through), say so with
-``by_ip(..., forwarded_headers=["x-forwarded-for"])``.
+default only ``X-Forwarded-For`` is read (what nginx, HAProxy and cloud load balancers
+append to); RFC 7239 ``Forwarded`` is read only when named, as in
+``by_ip(..., forwarded_headers=["forwarded", "x-forwarded-for"])``, because most proxies
+pass a client's own ``Forwarded`` header through untouched.
 """
 
 from __future__ import annotations

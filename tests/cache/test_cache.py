@@ -119,6 +119,26 @@ async def test_stale_while_revalidate_serves_stale_and_refreshes_once() -> None:
     assert [e.reason for e in recorder.of(CacheRefreshed)] == ["stale"]
 
 
+async def test_a_finished_refresh_is_not_reused_by_a_later_miss() -> None:
+    # A load that has just finished is still registered for one loop step (until its
+    # done-callback runs): a miss in that step must start its own load.
+    clock = FakeClock()
+    cache = Cache(ttl=600, stale_while_revalidate=30, jitter=0, clock=clock)
+
+    async def old() -> str:
+        return "old"
+
+    async def new() -> str:
+        return "new"
+
+    await cache.get_or_load("k", old)
+    clock.advance(610)  # stale: a background refresh starts
+    assert await cache.get_or_load("k", old) == "old"
+    await asyncio.sleep(0)  # the refresh finishes; its callback has not run yet
+    clock.advance(1000)  # expired, past every stale window
+    assert await cache.get_or_load("k", new) == "new"
+
+
 async def test_stale_if_error_serves_stale_only_within_its_bound() -> None:
     clock, load = FakeClock(), Loader()
     cache = make(clock, stale_if_error=30.0)

@@ -245,7 +245,9 @@ class Cache:
         # On Redis, concurrent callers of a key share the whole lookup (one GET, then the
         # load if needed): they wait once, not once per step.
         task = self._lookups.get(key)
-        if task is None:
+        # A task that is done but not yet forgotten (its callback runs a loop step later)
+        # answered an earlier call: this one starts afresh.
+        if task is None or task.done():
             task = asyncio.get_running_loop().create_task(self._lookup(key, loader, ttl, tags))
             self._lookups[key] = task
             task.add_done_callback(self._lookup_done(key))
@@ -346,7 +348,7 @@ class Cache:
     ) -> Awaitable[Any]:
         """Return the load of *key* in flight (starting one if none is), shielded for callers."""
         task = self._flights.get(key)
-        if task is None:
+        if task is None or task.done():  # done: an earlier load, its callback still pending
             task = asyncio.get_running_loop().create_task(self._load(key, loader, ttl, tags))
             self._flights[key] = task
             task.add_done_callback(self._landed(key))
@@ -369,7 +371,8 @@ class Cache:
         tags: Iterable[str],
         reason: str,
     ) -> None:
-        if key in self._flights:
+        flight = self._flights.get(key)
+        if flight is not None and not flight.done():
             return  # one refresher per key
         emit(self.observer, CacheRefreshed("cache", key, reason))
         self._flight(key, loader, ttl, tags)
