@@ -97,7 +97,9 @@ async def make_shop(
     provider = PaymentProvider(seed=1)
     built: list[Shop] = []
 
-    async def make(**overrides: Any) -> Harness:
+    async def make(*, own_jwks: bool = True, **overrides: Any) -> Harness:
+        """A shop with *overrides* of the settings; with *own_jwks*, its JWKS fetches
+        reach itself in process (else over the network, as configured)."""
         settings = Settings(
             data_dir=data_dir,
             redis_url=redis_url,
@@ -110,7 +112,7 @@ async def make_shop(
         shop = Shop(
             settings,
             payment_transport=httpx.ASGITransport(app=provider.app),
-            jwks_transport=jwks,
+            jwks_transport=jwks if own_jwks else None,
             clock=clock,
         )
         built.append(shop)

@@ -13,6 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from resilient.testing import LocalIssuer
 from tests.ecommerce.conftest import Harness, ShopFactory
 
 ALICE = ("alice", "wonderland")
@@ -439,3 +440,40 @@ async def test_readiness_fails_when_redis_is_down(make_shop: ShopFactory) -> Non
         ready = await client.get("/readyz")
     assert is_problem(ready, 503)
     assert ready.json()["checks"]["redis"].startswith("failed")
+
+
+# -- an external issuer -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("redis_url", ["memory"], indirect=True)
+async def test_an_external_issuer_is_one_setting_away(make_shop: ShopFactory) -> None:
+    # A Cognito-style user pool: access tokens without `aud`, with `token_use`, the app
+    # client's `client_id` and `cognito:groups`; the shop's own login is then off.
+    with LocalIssuer(algorithms=("RS256",)) as pool:
+        harness = await make_shop(
+            own_jwks=False, oidc_issuer=pool.issuer, oidc_client_id="shop-web"
+        )
+
+        def token(**claims: object) -> dict[str, str]:
+            now = int(harness.clock.time())  # the shop's (fake) time
+            base = {"aud": None, "token_use": "access", "client_id": "shop-web",
+                    "iat": now, "exp": now + 300}  # fmt: skip
+            return {"Authorization": f"Bearer {pool.mint({**base, **claims})}"}
+
+        async with harness.client() as client:
+            login = await client.post("/api/login", json={"username": "a", "password": "b"})
+            mine = await client.get("/api/users/user-1/orders", headers=token())
+            theirs = await client.get("/api/users/user-2/orders", headers=token())
+            admin = await client.get(
+                "/api/users/user-2/orders", headers=token(**{"cognito:groups": ["admin"]})
+            )
+            id_token = await client.get("/api/users/user-1/orders", headers=token(token_use="id"))
+            other_app = await client.get(
+                "/api/users/user-1/orders", headers=token(client_id="another-app")
+            )
+    assert is_problem(login, 404)
+    assert mine.json() == {"orders": []}
+    assert is_problem(theirs, 403)
+    assert admin.status_code == 200
+    assert is_problem(id_token, 401)
+    assert is_problem(other_app, 401)
