@@ -16,7 +16,7 @@ from examples.ecommerce.app import Shop
 from examples.ecommerce.db import Database
 from examples.ecommerce.payments import PaymentProvider
 from examples.ecommerce.settings import Settings
-from resilient.testing import FakeClock, RedisServer, retries_without_waits
+from resilient.testing import FakeClock, RedisCluster, RedisServer, retries_without_waits
 
 PRODUCTS = 500
 
@@ -70,11 +70,20 @@ def seeded_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ShopFactory = Callable[..., Awaitable[Harness]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def redis_url(request: pytest.FixtureRequest) -> str | None:
-    """Each test runs on the embedded defaults and on a real Redis (flushed first)."""
+    """Each test runs on the embedded defaults, on a real Redis and on a real Redis
+    Cluster (flushed first)."""
     if request.param == "memory":
         return None
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        for host, port in cluster.nodes:
+            node = redis.Redis(host=host, port=port)
+            if node.info("replication")["role"] == "master":
+                node.flushall()
+            node.close()
+        return cluster.url.replace("redis://", "redis+cluster://", 1)
     server: RedisServer = request.getfixturevalue("redis_server")
     if not server.is_running:
         server.start()

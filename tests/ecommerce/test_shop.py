@@ -1,4 +1,5 @@
-"""End to end: the example shop's story, on the embedded defaults and on Redis."""
+"""End to end: the example shop's story, on the embedded defaults, on Redis and on a Redis
+Cluster."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.ecommerce.conftest import Harness, ShopFactory
 ALICE = ("alice", "wonderland")
 BOB = ("bob", "builder")
 ADMIN = ("admin", "admin-secret")
-ON_REDIS = pytest.mark.parametrize("redis_url", ["redis"], indirect=True)
+ON_REDIS = pytest.mark.parametrize("redis_url", ["redis", "cluster"], indirect=True)
 
 
 def stock_of(harness: Harness, product_id: int) -> int:
@@ -430,7 +431,7 @@ async def test_health_readiness_and_metrics(harness: Harness) -> None:
     assert [key["kid"] for key in jwks.json()["keys"]] == [harness.shop.issuer.kid]
 
 
-@ON_REDIS
+@pytest.mark.parametrize("redis_url", ["redis"], indirect=True)
 async def test_readiness_fails_when_redis_is_down(make_shop: ShopFactory) -> None:
     harness = await make_shop()
     assert harness.shop.redis is not None

@@ -247,7 +247,7 @@ class RedisBackend:
         max_batch: int = 256,
     ) -> None:
         from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415 (redis is optional)
-        from redis.exceptions import NoScriptError, RedisError  # noqa: PLC0415
+        from redis.exceptions import NoScriptError  # noqa: PLC0415
 
         if not prefix or "{" in prefix or "}" in prefix:
             msg = f"prefix must be non-empty and free of braces (they make hash tags): {prefix!r}"
@@ -276,7 +276,11 @@ class RedisBackend:
                 configured = getattr(client, "connection_kwargs", {}).get("socket_timeout")
                 self.timeout = float(configured) if configured else None
         self._noscript = NoScriptError
-        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        # Whatever escapes the client while it talks to Redis is a backend failure, not
+        # only RedisError: redis-py's asyncio transports let some connection failures out
+        # as AttributeError or TypeError (redis/redis-py#4287), and a block's failure
+        # policy must hold for those too. Only our own code's replies are parsed outside.
+        self._errors: tuple[type[BaseException], ...] = (Exception,)
         self._stores: dict[str, Any] = {}
 
     async def aclose(self) -> None:
@@ -348,7 +352,10 @@ class RedisBackend:
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
-        """The exceptions of the client library that this backend translates."""
+        """What this backend translates into :class:`BackendError`: every exception.
+
+        Anything raised while the client talks to Redis counts (cancellation excepted).
+        """
         return self._errors
 
     async def guard(self, operation: str, call: Awaitable[_T]) -> _T:
