@@ -35,7 +35,10 @@ async def test_without_a_clock_redis_time_decides_and_keys_expire(
     keys = [k async for k in redis_client.scan_iter("app:rl:*")]
     assert keys == [b"app:rl:{user:1}:sw:3:3:60000"]
     ttl = await redis_client.pttl(keys[0])
-    assert 60_000 < ttl <= 120_000
+    # At least the rest of this window and the next (the weighted one), counted from the
+    # hit: PTTL, read a moment later, may have ticked below 60 s when the hit came late in
+    # a window.
+    assert 59_000 < ttl <= 120_000
 
 
 async def test_state_is_stored_as_integers(
