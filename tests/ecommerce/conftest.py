@@ -84,7 +84,9 @@ def redis_url(request: pytest.FixtureRequest) -> str | None:
                 node.flushall()
             node.close()
         return cluster.url.replace("redis://", "redis+cluster://", 1)
-    server: RedisServer = request.getfixturevalue("redis_server")
+    # "fresh": a server of the test's own, which the test may stop.
+    name = "fresh_redis_server" if request.param == "fresh" else "redis_server"
+    server: RedisServer = request.getfixturevalue(name)
     if not server.is_running:
         server.start()
     client = redis.Redis.from_url(server.url)

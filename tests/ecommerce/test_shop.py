@@ -478,3 +478,35 @@ async def test_an_external_issuer_is_one_setting_away(make_shop: ShopFactory) ->
     assert admin.status_code == 200
     assert is_problem(id_token, 401)
     assert is_problem(other_app, 401)
+
+
+# -- Redis outages ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("redis_url", ["fresh"], indirect=True)
+async def test_a_redis_outage_follows_each_blocks_policy(
+    make_shop: ShopFactory, request: pytest.FixtureRequest
+) -> None:
+    harness = await make_shop()
+    alice = await harness.login(*ALICE)
+    request.getfixturevalue("fresh_redis_server").stop()
+    async with harness.client() as client:
+        # Rate limits fail open, the cache loads straight from the database, tokens
+        # still validate (their keys come over HTTP): the catalog and logins keep working.
+        catalog = await client.get("/api/products", params={"category": "home"})
+        product = await client.get("/api/products/12", headers=alice)
+        login = await client.post("/api/login", json={"username": "bob", "password": "builder"})
+        # Idempotency fails closed: an order could otherwise be placed twice.
+        order = await client.post(
+            "/api/orders",
+            json={"items": [{"product_id": 12, "quantity": 1}]},
+            headers={**alice, "Idempotency-Key": "during-outage"},
+        )
+        ready = await client.get("/readyz")
+    assert catalog.status_code == 200
+    assert product.status_code == 200
+    assert login.status_code == 200
+    assert is_problem(order, 503)
+    assert int(order.headers["retry-after"]) >= 1
+    assert is_problem(ready, 503)
+    assert harness.provider.charges == {}
