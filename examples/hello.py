@@ -1,6 +1,6 @@
-"""A small guarded API: the quickstart's server, until the e-commerce example lands.
+"""The smallest composition: a rate limit, an idempotent endpoint and a guarded outbound call.
 
-Run it with ``python dev.py example`` (or ``python -m examples.hello``), then::
+Run it with ``python -m examples.hello``, then::
 
     curl -i http://127.0.0.1:8000/api/hello          # 10 requests a minute per client IP
     curl -i -X POST http://127.0.0.1:8000/api/login  # 3 a minute, then blocked 5 minutes
@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from resilient import (
     CircuitBreaker,
@@ -39,7 +40,6 @@ from resilient import (
     by_ip,
     retry,
 )
-from resilient._asgi import ASGIApp
 from resilient.httpx import ResilientTransport
 
 
