@@ -26,6 +26,7 @@ from starlette.routing import Route
 from resilient import ConfigurationError
 from resilient._asgi import Scope
 from resilient.keys import (
+    _CACHE_SIZE,
     FirstOf,
     KeyFunc,
     as_key_func,
@@ -97,6 +98,35 @@ def test_spoofed_forwarded_from_an_untrusted_peer_is_ignored() -> None:
 
 def test_a_trusted_peer_without_forwarding_headers_is_the_client() -> None:
     assert proxied(scope(PROXY)) == "ip:10.0.0.1"
+
+
+def test_a_trusted_peer_has_its_forwarding_headers_read_on_every_request() -> None:
+    key = by_ip(trusted_proxies=["10.0.0.0/8"])
+    assert key(scope(PROXY, ("x-forwarded-for", CLIENT))) == "ip:203.0.113.7"
+    assert key(scope(PROXY, ("x-forwarded-for", "198.51.100.1"))) == "ip:198.51.100.1"
+    assert key(scope(PROXY)) == "ip:10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        (CLIENT, "ip:203.0.113.7"),
+        ("2001:db8::1", "ip:2001:db8::/64"),
+        ("testclient", "ip:testclient"),
+    ],
+)
+def test_a_peer_seen_before_gets_the_same_key(peer: str, expected: str) -> None:
+    key = by_ip()
+    assert [key(scope(peer)) for _ in range(3)] == [expected] * 3
+    assert key(scope(client=[peer, 4711])) == expected  # a list, as some servers give
+
+
+def test_the_peers_remembered_are_bounded() -> None:
+    key = by_ip()
+    hosts = [str(ipaddress.IPv4Address(0x0A000000 + i)) for i in range(2 * _CACHE_SIZE + 7)]
+    assert [key(scope(host)) for host in hosts] == [f"ip:{host}" for host in hosts]
+    assert 0 < len(key._peer_keys) <= _CACHE_SIZE  # type: ignore[attr-defined]
+    assert key(scope(hosts[0])) == f"ip:{hosts[0]}"
 
 
 # --- by_ip: walking the chain -------------------------------------------------------------

@@ -319,6 +319,7 @@ class _ByIP(KeyFunc):
         "_networks4",
         "_networks6",
         "_peer",
+        "_peer_keys",
         "_repr",
         "forwarded_headers",
         "ipv6_prefix",
@@ -368,6 +369,9 @@ class _ByIP(KeyFunc):
         )
         self._peer = lru_cache(maxsize=_CACHE_SIZE)(self._classify_peer)
         self._hop = lru_cache(maxsize=_CACHE_SIZE)(self._classify_hop)
+        # The keys of peers that are not trusted proxies, by host: for them the peer is
+        # the whole answer, so a request from one seen before costs one dict lookup.
+        self._peer_keys: dict[str, str] = {}
         args = []
         if networks:
             args.append(f"trusted_proxies={[str(net) for net in networks]!r}")
@@ -380,6 +384,16 @@ class _ByIP(KeyFunc):
     def __call__(self, scope: Scope) -> str | None:
         """Return ``"ip:<client address>"``, or ``None`` when the peer is unknown."""
         client = scope.get("client")
+        # The fast path: a peer seen before that is not a trusted proxy.
+        if type(client) is tuple and client:
+            host = client[0]
+            if type(host) is str:
+                known = self._peer_keys.get(host)
+                if known is not None:
+                    return known
+        return self._key(scope, client)
+
+    def _key(self, scope: Scope, client: object) -> str | None:
         # A tuple of types, not ``tuple | list``: that union would be built on every call.
         if not isinstance(client, _CLIENT_TYPES) or not client:
             return None
@@ -390,10 +404,10 @@ class _ByIP(KeyFunc):
         if peer is None:
             # Not an IP (Starlette's TestClient says "testclient"): the server vouches for
             # it and it is stable, so it is a key; None would silently turn limits off.
-            return f"ip:{host}"
+            return self._remember(host, f"ip:{host}")
         trusted, key = peer
         if not trusted:
-            return key
+            return self._remember(host, key)
         for text in self._hops(scope):
             hop = None if text is None else self._hop(text)
             if hop is None:
@@ -402,6 +416,13 @@ class _ByIP(KeyFunc):
             if not trusted:
                 return hop_key
             key = hop_key
+        return key
+
+    def _remember(self, host: str, key: str) -> str:
+        known = self._peer_keys
+        if len(known) >= _CACHE_SIZE:
+            known.clear()  # a flood of new peers: start over rather than track their age
+        known[host] = key
         return key
 
     def _hops(self, scope: Scope) -> Iterator[str | None]:
