@@ -29,6 +29,7 @@ from resilient import (
     by_ip,
 )
 from resilient._asgi import ASGIApp
+from resilient.ratelimit import middleware as middleware_module
 from resilient.ratelimit.core import Policy
 from resilient.ratelimit.middleware import HeaderStyle
 from resilient.testing import FakeClock, RedisServer
@@ -130,6 +131,33 @@ async def test_no_headers_when_turned_off(limiter: RateLimiter) -> None:
     async with client_for(app) as client:
         response = await client.get("/api/items")
     assert not any(h.startswith(("ratelimit", "x-ratelimit")) for h in response.headers)
+
+
+async def test_on_the_system_clock_the_hot_path_and_the_full_check_share_a_counter() -> None:
+    limiter, policy = RateLimiter(), SlidingWindow("2/minute", block_for=60)
+    rule = Rule(policy, name="login")
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app) as client:
+        statuses = [(await client.get("/api/items")).status_code for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    peeked = await limiter.peek("login|ip:203.0.113.7", policy)
+    assert not peeked.allowed
+    assert peeked.retry_after > 50  # the block period that the denial recorded
+
+
+async def test_quota_headers_are_remembered_within_a_bound(
+    limiter: RateLimiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware_module, "_HEADER_CACHE_SIZE", 8)
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("30/hour"))])
+    async with client_for(app) as client:
+        states = [(await client.get("/api/items")).headers["ratelimit"] for _ in range(20)]
+        again = RateLimitMiddleware(make_app(), limiter=RateLimiter(), rules=app.rules)
+        async with client_for(again) as fresh:
+            first = (await fresh.get("/api/items")).headers["ratelimit"]
+    assert states == [f'"30/hour";r={29 - i};t={120 * (i + 1)}' for i in range(20)]
+    assert first == states[0]
+    assert 0 < len(app._header_cache) <= 8
 
 
 async def test_rules_match_methods_templates_and_prefixes(limiter: RateLimiter) -> None:

@@ -14,6 +14,7 @@ from resilient.clock import Clock
 from resilient.errors import BackendError, BackendUnavailable, ConfigurationError
 from resilient.events import BackendFailed, LoggingObserver, Observer, RateLimited, emit
 from resilient.ratelimit.core import Decision, Outcome, Policy, combine
+from resilient.ratelimit.memory import name_suffix
 
 __all__ = ["RateLimitStore", "RateLimiter"]
 
@@ -94,7 +95,7 @@ class RateLimiter:
         "_check_now",
         "_deny_cache",
         "_deny_cache_size",
-        "_hit_fields",
+        "_hit_named",
         "_store",
         "backend_retry_after",
         "clock",
@@ -126,11 +127,11 @@ class RateLimiter:
             raise ConfigurationError(msg)
         self._store = _store_for(MemoryBackend() if backend is None else backend)
         # The memory store never waits: call it without the cost of a coroutine.
-        self._check_now = self._hit_fields = None
+        self._check_now = self._hit_named = None
         if type(self._store).__name__ == "MemoryRateLimitStore":
             self._check_now = self._store.check_now  # type: ignore[attr-defined]
             if not deny_cache:  # with one, denials are answered before the store
-                self._hit_fields = self._store._hit_fields  # type: ignore[attr-defined]
+                self._hit_named = self._store._hit_named  # type: ignore[attr-defined]
         self.clock = clock
         self.on_backend_error = on_backend_error
         self.backend_retry_after = backend_retry_after
@@ -204,12 +205,15 @@ class RateLimiter:
         ``None`` whenever check_nowait would answer ``None``. For the middleware's hot
         path, which needs no :class:`Decision` to build its headers.
         """
-        hit_fields = self._hit_fields
-        if hit_fields is None:
+        hit = self._hit_named
+        if hit is None:
             return None
+        return hit(key + name_suffix(policy), policy, cost, self._now_ms())  # type: ignore[no-any-return]
+
+    def _now_ms(self) -> int | None:
+        """Return the injected clock's time in integer milliseconds; None: the store's own."""
         clock = self.clock
-        now_ms = None if clock is None else math.floor(clock.time() * 1000)
-        return hit_fields(key, policy, cost, now_ms)  # type: ignore[no-any-return]
+        return None if clock is None else math.floor(clock.time() * 1000)
 
     def _decide(
         self, key: str, policies: tuple[Policy, ...], outcomes: Sequence[Outcome], consume: bool

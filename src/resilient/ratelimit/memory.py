@@ -12,7 +12,17 @@ from resilient.ratelimit.core import _ALGORITHMS, Outcome, Policy, State, evalua
 
 _new = tuple.__new__  # named tuples built from a tuple skip their Python-level __new__
 
-__all__ = ["MemoryRateLimitStore"]
+__all__ = ["MemoryRateLimitStore", "name_suffix"]
+
+
+def name_suffix(policy: Policy) -> str:
+    """Return what follows a key in the name of its state for *policy*.
+
+    A key's state for a policy is stored under ``key + name_suffix(policy)``, so an
+    adapter that knows the key's prefix and the policy in advance can build the name in
+    one step.
+    """
+    return "\x00" + policy.id
 
 
 class MemoryRateLimitStore:
@@ -54,12 +64,13 @@ class MemoryRateLimitStore:
         if now_ms is None:
             now_ms = monotonic_ns() // 1_000_000
         if consume and len(policies) == 1:
-            fields = self._hit_fields(key, policies[0], cost, now_ms)
+            policy = policies[0]
+            fields = self._hit_named(key + name_suffix(policy), policy, cost, now_ms)
             if fields is not None:
                 return [_new(Outcome, fields)]
             # Denied: the general path below also records a block period.
         data = self._data
-        names = [key + "\x00" + policy.id for policy in policies]
+        names = [key + name_suffix(policy) for policy in policies]
         with self._lock:
             entries = [data.get(name) for name in names]
             states = [e[0] if e is not None and e[1] > now_ms else None for e in entries]
@@ -77,19 +88,20 @@ class MemoryRateLimitStore:
         ``None`` means denied: :meth:`check_now` then gives the full answer (and records
         a block period).
         """
-        fields = self._hit_fields(key, policy, cost, now_ms)
+        fields = self._hit_named(key + name_suffix(policy), policy, cost, now_ms)
         return None if fields is None else _new(Outcome, fields)
 
-    def _hit_fields(
-        self, key: str, policy: Policy, cost: int, now_ms: int | None
+    def _hit_named(
+        self, name: str, policy: Policy, cost: int, now_ms: int | None
     ) -> tuple[bool, int, int, int] | None:
-        """Do :meth:`hit_one`, answering the outcome's fields as a plain tuple.
+        """Do :meth:`hit_one` for the state *name*, answering the outcome's fields as a tuple.
 
-        This is the hot path of every admitted request: it spares making an Outcome.
+        *name* is ``key + name_suffix(policy)``. This is the hot path of every admitted
+        request: it spares making an Outcome, and callers that know the key's prefix in
+        advance build the name in one step.
         """
         if now_ms is None:
             now_ms = monotonic_ns() // 1_000_000
-        name = f"{key}\x00{policy.id}"
         data = self._data
         lock = self._lock
         # acquire/release: half the cost of ``with lock`` (no __enter__/__exit__ calls).
@@ -116,7 +128,7 @@ class MemoryRateLimitStore:
         """Forget *key*'s state for *policies*."""
         with self._lock:
             for policy in policies:
-                self._data.pop(f"{key}\x00{policy.id}", None)
+                self._data.pop(key + name_suffix(policy), None)
 
     def __len__(self) -> int:
         return len(self._data)

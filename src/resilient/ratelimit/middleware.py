@@ -19,11 +19,15 @@ from resilient.ratelimit.limiter import (
     validate_cost,
     validate_policies,
 )
+from resilient.ratelimit.memory import name_suffix
 
 __all__ = ["RateLimitMiddleware", "Rule"]
 
 _Headers = list[tuple[bytes, bytes]]
 _ALL_METHODS = frozenset[str]()
+# The quota headers of the hot path, kept by (remaining, reset seconds): a busy key comes
+# back to the same few pairs, and formatting them costs more than a lookup.
+_HEADER_CACHE_SIZE = 1024
 
 
 class Rule:
@@ -44,6 +48,7 @@ class Rule:
 
     __slots__ = (
         "_only_policy",
+        "_only_suffix",
         "_pattern",
         "_policy_field",
         "_policy_header",
@@ -85,6 +90,9 @@ class Rule:
         self._policy_field = (b"ratelimit-policy", self._policy_header)
         self._state_prefixes = {p.id: f'"{p.name}";r='.encode() for p in policies}
         self._only_policy = policies[0] if len(policies) == 1 else None
+        # With one policy, the name of the key's state in the memory store is
+        # _scope + key + _only_suffix: built in one step on the hot path.
+        self._only_suffix = name_suffix(policies[0]) if len(policies) == 1 else ""
 
     def applies(self, method: str, path: str) -> bool:
         """Return whether this rule applies to a request for *method* and *path*."""
@@ -128,7 +136,7 @@ class RateLimitMiddleware:
     ... ])
     """
 
-    __slots__ = ("_exempt", "_ietf", "_legacy", "app", "limiter", "rules")
+    __slots__ = ("_exempt", "_header_cache", "_ietf", "_legacy", "app", "limiter", "rules")
 
     def __init__(
         self,
@@ -155,8 +163,9 @@ class RateLimitMiddleware:
         self._exempt = tuple(PathPattern(p) for p in exempt)
         self._ietf = headers in ("ietf", "both")
         self._legacy = headers in ("legacy", "both")
+        self._header_cache: dict[tuple[int, int], tuple[tuple[bytes, bytes], ...]] = {}
 
-    async def __call__(  # noqa: PLR0912 (the per-request path, kept in one frame)
+    async def __call__(  # noqa: PLR0912, PLR0915 (the per-request path, kept in one frame)
         self, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """Handle one ASGI connection."""
@@ -169,8 +178,10 @@ class RateLimitMiddleware:
             return
         method: str = scope["method"]
         limiter, rules = self.limiter, self.rules
+        # The memory store's one-policy hit, when it may answer without a coroutine.
+        hit = limiter._hit_named
         applied: list[tuple[Rule, Decision]] = []
-        extra: _Headers | None = None
+        extra: Sequence[tuple[bytes, bytes]] | None = None
         for rule in rules:
             # Rule.applies, inlined: this loop runs on every request.
             if rule.methods and method not in rule.methods:
@@ -183,28 +194,33 @@ class RateLimitMiddleware:
             if value is None:
                 continue
             policy = rule._only_policy
+            fields = None
             try:
-                name = rule._scope + value
-                # One policy: the memory store admits it at once, without a coroutine,
-                # and answers the bare fields of its Outcome. Else the full check.
-                outcome = None if policy is None else limiter._hit_nowait(name, policy, rule.cost)
-                if outcome is None:
+                if hit is not None and policy is not None:
+                    # One policy on the memory store: admitted at once, without a
+                    # coroutine, as the bare fields of its Outcome. Else the full check.
+                    clock = limiter.clock
+                    now_ms = None if clock is None else limiter._now_ms()
+                    name = f"{rule._scope}{value}{rule._only_suffix}"
+                    fields = hit(name, policy, rule.cost, now_ms)
+                if fields is None:
+                    name = rule._scope + value
                     decision = await limiter.check(name, rule.policies, rule.cost, consume=True)
             except BackendUnavailable as exc:
                 await self._unavailable(send, exc)
                 return
-            if outcome is not None:
-                assert policy is not None  # outcome is only ever set with one
+            if fields is not None:
+                assert policy is not None  # fields are only ever set with one
                 if len(rules) == 1:
                     # The hot path: the only rule, admitted at once. No Decision, no list
-                    # of rules: its headers (if any) come straight from the outcome.
-                    _, remaining, reset_ms, _ = outcome
-                    # The limit and reset_after that the Decision would have carried.
-                    extra = self._single_headers(
-                        rule, policy, policy.capacity, remaining, reset_ms / 1000
-                    )
+                    # of rules: its headers (if any) come from the outcome, cached.
+                    _, remaining, reset_ms, _ = fields
+                    reset = -(-reset_ms // 1000)  # ceil, in integers
+                    extra = self._header_cache.get((remaining, reset))
+                    if extra is None:
+                        extra = self._cache_headers(rule, policy, remaining, reset)
                     break
-                decision = _admitted(policy, outcome)
+                decision = _admitted(policy, fields)
             if not decision.allowed:
                 await self._deny(send, rule, decision, applied)
                 return
@@ -249,12 +265,28 @@ class RateLimitMiddleware:
             extra={"retry_after": retry},
         )
 
+    def _cache_headers(
+        self, rule: Rule, policy: Policy, remaining: int, reset: int
+    ) -> tuple[tuple[bytes, bytes], ...]:
+        """Return and remember the hot path's headers for *remaining* and *reset* seconds.
+
+        Only the hot path uses the cache, and it is taken only with one rule of one
+        policy, so those two numbers are all the headers depend on.
+        """
+        cache = self._header_cache
+        if len(cache) >= _HEADER_CACHE_SIZE:
+            cache.clear()  # many distinct quotas: start over rather than track their age
+        headers = cache[remaining, reset] = tuple(
+            self._single_headers(rule, policy, policy.capacity, remaining, reset)
+        )
+        return headers
+
     def _single_headers(
-        self, rule: Rule, policy: Policy, limit: int, remaining: int, reset_after: float
+        self, rule: Rule, policy: Policy, limit: int, remaining: int, reset: int
     ) -> _Headers:
-        """Return the headers of one rule of one policy: the common case, no lists to join."""
+        """Return the headers of one rule of one policy (*reset*: whole seconds)."""
         if self._ietf:
-            state = b"%s%d;t=%d" % (rule._state_prefixes[policy.id], remaining, ceil(reset_after))
+            state = b"%s%d;t=%d" % (rule._state_prefixes[policy.id], remaining, reset)
             headers: _Headers = [rule._policy_field, (b"ratelimit", state)]
         else:
             headers = []
@@ -262,14 +294,14 @@ class RateLimitMiddleware:
             headers += [
                 (b"x-ratelimit-limit", str(limit).encode()),
                 (b"x-ratelimit-remaining", str(remaining).encode()),
-                (b"x-ratelimit-reset", str(ceil(reset_after)).encode()),
+                (b"x-ratelimit-reset", str(reset).encode()),
             ]
         return headers
 
     def _headers(self, applied: list[tuple[Rule, Decision]]) -> _Headers:
         if len(applied) == 1 and not applied[0][1].details:
             rule, d = applied[0]
-            return self._single_headers(rule, d.policy, d.limit, d.remaining, d.reset_after)
+            return self._single_headers(rule, d.policy, d.limit, d.remaining, ceil(d.reset_after))
         headers: _Headers = []
         if self._ietf:
             policy_fields: list[bytes] = []
