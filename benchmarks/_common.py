@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,39 +84,151 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+@dataclass(frozen=True, kw_only=True)
+class Machine:
+    """Where a benchmark ran: hardware, Python, Redis and the versions of the contenders."""
+
+    cpu: str
+    cores: int | None
+    memory: str
+    python: str
+    system: str
+    redis: str | None
+    packages: dict[str, str]
+
+    @classmethod
+    def probe(cls, packages: Sequence[str], redis_server: str | None = None) -> Machine:
+        """Describe this machine, the versions of *packages* and of *redis_server*."""
+        cpu = "unknown"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        memory = "unknown"
+        try:
+            kib = int(Path("/proc/meminfo").read_text().split()[1])
+            memory = f"{kib / 1024 / 1024:.1f} GiB"
+        except (OSError, ValueError, IndexError):
+            pass
+        redis = None
+        if redis_server:
+            redis = subprocess.run(
+                [redis_server, "--version"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+        return cls(
+            cpu=cpu,
+            cores=os.cpu_count(),
+            memory=memory,
+            python=f"{platform.python_version()} ({platform.python_implementation()})",
+            system=f"{platform.system()} {platform.release()}",
+            redis=redis,
+            packages={p: _version(p) for p in packages},
+        )
+
+    def markdown(self) -> str:
+        """The facts as a Markdown list."""
+        facts = [
+            f"- CPU: {self.cpu}, {self.cores} cores; memory {self.memory}",
+            f"- Python {self.python}, {self.system}",
+        ]
+        if self.redis:
+            facts.append(f"- {self.redis}")
+        facts.append("- packages: " + ", ".join(f"{p} {v}" for p, v in self.packages.items()))
+        return "\n".join(facts)
+
+
 def machine_facts(packages: Sequence[str], redis_server: str | None = None) -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = "unknown"
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f"{kib / 1024 / 1024:.1f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    facts = [
-        f"- CPU: {cpu}, {os.cpu_count()} cores; memory {memory}",
-        f"- Python {platform.python_version()} ({platform.python_implementation()}), "
-        f"{platform.system()} {platform.release()}",
-    ]
-    if redis_server:
-        version = subprocess.run(
-            [redis_server, "--version"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        facts.append(f"- {version}")
-    facts.append("- packages: " + ", ".join(f"{p} {_version(p)}" for p in packages))
-    return "\n".join(facts)
+    return Machine.probe(packages, redis_server).markdown()
+
+
+Cell = str | int | float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Section:
+    """One table of a benchmark: the figures as shown, and the runs behind them.
+
+    *rows* hold the medians and ratios exactly as the Markdown table shows them; *raw*
+    holds the value of every run, by row label and metric; *chart* names the numeric
+    columns the report plots (one bar per row and column), none if it plots nothing.
+    """
+
+    key: str
+    title: str
+    headers: list[str]
+    rows: list[list[Cell]]
+    raw: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    chart: list[int] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        """The section's table in Markdown."""
+        return table(self.headers, self.rows)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    """What a benchmark module's run returns: its Markdown report and the data behind it."""
+
+    markdown: str
+    machine: Machine
+    sections: list[Section]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Results:
+    """A full run as saved in ``benchmarks/results/<name>.json``."""
+
+    name: str
+    taken: str  # when, UTC, ISO 8601
+    repeat: int
+    command: str
+    machine: Machine
+    sections: list[Section]
+
+    def section(self, key: str) -> Section:
+        """The section called *key*; ``KeyError`` if the run has none."""
+        for section in self.sections:
+            if section.key == key:
+                return section
+        raise KeyError(key)
+
+    def to_json(self) -> str:
+        """The results as a JSON document."""
+        return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Results:
+        """Read results written by :meth:`to_json`."""
+        data = json.loads(text)
+        return cls(
+            name=data["name"],
+            taken=data["taken"],
+            repeat=data["repeat"],
+            command=data["command"],
+            machine=Machine(**data["machine"]),
+            sections=[Section(**section) for section in data["sections"]],
+        )
+
+    def save(self, directory: Path = RESULTS) -> Path:
+        """Write ``<name>.json`` into *directory*; return its path."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.name}.json"
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, name: str, directory: Path = RESULTS) -> Results:
+        """Read ``<name>.json`` from *directory*."""
+        return cls.from_json((directory / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def run_cli(
     name: str,
     doc: str | None,
-    main_async: Callable[[argparse.Namespace], Coroutine[Any, Any, str]],
+    main_async: Callable[[argparse.Namespace], Coroutine[Any, Any, Report]],
     argv: list[str] | None,
     *,
     sections: Sequence[str] = (),
@@ -122,6 +237,8 @@ def run_cli(
 
     Options: ``--quick`` (a smoke test, nothing saved), ``--repeat`` (runs per figure, the
     median is reported) and, with *sections*, ``--only`` (a partial report is not saved).
+    A full run writes ``results/<name>.md`` (the report) and ``results/<name>.json`` (the
+    data behind it, from which ``python -m benchmarks report`` rebuilds the benchmark page).
     """
     import asyncio
 
@@ -132,8 +249,16 @@ def run_cli(
         parser.add_argument("--only", action="append", choices=sections, help="run only these")
     args = parser.parse_args(argv)
     report = asyncio.run(main_async(args))
-    print(report)
+    print(report.markdown)
     if not args.quick and not getattr(args, "only", None):
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{name}.md").write_text(report + "\n")
+        (RESULTS / f"{name}.md").write_text(report.markdown + "\n")
+        Results(
+            name=name,
+            taken=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            repeat=args.repeat,
+            command=f"python dev.py bench {name} --repeat {args.repeat}",
+            machine=report.machine,
+            sections=report.sections,
+        ).save()
     return 0

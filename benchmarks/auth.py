@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import jwt
 
-from benchmarks._common import machine_facts, run_cli, table
+from benchmarks._common import Cell, Machine, Report, Section, run_cli
 from resilient.auth import JWKSClient, JWTValidator
 from resilient.testing import LocalIssuer
 
@@ -43,8 +43,9 @@ async def per_second_async(validator: JWTValidator, token: str, count: int) -> f
     return count / (time.perf_counter() - start)
 
 
-async def bench(repeat: int, count: int) -> str:
-    rows: list[list[object]] = []
+async def bench(repeat: int, count: int) -> Section:
+    rows: list[list[Cell]] = []
+    raw: dict[str, dict[str, list[float]]] = {}
     with LocalIssuer(max_age=3600) as issuer:
         jwks = JWKSClient(issuer.jwks_url)
         validator = JWTValidator(jwks, issuer=issuer.issuer, audience="api")
@@ -68,6 +69,7 @@ async def bench(repeat: int, count: int) -> str:
                 samples["pyjwk"].append(per_second(pyjwk, count))
                 samples["resilient"].append(await per_second_async(validator, token, count))
             medians = {name: statistics.median(values) for name, values in samples.items()}
+            raw[alg] = samples
             rows.append(
                 [
                     alg,
@@ -84,20 +86,29 @@ async def bench(repeat: int, count: int) -> str:
         "JWTValidator (/s)",
         "JWTValidator vs bare",
     ]
-    return table(headers, rows)
+    return Section(
+        key="validations",
+        title="Validations per second, warm key cache",
+        headers=headers,
+        rows=rows,
+        raw=raw,
+        chart=[1, 2, 3],
+    )
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def main_async(args: argparse.Namespace) -> Report:
     count = 50 if args.quick else 2000
     print("auth section...", file=sys.stderr, flush=True)
-    parts = ["# JWT validation benchmarks", "", "## Machine", "", machine_facts(PACKAGES), ""]
-    parts += ["## Validations per second, warm key cache", ""]
-    parts += [await bench(args.repeat, count), ""]
+    machine = Machine.probe(PACKAGES)
+    section = await bench(args.repeat, count)
+    parts = ["# JWT validation benchmarks", "", "## Machine", "", machine.markdown(), ""]
+    parts += [f"## {section.title}", ""]
+    parts += [section.markdown(), ""]
     parts.append(
         f"Medians of {args.repeat} runs of {count} validations. Rerun: `python dev.py bench "
         f"auth{' --quick' if args.quick else ''} --repeat {args.repeat}`."
     )
-    return "\n".join(parts)
+    return Report(markdown="\n".join(parts), machine=machine, sections=[section])
 
 
 def main(argv: list[str] | None = None) -> int:

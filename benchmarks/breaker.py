@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks._common import machine_facts, run_cli, table
+from benchmarks._common import Cell, Machine, Report, Section, run_cli
 from resilient import CircuitBreaker
 
 PACKAGES = ["resilient-asgi", "circuitbreaker", "pybreaker", "aiobreaker", "purgatory", "redis"]
@@ -87,19 +87,19 @@ async def async_ns(call: AsyncCall, n: int) -> float:
     return (time.perf_counter_ns() - start) / n
 
 
-def rows(samples: dict[str, list[float]]) -> list[tuple[object, ...]]:
+def rows(samples: dict[str, list[float]]) -> list[list[Cell]]:
     medians = {name: statistics.median(values) for name, values in samples.items()}
     bare = medians["bare call"]
     ours = medians[OURS] - bare
-    out: list[tuple[object, ...]] = []
+    out: list[list[Cell]] = []
     for name, value in medians.items():
         added = value - bare
         ratio = "" if name == "bare call" else f"{added / ours:.2f}x"
-        out.append((name, value, added, ratio))
+        out.append([name, value, added, ratio])
     return out
 
 
-async def bench_success(repeat: int, quick: bool) -> str:
+async def bench_success(repeat: int, quick: bool) -> list[Section]:
     n = 20_000 if quick else 300_000
     sync_calls, async_calls = sync_contenders(), async_contenders()
     sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
@@ -114,15 +114,21 @@ async def bench_success(repeat: int, quick: bool) -> str:
         for name, acall in async_calls.items():
             async_samples[name].append(await async_ns(acall, n))
     headers = ["breaker", "ns per call", "ns added", "added vs ours"]
-    return (
-        "#### `def`\n\n"
-        + table(headers, rows(sync_samples))
-        + "\n\n#### `async def`\n\n"
-        + table(headers, rows(async_samples))
-    )
+    title = "A call that succeeds through a closed circuit"
+    return [
+        Section(
+            key=f"success-{kind}",
+            title=f"{title}: `{kind}`",
+            headers=headers,
+            rows=rows(samples),
+            raw={name: {"ns per call": values} for name, values in samples.items()},
+            chart=[2],
+        )
+        for kind, samples in (("def", sync_samples), ("async def", async_samples))
+    ]
 
 
-async def bench_shared(url: str, repeat: int, quick: bool) -> str:
+async def bench_shared(url: str, repeat: int, quick: bool) -> Section:
     import purgatory
     import pybreaker
     import redis
@@ -165,34 +171,53 @@ async def bench_shared(url: str, repeat: int, quick: bool) -> str:
     await backend.aclose()
     await async_client.aclose()
     sync_client.close()
-    out = [
-        (name, statistics.median(values) / 1000, f"{per_call[name]:.2f}")
+    out: list[list[Cell]] = [
+        [name, statistics.median(values) / 1000, f"{per_call[name]:.2f}"]
         for name, values in samples.items()
     ]
-    return table(["breaker (state in Redis)", "µs per call", "Redis commands per call"], out)
+    return Section(
+        key="shared",
+        title="State shared through Redis: a call that succeeds",
+        headers=["breaker (state in Redis)", "µs per call", "Redis commands per call"],
+        rows=out,
+        raw={name: {"ns per call": values} for name, values in samples.items()},
+        chart=[1],
+    )
 
 
 SECTIONS = ("success", "shared")
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def main_async(args: argparse.Namespace) -> Report:
     from resilient.testing import RedisServer, find_redis_server
 
     only = set(args.only or SECTIONS)
+    machine = Machine.probe(PACKAGES, find_redis_server())
+    sections: list[Section] = []
     parts = ["# Circuit breaker benchmarks", "", "## Machine", ""]
-    parts += [machine_facts(PACKAGES, find_redis_server()), ""]
+    parts += [machine.markdown(), ""]
     if "success" in only:
         parts += ["## A call that succeeds through a closed circuit", ""]
-        parts += [await bench_success(args.repeat, args.quick), ""]
+        sync, asynchronous = await bench_success(args.repeat, args.quick)
+        sections += [sync, asynchronous]
+        parts += [
+            "#### `def`\n\n"
+            + sync.markdown()
+            + "\n\n#### `async def`\n\n"
+            + asynchronous.markdown(),
+            "",
+        ]
     if "shared" in only:
         parts += ["## State shared through Redis: a call that succeeds", ""]
         with RedisServer() as server:
-            parts += [await bench_shared(server.url, args.repeat, args.quick), ""]
+            shared = await bench_shared(server.url, args.repeat, args.quick)
+        sections.append(shared)
+        parts += [shared.markdown(), ""]
     parts.append(
         f"Medians of {args.repeat} runs. Rerun: `python dev.py bench breaker"
         f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."
     )
-    return "\n".join(parts)
+    return Report(markdown="\n".join(parts), machine=machine, sections=sections)
 
 
 def main(argv: list[str] | None = None) -> int:

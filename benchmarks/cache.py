@@ -24,7 +24,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from benchmarks._common import machine_facts, percentile, run_cli, table
+from benchmarks._common import Cell, Machine, Report, Section, percentile, run_cli
 from resilient import Cache, MemoryBackend, RedisBackend
 from resilient.testing import RedisServer, find_redis_server
 
@@ -113,7 +113,21 @@ async def stampede(lookup: Lookup, key: int) -> list[float]:
     return list(await asyncio.gather(*(one() for _ in range(REQUESTS))))
 
 
-async def bench(url: str, repeat: int) -> tuple[str, str]:
+STAMPEDE_HEADERS = ["contender", "loader calls", "p50 ms", "p99 ms", "Redis commands"]
+
+
+def stampede_raw(
+    loads: list[int], p50: list[float], p99: list[float], cmds: list[int]
+) -> dict[str, list[float]]:
+    return {
+        "loader calls": [float(n) for n in loads],
+        "p50 ms": p50,
+        "p99 ms": p99,
+        "Redis commands": [float(n) for n in cmds],
+    }
+
+
+async def bench(url: str, repeat: int) -> tuple[Section, Section]:
     counter = Counter()
     apps = await contenders(url, counter)
     sync = redis.Redis.from_url(url)
@@ -138,24 +152,34 @@ async def bench(url: str, repeat: int) -> tuple[str, str]:
                 await lookup(key)
             hits[name].append((time.perf_counter() - start) / 200 * 1e6)
     sync.close()
-    rows = [
-        (
+    rows: list[list[Cell]] = [
+        [
             name,
             f"{statistics.median(loads[name]):.0f}",
             statistics.median(p50[name]),
             statistics.median(p99[name]),
             f"{statistics.median(cmds[name]):,.0f}" if uses_redis else "-",
-        )
+        ]
         for name, (_, uses_redis) in apps.items()
     ]
-    stampede_table = table(
-        ["contender", "loader calls", "p50 ms", "p99 ms", "Redis commands"], rows
+    stampede_section = Section(
+        key="stampede",
+        title=f"Stampede: {REQUESTS:,} concurrent requests for one cold key, "
+        f"{LOAD_S * 1000:.0f} ms loader, one process",
+        headers=STAMPEDE_HEADERS,
+        rows=rows,
+        raw={name: stampede_raw(loads[name], p50[name], p99[name], cmds[name]) for name in apps},
+        chart=[3],
     )
-    hit_table = table(
-        ["contender", "µs per warm read"],
-        [(name, statistics.median(hits[name])) for name in apps],
+    hit_section = Section(
+        key="hit",
+        title="Warm reads",
+        headers=["contender", "µs per warm read"],
+        rows=[[name, statistics.median(hits[name])] for name in apps],
+        raw={name: {"µs per warm read": hits[name]} for name in apps},
+        chart=[1],
     )
-    return stampede_table, hit_table
+    return stampede_section, hit_section
 
 
 def _process(url: str, key: str, start: Any, out: Any) -> None:
@@ -186,7 +210,7 @@ def _process(url: str, key: str, start: Any, out: Any) -> None:
     out.put(asyncio.run(main()))
 
 
-def bench_processes(url: str, repeat: int) -> str:
+def bench_processes(url: str, repeat: int) -> Section:
     """1,000 requests for one cold key over 4 processes released together."""
     import multiprocessing
 
@@ -210,45 +234,52 @@ def bench_processes(url: str, repeat: int) -> str:
         p50s.append(percentile(latencies, 0.5))
         p99s.append(percentile(latencies, 0.99))
     sync.close()
-    row = (
-        "resilient `Cache` (Redis), 4 processes x 250",
+    name = "resilient `Cache` (Redis), 4 processes x 250"
+    row: list[Cell] = [
+        name,
         f"{statistics.median(loads):.0f}",
         statistics.median(p50s),
         statistics.median(p99s),
         f"{statistics.median(cmds):,.0f}",
+    ]
+    return Section(
+        key="processes",
+        title=f"The same {REQUESTS:,} requests spread over 4 processes",
+        headers=STAMPEDE_HEADERS,
+        rows=[row],
+        raw={name: stampede_raw(loads, p50s, p99s, cmds)},
     )
-    return table(["contender", "loader calls", "p50 ms", "p99 ms", "Redis commands"], [row])
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def main_async(args: argparse.Namespace) -> Report:
     if args.quick:
         args.repeat = 1
     parts = ["# Cache benchmarks", "", "## Machine", ""]
     with RedisServer() as server:
-        parts += [machine_facts(PACKAGES, find_redis_server()), ""]
-        stampede_table, hit_table = await bench(server.url, args.repeat)
-        processes_table = bench_processes(server.url, args.repeat)
+        machine = Machine.probe(PACKAGES, find_redis_server())
+        parts += [machine.markdown(), ""]
+        stampede, hit = await bench(server.url, args.repeat)
+        processes = bench_processes(server.url, args.repeat)
     parts += [
-        f"## Stampede: {REQUESTS:,} concurrent requests for one cold key, {LOAD_S * 1000:.0f} ms "
-        "loader, one process",
+        f"## {stampede.title}",
         "",
-        stampede_table,
+        stampede.markdown(),
         "",
-        f"## The same {REQUESTS:,} requests spread over 4 processes",
+        f"## {processes.title}",
         "",
         "Each process connects first; then all are released together. Redis commands "
         "include the loader's own counter (`INCR`), one per load.",
         "",
-        processes_table,
+        processes.markdown(),
         "",
-        "## Warm reads",
+        f"## {hit.title}",
         "",
-        hit_table,
+        hit.markdown(),
         "",
         f"Medians of {args.repeat} runs. "
         f"Rerun: `python dev.py bench cache --repeat {args.repeat}`.",
     ]
-    return "\n".join(parts)
+    return Report(markdown="\n".join(parts), machine=machine, sections=[stampede, processes, hit])
 
 
 def main(argv: list[str] | None = None) -> int:

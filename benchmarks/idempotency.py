@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from benchmarks._common import machine_facts, run_cli, table
+from benchmarks._common import Cell, Machine, Report, Section, run_cli
 from resilient import IdempotencyMiddleware, MemoryBackend, RedisBackend
 from resilient.testing import RedisServer, find_redis_server
 
@@ -125,7 +125,7 @@ async def round_trips(client: redis.asyncio.Redis) -> int:
     )
 
 
-async def bench(url: str, repeat: int, quick: bool) -> str:
+async def bench(url: str, repeat: int, quick: bool) -> Section:
     client = redis.asyncio.Redis.from_url(url)
     await client.flushall()
     apps = contenders(client)
@@ -158,7 +158,7 @@ async def bench(url: str, repeat: int, quick: bool) -> str:
     medians = {k: statistics.median(v) for k, v in samples.items()}
     rows = []
     for name, (_, uses_redis) in apps.items():
-        row: list[object] = [name]
+        row: list[Cell] = [name]
         for mode in ("first", "replay"):
             us = medians[name, mode]
             bare = medians["bare Starlette", mode]
@@ -173,21 +173,31 @@ async def bench(url: str, repeat: int, quick: bool) -> str:
         "replay: µs added",
         "Redis round trips per request (first / replay)",
     ]
-    return table(headers, rows)
+    raw = {name: {mode: samples[name, mode] for mode in ("first", "replay")} for name in apps}
+    return Section(
+        key="latency",
+        title="Added latency per request, in process, one request at a time",
+        headers=headers,
+        rows=rows,
+        raw=raw,
+        chart=[2, 4],
+    )
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def main_async(args: argparse.Namespace) -> Report:
     parts = ["# Idempotency benchmarks", ""]
     with RedisServer() as server:
-        parts += ["## Machine", "", machine_facts(PACKAGES, find_redis_server()), ""]
-        parts += ["## Added latency per request, in process, one request at a time", ""]
-        parts += [await bench(server.url, args.repeat, args.quick), ""]
+        machine = Machine.probe(PACKAGES, find_redis_server())
+        parts += ["## Machine", "", machine.markdown(), ""]
+        section = await bench(server.url, args.repeat, args.quick)
+        parts += [f"## {section.title}", ""]
+        parts += [section.markdown(), ""]
     parts.append(
         f"Medians of {args.repeat} runs of {300 if args.quick else 3000} requests. Rerun: "
         f"`python dev.py bench idempotency{' --quick' if args.quick else ''} "
         f"--repeat {args.repeat}`."
     )
-    return "\n".join(parts)
+    return Report(markdown="\n".join(parts), machine=machine, sections=[section])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,16 @@ from typing import Any
 
 import redis.asyncio
 
-from benchmarks._common import Run, machine_facts, measure, median_run, run_cli, table
+from benchmarks._common import (
+    Cell,
+    Machine,
+    Report,
+    Run,
+    Section,
+    measure,
+    median_run,
+    run_cli,
+)
 from resilient import (
     MemoryBackend,
     RateLimiter,
@@ -108,7 +117,7 @@ async def redis_contenders(url: str, stack: list[Callable[[], Awaitable[None]]])
     }
 
 
-async def bench_redis(url: str, repeat: int, quick: bool) -> str:
+async def bench_redis(url: str, repeat: int, quick: bool, found: list[Section]) -> str:
     stack: list[Callable[[], Awaitable[None]]] = []
     try:
         contenders = await redis_contenders(url, stack)
@@ -124,14 +133,27 @@ async def bench_redis(url: str, repeat: int, quick: bool) -> str:
                     )
             medians = {name: median_run(r) for name, r in runs.items()}
             ceiling = next(iter(medians.values())).per_second
-            rows = [
-                (name, m.per_second, f"{m.per_second / ceiling:.2f}x", m.p50_us, m.p99_us)
+            rows: list[list[Cell]] = [
+                [name, m.per_second, f"{m.per_second / ceiling:.2f}x", m.p50_us, m.p99_us]
                 for name, m in medians.items()
             ]
-            sections.append(
-                f"#### Concurrency {concurrency}\n\n"
-                + table(["contender", "checks/s", "vs ceiling", "p50 µs", "p99 µs"], rows)
+            section = Section(
+                key=f"redis-c{concurrency}",
+                title=f"Redis: checks per second, concurrency {concurrency}",
+                headers=["contender", "checks/s", "vs ceiling", "p50 µs", "p99 µs"],
+                rows=rows,
+                raw={
+                    name: {
+                        "checks/s": [r.per_second for r in rs],
+                        "p50 µs": [r.p50_us for r in rs],
+                        "p99 µs": [r.p99_us for r in rs],
+                    }
+                    for name, rs in runs.items()
+                },
+                chart=[1],
             )
+            found.append(section)
+            sections.append(f"#### Concurrency {concurrency}\n\n" + section.markdown())
         return "\n\n".join(sections)
     finally:
         for close in reversed(stack):
@@ -244,7 +266,7 @@ async def per_request_us(app: Any, n: int) -> float:
     return (time.perf_counter_ns() - start) / n / 1000
 
 
-async def bench_middleware(repeat: int, quick: bool) -> str:
+async def bench_middleware(repeat: int, quick: bool, found: list[Section]) -> str:
     """Paired rounds: in each, every app serves a short burst, in turn; the cost added by
     an app is the median over rounds of (its time - bare's time in the same round), so
     that the machine's drift, which moves a whole round, cancels out."""
@@ -258,11 +280,20 @@ async def bench_middleware(repeat: int, quick: bool) -> str:
         for name, app in apps.items():
             samples[name].append(await per_request_us(app, n))
     bare_times = samples["bare Starlette"]
-    rows = []
+    rows: list[list[Cell]] = []
     for name, values in samples.items():
         added = [value - bare for value, bare in zip(values, bare_times, strict=True)]
-        rows.append((name, statistics.median(values), statistics.median(added)))
-    return table(["app", "µs per request", "µs added (median of paired rounds)"], rows)
+        rows.append([name, statistics.median(values), statistics.median(added)])
+    section = Section(
+        key="middleware",
+        title="Middleware cost, in process",
+        headers=["app", "µs per request", "µs added (median of paired rounds)"],
+        rows=rows,
+        raw={name: {"µs per request": values} for name, values in samples.items()},
+        chart=[2],
+    )
+    found.append(section)
+    return section.markdown()
 
 
 # --- HTTP under uvicorn + wrk ------------------------------------------------------------
@@ -343,7 +374,7 @@ def wrk(port: int, seconds: int, cpu: int | None = None) -> tuple[float, str]:
     return (float(rate[1]) if rate else 0.0), (p99[1] if p99 else "?")
 
 
-def bench_http(redis_url: str, repeat: int, quick: bool) -> str:
+def bench_http(redis_url: str, repeat: int, quick: bool, found: list[Section]) -> str:
     if shutil.which("wrk") is None:
         return "(wrk is not installed: `apt-get install wrk` to run this section)"
     seconds = 3 if quick else 10
@@ -363,10 +394,10 @@ def bench_http(redis_url: str, repeat: int, quick: bool) -> str:
             rates.append(rate)
             p99s[kind].append(p99)
     bare = statistics.median(results["bare"])
-    rows = []
+    rows: list[list[Cell]] = []
     for kind, rates in results.items():
         rate = statistics.median(rates)
-        rows.append((kind, rate, f"{rate / bare:.2f}x", ", ".join(p99s[kind])))
+        rows.append([kind, rate, f"{rate / bare:.2f}x", ", ".join(p99s[kind])])
     if pinned:
         setup = (
             f"uvicorn, 1 worker, httptools, pinned to CPU {SERVER_CPU}; "
@@ -377,10 +408,18 @@ def bench_http(redis_url: str, repeat: int, quick: bool) -> str:
             "uvicorn, 1 worker, httptools; wrk -t2 -c64 on the same cores "
             "(not pinned: taskset or two CPUs unavailable)"
         )
+    section = Section(
+        key="http",
+        title="HTTP: uvicorn + wrk",
+        headers=["app", "requests/s", "vs bare", "wrk p99 per run"],
+        rows=rows,
+        raw={kind: {"requests/s": rates} for kind, rates in results.items()},
+        chart=[1],
+    )
+    found.append(section)
     return (
         f"{setup}; {seconds} s per run, apps alternating within each run; "
-        "requests/s: the median of the runs\n\n"
-        + table(["app", "requests/s", "vs bare", "wrk p99 per run"], rows)
+        "requests/s: the median of the runs\n\n" + section.markdown()
     )
 
 
@@ -390,30 +429,32 @@ def bench_http(redis_url: str, repeat: int, quick: bool) -> str:
 SECTIONS = ("redis", "middleware", "http")
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def main_async(args: argparse.Namespace) -> Report:
     only = set(args.only or SECTIONS)
+    found: list[Section] = []
     parts = ["# Rate limiting benchmarks", ""]
     with RedisServer() as server:
-        parts += ["## Machine", "", machine_facts(PACKAGES, find_redis_server()), ""]
+        machine = Machine.probe(PACKAGES, find_redis_server())
+        parts += ["## Machine", "", machine.markdown(), ""]
         if "redis" in only:
             print("redis section...", file=sys.stderr, flush=True)
             parts += ["## Redis: checks per second", ""]
             alone = redis_benchmark(server.port)
             parts += [f"Redis alone (redis-benchmark PING, -P 16 -c 64): {alone}", ""]
-            parts += [await bench_redis(server.url, args.repeat, args.quick), ""]
+            parts += [await bench_redis(server.url, args.repeat, args.quick, found), ""]
         if "middleware" in only:
             print("middleware section...", file=sys.stderr, flush=True)
             parts += ["## Middleware cost, in process", ""]
-            parts += [await bench_middleware(args.repeat, args.quick), ""]
+            parts += [await bench_middleware(args.repeat, args.quick, found), ""]
         if "http" in only:
             print("http section...", file=sys.stderr, flush=True)
             parts += ["## HTTP: uvicorn + wrk", ""]
-            parts += [bench_http(server.url, args.repeat, args.quick), ""]
+            parts += [bench_http(server.url, args.repeat, args.quick, found), ""]
     parts.append(
         f"Medians of {args.repeat} runs. Rerun: `python dev.py bench ratelimit"
         f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."
     )
-    return "\n".join(parts)
+    return Report(markdown="\n".join(parts), machine=machine, sections=found)
 
 
 def main(argv: list[str] | None = None) -> int:

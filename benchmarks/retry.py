@@ -25,7 +25,7 @@ import stamina
 import stamina.instrumentation
 import tenacity
 
-from benchmarks._common import machine_facts, run_cli, table
+from benchmarks._common import Cell, Machine, Report, Section, run_cli
 from resilient import RetryBudget, retry
 from resilient.testing import retries_without_waits
 
@@ -101,21 +101,45 @@ async def async_ns(call: AsyncCall, n: int) -> float:
     return (time.perf_counter_ns() - start) / n
 
 
-def rows_against_bare(
-    samples: dict[str, list[float]], unit: float = 1.0
-) -> list[tuple[object, ...]]:
+def rows_against_bare(samples: dict[str, list[float]], unit: float = 1.0) -> list[list[Cell]]:
     medians = {name: statistics.median(values) / unit for name, values in samples.items()}
     bare = medians["bare call"]
     ours = medians["resilient `@retry()`"] - bare
-    rows: list[tuple[object, ...]] = []
+    rows: list[list[Cell]] = []
     for name, value in medians.items():
         added = value - bare
         ratio = "" if name == "bare call" else f"{added / ours:.1f}x"
-        rows.append((name, value, added, ratio))
+        rows.append([name, value, added, ratio])
     return rows
 
 
-async def bench_success(repeat: int, quick: bool) -> str:
+def sections(
+    key: str,
+    title: str,
+    headers: list[str],
+    samples: dict[str, dict[str, list[float]]],
+    rows: Callable[[dict[str, list[float]]], list[list[Cell]]],
+) -> list[Section]:
+    """One section per kind of function (``def``, ``async def``); runs in nanoseconds."""
+    return [
+        Section(
+            key=f"{key}-{kind}",
+            title=f"{title}: `{kind}`",
+            headers=headers,
+            rows=rows(runs),
+            raw={name: {"ns per call": values} for name, values in runs.items()},
+            chart=[2],
+        )
+        for kind, runs in samples.items()
+    ]
+
+
+def markdown(pair: list[Section]) -> str:
+    sync, asynchronous = pair
+    return "#### `def`\n\n" + sync.markdown() + "\n\n#### `async def`\n\n" + asynchronous.markdown()
+
+
+async def bench_success(repeat: int, quick: bool) -> list[Section]:
     n = 20_000 if quick else 300_000
     sync_calls = sync_contenders(work)
     async_calls = async_contenders(async_work)
@@ -130,12 +154,12 @@ async def bench_success(repeat: int, quick: bool) -> str:
             sync_samples[name].append(sync_ns(call, n))
         for name, acall in async_calls.items():
             async_samples[name].append(await async_ns(acall, n))
-    headers = ["decorator", "ns per call", "ns added", "added vs ours"]
-    return (
-        "#### `def`\n\n"
-        + table(headers, rows_against_bare(sync_samples))
-        + "\n\n#### `async def`\n\n"
-        + table(headers, rows_against_bare(async_samples))
+    return sections(
+        "success",
+        "A call that succeeds: what the decorator adds",
+        ["decorator", "ns per call", "ns added", "added vs ours"],
+        {"def": sync_samples, "async def": async_samples},
+        rows_against_bare,
     )
 
 
@@ -232,17 +256,17 @@ def _aswallow(call: Callable[[], Awaitable[int]]) -> AsyncCall:
     return twice
 
 
-def failure_rows(samples: dict[str, list[float]]) -> list[tuple[object, ...]]:
+def failure_rows(samples: dict[str, list[float]]) -> list[list[Cell]]:
     medians = {name: statistics.median(values) / 1000 for name, values in samples.items()}
     bare = next(iter(medians.values()))
     ours = medians["resilient `@retry()`"] - bare
     return [
-        (name, us, us - bare, "" if us == bare else f"{(us - bare) / ours:.1f}x")
+        [name, us, us - bare, "" if us == bare else f"{(us - bare) / ours:.1f}x"]
         for name, us in medians.items()
     ]
 
 
-async def bench_failure(repeat: int, quick: bool) -> str:
+async def bench_failure(repeat: int, quick: bool) -> list[Section]:
     n = 2_000 if quick else 20_000
     sync_calls, async_calls = failing_sync(), failing_async()
     sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
@@ -257,12 +281,12 @@ async def bench_failure(repeat: int, quick: bool) -> str:
                 sync_samples[name].append(sync_ns(call, n))
             for name, acall in async_calls.items():
                 async_samples[name].append(await async_ns(acall, n))
-    headers = ["decorator", "µs per call", "µs added", "added vs ours"]
-    return (
-        "#### `def`\n\n"
-        + table(headers, failure_rows(sync_samples))
-        + "\n\n#### `async def`\n\n"
-        + table(headers, failure_rows(async_samples))
+    return sections(
+        "failure",
+        "A call that fails once, then succeeds (waits off)",
+        ["decorator", "µs per call", "µs added", "added vs ours"],
+        {"def": sync_samples, "async def": async_samples},
+        failure_rows,
     )
 
 
@@ -272,22 +296,28 @@ async def bench_failure(repeat: int, quick: bool) -> str:
 SECTIONS = ("success", "failure")
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def main_async(args: argparse.Namespace) -> Report:
     only = set(args.only or SECTIONS)
-    parts = ["# Retry benchmarks", "", "## Machine", "", machine_facts(PACKAGES), ""]
+    machine = Machine.probe(PACKAGES)
+    found: list[Section] = []
+    parts = ["# Retry benchmarks", "", "## Machine", "", machine.markdown(), ""]
     if "success" in only:
         print("success section...", file=sys.stderr, flush=True)
         parts += ["## A call that succeeds: what the decorator adds", ""]
-        parts += [await bench_success(args.repeat, args.quick), ""]
+        pair = await bench_success(args.repeat, args.quick)
+        found += pair
+        parts += [markdown(pair), ""]
     if "failure" in only:
         print("failure section...", file=sys.stderr, flush=True)
         parts += ["## A call that fails once, then succeeds (waits off)", ""]
-        parts += [await bench_failure(args.repeat, args.quick), ""]
+        pair = await bench_failure(args.repeat, args.quick)
+        found += pair
+        parts += [markdown(pair), ""]
     parts.append(
         f"Medians of {args.repeat} runs. Rerun: `python dev.py bench retry"
         f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."
     )
-    return "\n".join(parts)
+    return Report(markdown="\n".join(parts), machine=machine, sections=found)
 
 
 def main(argv: list[str] | None = None) -> int:
