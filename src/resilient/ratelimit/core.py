@@ -357,20 +357,22 @@ def _token_bucket(policy: Policy, state: State | None, now: int, cost: int) -> _
         paid = (now - updated) * rate
         debt = 0 if paid >= debt else debt - paid
     wanted = debt + cost * unit
-    allowed = blocked <= now and wanted <= capacity
-    if allowed:
-        debt = wanted
+    if blocked <= now and wanted <= capacity:
+        # Admitted, the common case, answered first: the debt becomes what was wanted,
+        # nothing is blocked and there is no wait.
+        reset = -(-wanted // rate)
+        return True, (capacity - wanted) // unit, reset, 0, (now, wanted, 0, blocked), reset
     remaining = (capacity - debt) // unit
     if remaining < 0:
         remaining = 0
     reset = -(-debt // rate)
-    retry = 0 if allowed else -(-(wanted - capacity) // rate)
+    retry = -(-(wanted - capacity) // rate)
     if blocked > now:
         retry = max(retry, blocked - now)
         reset = max(reset, blocked - now)
     elif retry < 0:
         retry = 0
-    return allowed, remaining, reset, retry, (now, debt, 0, blocked), reset
+    return False, remaining, reset, retry, (now, debt, 0, blocked), reset
 
 
 # Indexed by Policy.kind. The memory store reads it directly on its hot path.

@@ -13,7 +13,7 @@ from resilient.backends.redis import RedisBackend
 from resilient.clock import Clock
 from resilient.errors import BackendError, BackendUnavailable, ConfigurationError
 from resilient.events import BackendFailed, LoggingObserver, Observer, RateLimited, emit
-from resilient.ratelimit.core import Decision, Outcome, Policy, combine
+from resilient.ratelimit.core import Decision, Outcome, Policy, _Result, combine
 from resilient.ratelimit.memory import name_suffix
 
 __all__ = ["RateLimitStore", "RateLimiter"]
@@ -199,8 +199,8 @@ class RateLimiter:
         outcome = self._hit_nowait(key, policy, cost)
         return None if outcome is None else _admitted(policy, outcome)
 
-    def _hit_nowait(self, key: str, policy: Policy, cost: int) -> tuple[bool, int, int, int] | None:
-        """Do :meth:`check_nowait` for one policy, answering the bare fields of its Outcome.
+    def _hit_nowait(self, key: str, policy: Policy, cost: int) -> _Result | None:
+        """Do :meth:`check_nowait` for one policy, answering the algorithm's flat result.
 
         ``None`` whenever check_nowait would answer ``None``. For the middleware's hot
         path, which needs no :class:`Decision` to build its headers.
@@ -233,6 +233,8 @@ class RateLimiter:
                     False,
                 ),
             )
+            if allowed:  # the common case: nothing to report, nothing to remember
+                return decision
         else:
             decision = combine(policies, outcomes)
         if not decision.allowed and consume:
@@ -288,11 +290,10 @@ class RateLimiter:
         return f"RateLimiter({self._store!r}, on_backend_error={self.on_backend_error!r})"
 
 
-def _admitted(policy: Policy, outcome: tuple[bool, int, int, int]) -> Decision:
+def _admitted(policy: Policy, result: _Result) -> Decision:
     """Return the Decision of a single-policy check that the store admitted at once."""
-    _, remaining, reset_ms, _ = outcome
     return _new(
-        Decision, (True, policy.capacity, remaining, reset_ms / 1000, 0.0, policy, (), False)
+        Decision, (True, policy.capacity, result[1], result[2] / 1000, 0.0, policy, (), False)
     )
 
 

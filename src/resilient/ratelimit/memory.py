@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from time import monotonic_ns
 
 from resilient.backends.memory import MemoryBackend
-from resilient.ratelimit.core import _ALGORITHMS, Outcome, Policy, State, evaluate
+from resilient.ratelimit.core import _ALGORITHMS, Outcome, Policy, State, _Result, evaluate
 
 _new = tuple.__new__  # named tuples built from a tuple skip their Python-level __new__
 
@@ -67,7 +67,7 @@ class MemoryRateLimitStore:
             policy = policies[0]
             fields = self._hit_named(key + name_suffix(policy), policy, cost, now_ms)
             if fields is not None:
-                return [_new(Outcome, fields)]
+                return [_new(Outcome, fields[:4])]
             # Denied: the general path below also records a block period.
         data = self._data
         names = [key + name_suffix(policy) for policy in policies]
@@ -89,16 +89,17 @@ class MemoryRateLimitStore:
         a block period).
         """
         fields = self._hit_named(key + name_suffix(policy), policy, cost, now_ms)
-        return None if fields is None else _new(Outcome, fields)
+        return None if fields is None else _new(Outcome, fields[:4])
 
     def _hit_named(
         self, name: str, policy: Policy, cost: int, now_ms: int | None
-    ) -> tuple[bool, int, int, int] | None:
-        """Do :meth:`hit_one` for the state *name*, answering the outcome's fields as a tuple.
+    ) -> _Result | None:
+        """Do :meth:`hit_one` for the state *name*, answering the algorithm's flat result.
 
-        *name* is ``key + name_suffix(policy)``. This is the hot path of every admitted
-        request: it spares making an Outcome, and callers that know the key's prefix in
-        advance build the name in one step.
+        *name* is ``key + name_suffix(policy)``; the result's first four fields are those
+        of the Outcome. This is the hot path of every admitted request: it spares making
+        an Outcome, and callers that know the key's prefix in advance build the name in
+        one step.
         """
         if now_ms is None:
             now_ms = monotonic_ns() // 1_000_000
@@ -110,19 +111,16 @@ class MemoryRateLimitStore:
             entry = data.get(name)
             state = entry[0] if entry is not None and entry[1] > now_ms else None
             # charge(), inlined and without its Outcome: the algorithm's flat result.
-            algorithm = _ALGORITHMS[policy.kind]
-            allowed, remaining, reset, retry, new_state, ttl = algorithm(  # type: ignore[misc]
-                policy, state, now_ms, cost
-            )
-            if not allowed:
+            result: _Result = _ALGORITHMS[policy.kind](policy, state, now_ms, cost)  # type: ignore[misc]
+            if not result[0]:
                 return None
             if cost > 0:
                 if entry is None and len(data) >= self.max_keys:
                     self._make_room(now_ms)
-                data[name] = (new_state, now_ms + ttl)
+                data[name] = (result[4], now_ms + result[5])
         finally:
             lock.release()
-        return allowed, remaining, reset, retry
+        return result
 
     async def clear(self, key: str, policies: Sequence[Policy]) -> None:
         """Forget *key*'s state for *policies*."""

@@ -214,8 +214,8 @@ class RateLimitMiddleware:
                 if len(rules) == 1:
                     # The hot path: the only rule, admitted at once. No Decision, no list
                     # of rules: its headers (if any) come from the outcome, cached.
-                    _, remaining, reset_ms, _ = fields
-                    reset = -(-reset_ms // 1000)  # ceil, in integers
+                    remaining = fields[1]
+                    reset = -(-fields[2] // 1000)  # reset_after_ms in whole seconds, rounded up
                     extra = self._header_cache.get((remaining, reset))
                     if extra is None:
                         extra = self._cache_headers(rule, policy, remaining, reset)
