@@ -65,6 +65,8 @@ def median_run(runs: Sequence[Run]) -> Run:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(value: object) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
         if isinstance(value, float):
             return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
         return str(value)
@@ -153,7 +155,8 @@ class Section:
 
     *rows* hold the medians and ratios exactly as the Markdown table shows them; *raw*
     holds the value of every run, by row label and metric; *chart* names the numeric
-    columns the report plots (one bar per row and column), none if it plots nothing.
+    columns the report plots (one bar per row and column), none if it plots nothing;
+    *note* is Markdown that says how the figures were taken, shown before the table.
     """
 
     key: str
@@ -162,6 +165,7 @@ class Section:
     rows: list[list[Cell]]
     raw: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     chart: list[int] = field(default_factory=list)
+    note: str = ""
 
     def markdown(self) -> str:
         """The section's table in Markdown."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -761,9 +762,11 @@ async def main_async(args: argparse.Namespace) -> Report:
     configs = [c for c in CONFIGS if not args.only or c.key in args.only]
     machine = Machine.probe(PACKAGES, find_redis_server())
     runs = bench(configs, args.repeat, seconds, warmup, products=products)
+    notes = setup_notes(pinning(), seconds, warmup, products)
     load, audit_section = sections(configs, runs)
+    load = dataclasses.replace(load, note="\n".join(notes))
     parts = ["# The example shop under load", "", "## Machine", "", machine.markdown(), ""]
-    parts += ["## Setup", "", *setup_notes(pinning(), seconds, warmup, products), ""]
+    parts += ["## Setup", "", *notes, ""]
     parts += [f"## {load.title}", "", load.markdown(), ""]
     found = [load]
     if audit_section is not None:

@@ -180,6 +180,77 @@ def _load_targets(results: Results) -> list[Target]:
     return targets
 
 
+# --- the ratios the tables do not show -------------------------------------------------------
+
+
+def _peers(section: Section, column: int, skip: Sequence[str] = ()) -> dict[str, float]:
+    """The peers' figures in *column*: rows that are neither ours nor named in *skip*."""
+    return {
+        str(row[0]): _number(row[column])
+        for row in section.rows
+        if not str(row[0]).startswith("resilient") and not str(row[0]).startswith(tuple(skip))
+    }
+
+
+def _ratelimit_ratios(results: Results) -> list[str]:
+    lines = []
+    for concurrency in (1, 64):
+        section = results.section(f"redis-c{concurrency}")
+        ours = _number(_row(section, "resilient TokenBucket")[1])
+        peers = _peers(section, 1, ["raw EVALSHA"])
+        best = max(peers, key=peers.__getitem__)
+        lines.append(
+            f"Redis, concurrency {concurrency}: `TokenBucket` checks {ours / peers[best]:.1f}x "
+            f"as fast as the fastest peer ({best.replace('`', '')}), "
+            f"{ours / _number(section.rows[0][1]):.2f}x the bare `EVALSHA` ceiling."
+        )
+    middleware = results.section("middleware")
+    ours = _number(_row(middleware, "resilient RateLimitMiddleware")[2])
+    floor = _number(_row(middleware, "floor")[2])
+    slowapi = _number(_row(middleware, "slowapi SlowAPIASGIMiddleware")[2])
+    lines.append(
+        f"In process, the middleware adds {ours:.1f} µs a request: {ours / floor:.1f}x the "
+        f"floor of a pass-through middleware ({floor:.1f} µs); slowapi's ASGI middleware adds "
+        f"{slowapi / ours:.0f}x as much."
+    )
+    return lines
+
+
+def _idempotency_ratios(results: Results) -> list[str]:
+    section = results.section("latency")
+    lines = []
+    for store in ("memory", "Redis"):
+        ours = _row(section, f"resilient, {store}")
+        theirs = _row(section, f"asgi-idempotency-header, {store}")
+        lines.append(
+            f"{store}: a first request costs {_number(ours[2]):.0f} µs more than bare "
+            f"Starlette, {_number(theirs[2]) / _number(ours[2]):.1f}x less than with "
+            f"asgi-idempotency-header ({_number(theirs[2]):.0f} µs)."
+        )
+    return lines
+
+
+def _cache_ratios(results: Results) -> list[str]:
+    stampede = results.section("stampede")
+    ours = _number(_row(stampede, "resilient `Cache` (Redis)")[3])
+    peers = _peers(stampede, 3)
+    best = min(peers, key=peers.__getitem__)
+    hits = results.section("hit")
+    warm = _number(_row(hits, "resilient `Cache` (Redis)")[1])
+    warm_peers = _peers(hits, 1)
+    warm_best = min(warm_peers, key=warm_peers.__getitem__)
+    return [
+        f"Stampede p99: {ours:.0f} ms on Redis for a 50 ms loader; the best peer "
+        f"({best.replace('`', '')}) takes {peers[best]:.0f} ms, {peers[best] / ours:.2f}x ours.",
+        f"Warm reads on Redis: {warm:.0f} µs; the fastest peer ({warm_best.replace('`', '')}) "
+        f"takes {warm_peers[warm_best]:.0f} µs, {warm_peers[warm_best] / warm:.2f}x ours.",
+    ]
+
+
+def _no_ratios(results: Results) -> list[str]:
+    return []  # the tables carry them: "added vs ours", "vs bare", "vs ceiling"
+
+
 # --- the blocks --------------------------------------------------------------------------------
 
 
@@ -191,6 +262,7 @@ class Block:
     title: str
     intro: str
     targets: Callable[[Results], list[Target]]
+    ratios: Callable[[Results], list[str]] = _no_ratios
 
 
 BLOCKS = {
@@ -206,6 +278,7 @@ BLOCKS = {
             "Peers: limits (moving window, sliding window counter, fixed window), "
             "pyrate-limiter, slowapi.",
             _ratelimit_targets,
+            _ratelimit_ratios,
         ),
         Block(
             "idempotency",
@@ -214,6 +287,7 @@ BLOCKS = {
             "request (claim, run, store) and for a replay, in memory and on Redis, and the "
             "Redis round trips per request. Peer: asgi-idempotency-header.",
             _idempotency_targets,
+            _idempotency_ratios,
         ),
         Block(
             "breaker",
@@ -230,6 +304,7 @@ BLOCKS = {
             "latency and Redis commands, in one process and over 4; then warm reads. "
             "Peers: cashews (lock, locked, early), aiocache `cached_stampede`.",
             _cache_targets,
+            _cache_ratios,
         ),
         Block(
             "retry",
@@ -284,17 +359,19 @@ def chart(results: Results, path: Path) -> bool:
     )
     for axis, section in zip(axes[:, 0], plotted, strict=True):
         labels = [_short(str(row[0])) for row in section.rows]
+        # resilient's rows stand out from the peers' (when the table has any)
+        highlight = any("resilient" in str(row[0]) for row in section.rows)
         width = 0.8 / len(section.chart)
         for n, column in enumerate(section.chart):
             values = [
                 _number(row[column]) if row[column] is not None else 0.0 for row in section.rows
             ]
             positions = [i + (n - (len(section.chart) - 1) / 2) * width for i in range(len(labels))]
-            colors = (
-                [f"C{n}"] * len(labels)
-                if len(section.chart) > 1
-                else ["C0" if "resilient" in str(row[0]) else "C7" for row in section.rows]
-            )
+            ours = [
+                "C0" if "resilient" in str(row[0]) or not highlight else "C7"
+                for row in section.rows
+            ]
+            colors = [f"C{n}"] * len(labels) if len(section.chart) > 1 else ours
             bars = axis.barh(
                 positions, values, height=width, color=colors, label=section.headers[column]
             )
@@ -344,10 +421,17 @@ def block_markdown(block: Block, results: Results | None, out: Path, md_exists: 
         + ".",
         "",
     ]
+    try:
+        ratios = block.ratios(results)
+    except (KeyError, IndexError, ValueError, ZeroDivisionError):
+        ratios = []
+    parts += [f"- {line}" for line in ratios] + ([""] if ratios else [])
     if chart(results, out / "img" / f"bench-{block.name}.png"):
         parts += [f"![{block.title}: the charted figures](img/bench-{block.name}.png)", ""]
     for section in results.sections:
-        parts += [f"### {section.title}", "", section.markdown(), ""]
+        parts += [f"### {section.title}", ""]
+        parts += [section.note, ""] if section.note else []
+        parts += [section.markdown(), ""]
     try:
         targets = block.targets(results)
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as exc:

@@ -42,6 +42,7 @@ def results(name: str = "ratelimit", *, taken: str = "2025-01-02T03:04:05+00:00"
                 rows=[["bare Starlette", 12.5, 0.0], ["resilient", 18.75, 6.25]],
                 raw={"bare Starlette": {"µs per request": [12.0, 12.5, 13.0]}},
                 chart=[2],
+                note="- the server pinned to CPU 0, the load to CPU 1",
             ),
             Section(
                 key="notes",
@@ -103,6 +104,7 @@ def test_the_page_is_built_from_saved_results(tmp_path: Path) -> None:
     assert "Figures taken 2025-01-02 03:04:05 UTC, medians of 5 runs" in text
     assert "Figures taken 2024-06-01 00:00:00 UTC" in text
     assert "| resilient | 18.75 | 6.25 |" in text
+    assert "- the server pinned to CPU 0, the load to CPU 1\n\n| app |" in text
     assert "![Rate limiting: the charted figures](img/bench-ratelimit.png)" in text
     assert "python dev.py bench ratelimit --repeat 5" in text
     png = out / "img" / "bench-ratelimit.png"
@@ -222,3 +224,30 @@ def test_the_audit_catches_an_order_with_other_lines_or_owner(tmp_path: Path) ->
     result = audit(keys, 0, database, template, ["8"])
     assert "order 1 (key a) belongs to 7" in result.problems
     assert "order 1 does not hold the lines of key a" in result.problems
+
+
+def test_the_page_states_the_ratios_the_tables_do_not_show() -> None:
+    from benchmarks import report
+
+    section = Section(
+        key="latency",
+        title="Added latency",
+        headers=["app", "first", "first added", "replay", "replay added", "round trips"],
+        rows=[
+            ["bare Starlette", 30.0, 0.0, 27.0, 0.0, "-"],
+            ["resilient, memory", 90.0, 60.0, 25.0, -2.0, "-"],
+            ["resilient, Redis", 330.0, 300.0, 130.0, 103.0, "2.00 / 1.00"],
+            ["asgi-idempotency-header, memory", 150.0, 120.0, 15.0, -12.0, "-"],
+            ["asgi-idempotency-header, Redis", 930.0, 900.0, 260.0, 233.0, "6.00 / 2.00"],
+        ],
+    )
+    saved = dataclasses.replace(results("idempotency"), sections=[section])
+    block = report.BLOCKS["idempotency"]
+    assert block.ratios(saved) == [
+        "memory: a first request costs 60 µs more than bare Starlette, 2.0x less than with "
+        "asgi-idempotency-header (120 µs).",
+        "Redis: a first request costs 300 µs more than bare Starlette, 3.0x less than with "
+        "asgi-idempotency-header (900 µs).",
+    ]
+    (target,) = block.targets(saved)
+    assert target.met
