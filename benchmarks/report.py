@@ -393,7 +393,7 @@ def chart(results: Results, path: Path) -> bool:
     return True
 
 
-def _short(label: str, width: int = 48) -> str:
+def _short(label: str, width: int = 58) -> str:
     label = label.replace("`", "")
     return label if len(label) <= width else label[: width - 1] + "…"
 
@@ -473,7 +473,11 @@ def page(results_dir: Path, out: Path, names: Sequence[str] = MODULES) -> str:
         "",
     ]
     if newest is not None:
-        parts += ["## Machine", "", newest.machine.markdown(), ""]
+        # The hardware and the runtimes; each block names the packages it measured.
+        facts = newest.machine.markdown().splitlines()[:2]
+        redis = next((r.machine.redis for r in found.values() if r.machine.redis), None)
+        facts += [f"- {redis}"] if redis else []
+        parts += ["## Machine", "", *facts, ""]
         others = sorted(name for name, r in found.items() if r.machine.cpu != newest.machine.cpu)
         if others:
             parts += [f"Taken on another machine: {', '.join(others)} (see each block).", ""]
