@@ -251,3 +251,22 @@ def test_the_page_states_the_ratios_the_tables_do_not_show() -> None:
     ]
     (target,) = block.targets(saved)
     assert target.met
+
+
+def test_a_benchmark_that_cannot_run_leaves_the_page_to_the_saved_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib", reason="the page's charts need the bench extra")
+    import benchmarks.auth
+    from benchmarks import report
+
+    def cannot_run(argv: list[str]) -> int:
+        raise SystemExit("wrk is not installed")
+
+    monkeypatch.setattr(benchmarks.auth, "main", cannot_run)
+    out = tmp_path / "docs"
+
+    assert report.main(["--modules", "auth", "--out", str(out)]) == 1
+
+    assert "auth: wrk is not installed" in capsys.readouterr().err
+    assert "## JWT validation" in (out / "benchmarks.md").read_text()
