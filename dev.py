@@ -8,7 +8,8 @@ Standard library only, so it runs on a fresh machine with nothing but Python 3.1
   (``docs serve`` previews it on http://127.0.0.1:8000);
 * ``example [arguments]``: the example shop on http://127.0.0.1:8000;
 * ``demo``: starts the example shop and walks through its story;
-* ``bench [arguments]``: the benchmarks, side by side with the peer libraries.
+* ``bench [arguments]``: the benchmarks, side by side with the peer libraries, then the
+  benchmark page (``docs/benchmarks.md``); ``bench NAME`` runs one of them.
 
 It creates ``.venv`` beside this file, installs the project with the extras the command
 needs (again only when ``pyproject.toml`` changed), and when no ``redis-server`` can be
