@@ -82,24 +82,16 @@ class MemoryRateLimitStore:
                     data[name] = (write.state, now_ms + write.ttl_ms)
         return outcomes
 
-    def hit_one(self, key: str, policy: Policy, cost: int, now_ms: int | None) -> Outcome | None:
-        """Charge one policy if it allows, and return its outcome; else change nothing.
-
-        ``None`` means denied: :meth:`check_now` then gives the full answer (and records
-        a block period).
-        """
-        fields = self._hit_named(key + name_suffix(policy), policy, cost, now_ms)
-        return None if fields is None else _new(Outcome, fields[:4])
-
     def _hit_named(
         self, name: str, policy: Policy, cost: int, now_ms: int | None
     ) -> _Result | None:
-        """Do :meth:`hit_one` for the state *name*, answering the algorithm's flat result.
+        """Charge one policy for the state *name* if it allows; else change nothing.
 
-        *name* is ``key + name_suffix(policy)``; the result's first four fields are those
-        of the Outcome. This is the hot path of every admitted request: it spares making
-        an Outcome, and callers that know the key's prefix in advance build the name in
-        one step.
+        Returns the algorithm's flat result, whose first four fields are those of the
+        Outcome, or ``None`` when denied: :meth:`check_now` then gives the full answer
+        (and records a block period). *name* is ``key + name_suffix(policy)``. This is
+        the hot path of every admitted request: it spares making an Outcome, and callers
+        that know the key's prefix in advance build the name in one step.
         """
         if now_ms is None:
             now_ms = monotonic_ns() // 1_000_000
