@@ -8,7 +8,11 @@ Sections:
 * ``middleware``: microseconds per request that each middleware adds to a bare Starlette
   app called in process (no network, no HTTP client), next to the floor: a pass-through
   pure ASGI middleware that only adds a header, the least any middleware layer costs;
-* ``http``: requests per second under uvicorn (httptools) driven by wrk.
+* ``http``: requests per second under uvicorn (httptools) driven by wrk: bare, behind the
+  floor of a pass-through that adds the same two header fields, and behind the middleware
+  on the memory backend (with and without header fields) and on Redis;
+* ``instructions``: the same apps' instructions per request in the uvicorn process,
+  counted by callgrind (deterministic where requests/s are not; needs valgrind).
 
 Every figure is the median of ``--repeat`` runs; contenders alternate within each run so
 that drift of the machine touches them alike.
@@ -20,12 +24,16 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio
@@ -177,36 +185,13 @@ def redis_benchmark(port: int) -> str:
 # --- middleware in process --------------------------------------------------------------
 
 
-class PassThrough:
-    """The floor: a pure ASGI middleware that forwards everything and adds one header.
-
-    What any middleware layer costs at the least (a coroutine, a wrapped ``send``, a new
-    header list), so the table shows how much of a rate limiter's cost is its own work.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        def send_with_header(message: Any) -> Awaitable[None]:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"x-floor", b"1")]
-            return send(message)  # type: ignore[no-any-return]
-
-        await self.app(scope, receive, send_with_header)
-
-
 def middleware_apps() -> dict[str, Any]:
     from slowapi import Limiter as SlowLimiter
     from slowapi.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
     from slowapi.util import get_remote_address
     from starlette.middleware import Middleware
 
-    from benchmarks._apps import starlette_app
+    from benchmarks._apps import PassThrough, starlette_app
 
     def ours(headers: str) -> Any:
         limiter = RateLimiter(MemoryBackend())
@@ -230,7 +215,9 @@ def middleware_apps() -> dict[str, Any]:
 
     return {
         "bare Starlette": starlette_app(),
-        "floor: pass-through pure ASGI middleware (adds a header)": PassThrough(starlette_app()),
+        "floor: pass-through pure ASGI middleware (adds a header)": PassThrough(
+            starlette_app(), [(b"x-floor", b"1")]
+        ),
         "resilient RateLimitMiddleware (memory, IETF headers)": ours("ietf"),
         "resilient RateLimitMiddleware (memory, no headers)": ours("none"),
         "slowapi SlowAPIASGIMiddleware (memory)": slow(SlowAPIASGIMiddleware),
@@ -374,16 +361,27 @@ def wrk(port: int, seconds: int, cpu: int | None = None) -> tuple[float, str]:
     return (float(rate[1]) if rate else 0.0), (p99[1] if p99 else "?")
 
 
+# The apps of the HTTP sections, by ``BENCH_APP`` kind (see benchmarks/_apps.py), as the
+# tables label them. The report finds rows by these labels' first word.
+HTTP_APPS = {
+    "bare": "bare",
+    "floor": "floor: pass-through adding the same two RateLimit fields",
+    "memory": "memory",
+    "memory-noheaders": "memory, no header fields",
+    "redis": "redis",
+}
+
+
 def bench_http(redis_url: str, repeat: int, quick: bool, found: list[Section]) -> str:
     if shutil.which("wrk") is None:
         return "(wrk is not installed: `apt-get install wrk` to run this section)"
     seconds = 3 if quick else 10
     pinned = pinning()
     server_cpu, client_cpu = (SERVER_CPU, CLIENT_CPU) if pinned else (None, None)
-    results: dict[str, list[float]] = {"bare": [], "memory": [], "redis": []}
-    p99s: dict[str, list[str]] = {kind: [] for kind in results}
+    results: dict[str, list[float]] = {label: [] for label in HTTP_APPS.values()}
+    p99s: dict[str, list[str]] = {label: [] for label in results}
     for _ in range(repeat):
-        for kind, rates in results.items():  # alternate: drift touches every app alike
+        for kind, label in HTTP_APPS.items():  # alternate: drift touches every app alike
             process, port = serve(kind, redis_url, server_cpu)
             try:
                 wrk(port, 1, client_cpu)  # warm up
@@ -391,13 +389,13 @@ def bench_http(redis_url: str, repeat: int, quick: bool, found: list[Section]) -
             finally:
                 process.terminate()
                 process.wait(timeout=10)
-            rates.append(rate)
-            p99s[kind].append(p99)
+            results[label].append(rate)
+            p99s[label].append(p99)
     bare = statistics.median(results["bare"])
     rows: list[list[Cell]] = []
-    for kind, rates in results.items():
+    for label, rates in results.items():
         rate = statistics.median(rates)
-        rows.append([kind, rate, f"{rate / bare:.2f}x", ", ".join(p99s[kind])])
+        rows.append([label, rate, f"{rate / bare:.2f}x", ", ".join(p99s[label])])
     if pinned:
         setup = (
             f"uvicorn, 1 worker, httptools, pinned to CPU {SERVER_CPU}; "
@@ -413,7 +411,7 @@ def bench_http(redis_url: str, repeat: int, quick: bool, found: list[Section]) -
         title="HTTP: uvicorn + wrk",
         headers=["app", "requests/s", "vs bare", "wrk p99 per run"],
         rows=rows,
-        raw={kind: {"requests/s": rates} for kind, rates in results.items()},
+        raw={label: {"requests/s": rates} for label, rates in results.items()},
         chart=[1],
     )
     found.append(section)
@@ -423,10 +421,114 @@ def bench_http(redis_url: str, repeat: int, quick: bool, found: list[Section]) -
     )
 
 
+# --- HTTP: instructions per request under uvicorn (callgrind) ------------------------------
+# Requests/s on a shared 2-core machine drift by a fifth from one minute to the next, more
+# than the differences between the apps. Instructions do not drift: callgrind counts those
+# the uvicorn process executes (interpreter, uvicorn, httptools, Starlette, the middleware;
+# not the kernel), and the difference between two runs of FEW and MANY requests on one
+# keep-alive connection is what one request costs, start-up and warm-up excluded.
+FEW, MANY = 200, 1200
+
+
+def _callgrind_total(kind: str, requests: int, out: Path) -> int:
+    port = free_port()
+    env = {**os.environ, "BENCH_APP": kind, "PYTHONHASHSEED": "0", "REDIS_URL": ""}
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "benchmarks._apps:app",
+        "--port",
+        str(port),
+        "--http",
+        "httptools",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                msg = f"uvicorn ({kind}) under callgrind did not start"
+                raise RuntimeError(msg)
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            for _ in range(requests):
+                sock.sendall(request)
+                received = b""
+                while not received.endswith(b"ok"):  # the body of every app's response
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        msg = f"uvicorn ({kind}) closed the connection"
+                        raise RuntimeError(msg)
+                    received += chunk
+                if not received.startswith(b"HTTP/1.1 200"):
+                    msg = f"uvicorn ({kind}) answered {received[:40]!r}"
+                    raise RuntimeError(msg)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+    if summary is None:
+        msg = f"no instruction count in {out}"
+        raise RuntimeError(msg)
+    return int(summary[1])
+
+
+def bench_instructions(found: list[Section]) -> str:
+    if shutil.which("valgrind") is None:
+        return "(valgrind is not installed: `apt-get install valgrind` to run this section)"
+    kinds = [kind for kind in HTTP_APPS if kind != "redis"]  # Redis's work is elsewhere
+    jobs = [(kind, n) for kind in kinds for n in (FEW, MANY)]
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+
+        def count(job: tuple[str, int]) -> int:
+            kind, requests = job
+            return _callgrind_total(kind, requests, Path(tmp, f"{kind}.{requests}"))
+
+        totals = dict(zip(jobs, pool.map(count, jobs), strict=True))
+    per_request = {kind: (totals[kind, MANY] - totals[kind, FEW]) / (MANY - FEW) for kind in kinds}
+    bare = per_request["bare"]
+    rows: list[list[Cell]] = [
+        [HTTP_APPS[kind], round(count), round(count - bare), f"{bare / count:.2f}x"]
+        for kind, count in per_request.items()
+    ]
+    section = Section(
+        key="instructions",
+        title="HTTP: instructions per request under uvicorn",
+        headers=["app", "instructions per request", "added", "bare / app"],
+        rows=rows,
+        raw={
+            HTTP_APPS[kind]: {"instructions/request": [count]}
+            for kind, count in per_request.items()
+        },
+        chart=[1],
+        note=(
+            "callgrind, uvicorn (httptools) process only; one keep-alive connection; "
+            f"({MANY} requests - {FEW} requests) / {MANY - FEW}. Deterministic, unlike the "
+            'requests/s above; "bare / app" is the requests/s ratio the app would get if '
+            "time followed instructions."
+        ),
+    )
+    found.append(section)
+    return section.note + "\n\n" + section.markdown()
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
-SECTIONS = ("redis", "middleware", "http")
+SECTIONS = ("redis", "middleware", "http", "instructions")
 
 
 async def main_async(args: argparse.Namespace) -> Report:
@@ -450,6 +552,10 @@ async def main_async(args: argparse.Namespace) -> Report:
             print("http section...", file=sys.stderr, flush=True)
             parts += ["## HTTP: uvicorn + wrk", ""]
             parts += [bench_http(server.url, args.repeat, args.quick, found), ""]
+        if "instructions" in only and not args.quick:
+            print("instructions section...", file=sys.stderr, flush=True)
+            parts += ["## HTTP: instructions per request under uvicorn", ""]
+            parts += [bench_instructions(found), ""]
     parts.append(
         f"Medians of {args.repeat} runs. Rerun: `python dev.py bench ratelimit"
         f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."
