@@ -270,3 +270,30 @@ def test_a_benchmark_that_cannot_run_leaves_the_page_to_the_saved_results(
 
     assert "auth: wrk is not installed" in capsys.readouterr().err
     assert "## JWT validation" in (out / "benchmarks.md").read_text()
+
+
+# --- the apps the HTTP benchmark serves ----------------------------------------------------------
+
+
+def test_the_floor_sends_the_fields_the_middleware_sends() -> None:
+    import asyncio
+
+    import httpx
+
+    from benchmarks._apps import PassThrough, fields_sent, memory_app, starlette_app
+
+    fields = fields_sent(memory_app())
+    assert [name for name, _ in fields] == [b"ratelimit-policy", b"ratelimit"]
+    assert fields_sent(memory_app("none")) == []
+
+    async def get(app: object) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/")
+
+    floor = asyncio.run(get(PassThrough(starlette_app(), fields)))
+    limited = asyncio.run(get(memory_app()))
+    assert floor.text == limited.text == "ok"
+    assert floor.headers["ratelimit-policy"] == limited.headers["ratelimit-policy"]
+    assert floor.headers["ratelimit"].split(";")[0] == limited.headers["ratelimit"].split(";")[0]
+    assert sorted(floor.headers) == sorted(limited.headers)
