@@ -80,17 +80,9 @@ def memory_app(headers: str = "ietf") -> RateLimitMiddleware:
     )
 
 
-def fields_sent(app: ASGIApp) -> list[tuple[bytes, bytes]]:
-    """The header fields *app* adds to the bare app's response to one request."""
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope: dict[str, Any] = {
+def http_scope(client: tuple[str, int]) -> dict[str, Any]:
+    """The scope of ``GET /`` from *client*, as a server would pass it."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -101,9 +93,22 @@ def fields_sent(app: ASGIApp) -> list[tuple[bytes, bytes]]:
         "root_path": "",
         "query_string": b"",
         "headers": [(b"host", b"127.0.0.1")],
-        "client": ("127.0.0.1", 40000),
+        "client": client,
         "server": ("127.0.0.1", 8000),
     }
+
+
+def fields_sent(app: ASGIApp) -> list[tuple[bytes, bytes]]:
+    """The header fields *app* adds to the bare app's response to one request."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = http_scope(client=("127.0.0.1", 40000))
 
     async def request() -> None:
         await app(scope, receive, send)

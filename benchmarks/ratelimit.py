@@ -38,6 +38,7 @@ from typing import Any
 
 import redis.asyncio
 
+from benchmarks._apps import http_scope
 from benchmarks._common import (
     Cell,
     Machine,
@@ -226,20 +227,7 @@ def middleware_apps() -> dict[str, Any]:
 
 
 async def per_request_us(app: Any, n: int) -> float:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench")],
-        "client": ("203.0.113.7", 40000),
-        "server": ("bench", 80),
-    }
+    scope = http_scope(client=("203.0.113.7", 40000))
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -313,10 +301,9 @@ def on_cpu(cpu: int | None, command: list[str]) -> list[str]:
     return command if cpu is None else ["taskset", "-c", str(cpu), *command]
 
 
-def serve(kind: str, redis_url: str, cpu: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = {**os.environ, "BENCH_APP": kind, "REDIS_URL": redis_url}
-    command = [
+def uvicorn_command(port: int) -> list[str]:
+    """The command that serves ``benchmarks._apps:app`` (``BENCH_APP`` picks the app)."""
+    return [
         sys.executable,
         "-m",
         "uvicorn",
@@ -329,8 +316,13 @@ def serve(kind: str, redis_url: str, cpu: int | None = None) -> tuple[subprocess
         "warning",
         "--no-access-log",
     ]
+
+
+def serve(kind: str, redis_url: str, cpu: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {**os.environ, "BENCH_APP": kind, "REDIS_URL": redis_url}
     process = subprocess.Popen(
-        on_cpu(cpu, command),
+        on_cpu(cpu, uvicorn_command(port)),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -433,22 +425,8 @@ FEW, MANY = 200, 1200
 def _callgrind_total(kind: str, requests: int, out: Path) -> int:
     port = free_port()
     env = {**os.environ, "BENCH_APP": kind, "PYTHONHASHSEED": "0", "REDIS_URL": ""}
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "benchmarks._apps:app",
-        "--port",
-        str(port),
-        "--http",
-        "httptools",
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    command += uvicorn_command(port)
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
