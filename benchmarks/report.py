@@ -307,7 +307,9 @@ BLOCKS = {
             "pool checkout and per-call machinery, and at concurrency 64 by batching "
             "concurrent checks into pipelined round trips. Then the microseconds each "
             "middleware adds to a Starlette app in process, next "
-            "to the floor of a pass-through middleware; requests/s under uvicorn and wrk. "
+            "to the floor of a pass-through middleware; requests/s under uvicorn and wrk, "
+            "and the instructions per request callgrind counts in the uvicorn process, "
+            "which do not drift with the machine's load as requests/s do. "
             "Peers: limits (moving window, sliding window counter, fixed window), "
             "pyrate-limiter, slowapi.",
             _ratelimit_targets,
