@@ -229,6 +229,97 @@ class Results:
         return cls.from_json((directory / f"{name}.json").read_text(encoding="utf-8"))
 
 
+# --- per-call timing of plain and async functions -----------------------------------------
+
+SyncCall = Callable[[], object]
+AsyncCall = Callable[[], Awaitable[object]]
+
+
+def sync_ns(call: SyncCall, n: int) -> float:
+    """Nanoseconds per call of *call*, over *n* calls."""
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        call()
+    return (time.perf_counter_ns() - start) / n
+
+
+async def async_ns(call: AsyncCall, n: int) -> float:
+    """Nanoseconds per awaited call of *call*, over *n* calls."""
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        await call()
+    return (time.perf_counter_ns() - start) / n
+
+
+async def sample_calls(
+    sync_calls: dict[str, SyncCall], async_calls: dict[str, AsyncCall], n: int, repeat: int
+) -> dict[str, dict[str, list[float]]]:
+    """Time every contender, by kind (``def``, ``async def``): ns per call, one per round.
+
+    Each contender is warmed up on ``n // 10`` calls; then *repeat* rounds time *n* calls
+    of each, in turn, so that the machine's drift touches them alike.
+    """
+    sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
+    async_samples: dict[str, list[float]] = {name: [] for name in async_calls}
+    for call in sync_calls.values():
+        sync_ns(call, n // 10)
+    for acall in async_calls.values():
+        await async_ns(acall, n // 10)
+    for _ in range(repeat):
+        for name, call in sync_calls.items():
+            sync_samples[name].append(sync_ns(call, n))
+        for name, acall in async_calls.items():
+            async_samples[name].append(await async_ns(acall, n))
+    return {"def": sync_samples, "async def": async_samples}
+
+
+def rows_against_bare(
+    samples: dict[str, list[float]], ours: str, *, unit: float = 1.0, digits: int = 1
+) -> list[list[Cell]]:
+    """Rows of (contender, median, added over the bare call, added as a multiple of *ours*').
+
+    The first contender of *samples* is the bare call. Medians are divided by *unit*; the
+    multiple is shown with *digits* decimals.
+    """
+    medians = {name: statistics.median(values) / unit for name, values in samples.items()}
+    bare_name = next(iter(medians))
+    bare = medians[bare_name]
+    added_by_ours = medians[ours] - bare
+    rows: list[list[Cell]] = []
+    for name, value in medians.items():
+        added = value - bare
+        ratio = "" if name == bare_name else f"{added / added_by_ours:.{digits}f}x"
+        rows.append([name, value, added, ratio])
+    return rows
+
+
+def kind_sections(
+    key: str,
+    title: str,
+    headers: list[str],
+    samples: dict[str, dict[str, list[float]]],
+    rows: Callable[[dict[str, list[float]]], list[list[Cell]]],
+) -> list[Section]:
+    """One section per kind of function (``def``, ``async def``); runs in nanoseconds."""
+    return [
+        Section(
+            key=f"{key}-{kind}",
+            title=f"{title}: `{kind}`",
+            headers=headers,
+            rows=rows(runs),
+            raw={name: {"ns per call": values} for name, values in runs.items()},
+            chart=[2],
+        )
+        for kind, runs in samples.items()
+    ]
+
+
+def kind_markdown(pair: Sequence[Section]) -> str:
+    """The ``def`` and ``async def`` sections of :func:`kind_sections` in Markdown."""
+    sync, asynchronous = pair
+    return "#### `def`\n\n" + sync.markdown() + "\n\n#### `async def`\n\n" + asynchronous.markdown()
+
+
 def run_cli(
     name: str,
     doc: str | None,

@@ -16,18 +16,27 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks._common import Cell, Machine, Report, Section, run_cli
+from benchmarks._common import (
+    AsyncCall,
+    Cell,
+    Machine,
+    Report,
+    Section,
+    SyncCall,
+    async_ns,
+    kind_markdown,
+    kind_sections,
+    rows_against_bare,
+    run_cli,
+    sample_calls,
+    sync_ns,
+)
 from resilient import CircuitBreaker
 
 PACKAGES = ["resilient-asgi", "circuitbreaker", "pybreaker", "aiobreaker", "purgatory", "redis"]
 OURS = "resilient `CircuitBreaker`"
-
-SyncCall = Callable[[], object]
-AsyncCall = Callable[[], Awaitable[object]]
 
 
 def work() -> int:
@@ -73,59 +82,16 @@ def async_contenders() -> dict[str, AsyncCall]:
     return calls
 
 
-def sync_ns(call: SyncCall, n: int) -> float:
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        call()
-    return (time.perf_counter_ns() - start) / n
-
-
-async def async_ns(call: AsyncCall, n: int) -> float:
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        await call()
-    return (time.perf_counter_ns() - start) / n
-
-
-def rows(samples: dict[str, list[float]]) -> list[list[Cell]]:
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    bare = medians["bare call"]
-    ours = medians[OURS] - bare
-    out: list[list[Cell]] = []
-    for name, value in medians.items():
-        added = value - bare
-        ratio = "" if name == "bare call" else f"{added / ours:.2f}x"
-        out.append([name, value, added, ratio])
-    return out
-
-
 async def bench_success(repeat: int, quick: bool) -> list[Section]:
     n = 20_000 if quick else 300_000
-    sync_calls, async_calls = sync_contenders(), async_contenders()
-    sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
-    async_samples: dict[str, list[float]] = {name: [] for name in async_calls}
-    for call in sync_calls.values():
-        sync_ns(call, n // 10)
-    for acall in async_calls.values():
-        await async_ns(acall, n // 10)
-    for _ in range(repeat):
-        for name, call in sync_calls.items():
-            sync_samples[name].append(sync_ns(call, n))
-        for name, acall in async_calls.items():
-            async_samples[name].append(await async_ns(acall, n))
-    headers = ["breaker", "ns per call", "ns added", "added vs ours"]
-    title = "A call that succeeds through a closed circuit"
-    return [
-        Section(
-            key=f"success-{kind}",
-            title=f"{title}: `{kind}`",
-            headers=headers,
-            rows=rows(samples),
-            raw={name: {"ns per call": values} for name, values in samples.items()},
-            chart=[2],
-        )
-        for kind, samples in (("def", sync_samples), ("async def", async_samples))
-    ]
+    samples = await sample_calls(sync_contenders(), async_contenders(), n, repeat)
+    return kind_sections(
+        "success",
+        "A call that succeeds through a closed circuit",
+        ["breaker", "ns per call", "ns added", "added vs ours"],
+        samples,
+        lambda runs: rows_against_bare(runs, OURS, digits=2),
+    )
 
 
 async def bench_shared(url: str, repeat: int, quick: bool) -> Section:
@@ -200,13 +166,7 @@ async def main_async(args: argparse.Namespace) -> Report:
         parts += ["## A call that succeeds through a closed circuit", ""]
         sync, asynchronous = await bench_success(args.repeat, args.quick)
         sections += [sync, asynchronous]
-        parts += [
-            "#### `def`\n\n"
-            + sync.markdown()
-            + "\n\n#### `async def`\n\n"
-            + asynchronous.markdown(),
-            "",
-        ]
+        parts += [kind_markdown([sync, asynchronous]), ""]
     if "shared" in only:
         parts += ["## State shared through Redis: a call that succeeds", ""]
         with RedisServer() as server:

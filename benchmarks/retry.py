@@ -14,9 +14,7 @@ that drift of the machine touches them alike.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
@@ -25,14 +23,24 @@ import stamina
 import stamina.instrumentation
 import tenacity
 
-from benchmarks._common import Cell, Machine, Report, Section, run_cli
+from benchmarks._common import (
+    AsyncCall,
+    Machine,
+    Report,
+    Section,
+    SyncCall,
+    kind_markdown,
+    kind_sections,
+    rows_against_bare,
+    run_cli,
+    sample_calls,
+)
 from resilient import RetryBudget, retry
 from resilient.testing import retries_without_waits
 
 PACKAGES = ["resilient-asgi", "tenacity", "stamina", "backoff"]
 
-SyncCall = Callable[[], object]
-AsyncCall = Callable[[], Awaitable[object]]
+OURS = "resilient `@retry()`"
 
 
 # --- the decorated functions ----------------------------------------------------------------
@@ -84,82 +92,15 @@ def async_contenders(target: Callable[[], Awaitable[int]]) -> dict[str, AsyncCal
     }
 
 
-# --- timing ------------------------------------------------------------------------------------
-
-
-def sync_ns(call: SyncCall, n: int) -> float:
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        call()
-    return (time.perf_counter_ns() - start) / n
-
-
-async def async_ns(call: AsyncCall, n: int) -> float:
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        await call()
-    return (time.perf_counter_ns() - start) / n
-
-
-def rows_against_bare(samples: dict[str, list[float]], unit: float = 1.0) -> list[list[Cell]]:
-    medians = {name: statistics.median(values) / unit for name, values in samples.items()}
-    bare = medians["bare call"]
-    ours = medians["resilient `@retry()`"] - bare
-    rows: list[list[Cell]] = []
-    for name, value in medians.items():
-        added = value - bare
-        ratio = "" if name == "bare call" else f"{added / ours:.1f}x"
-        rows.append([name, value, added, ratio])
-    return rows
-
-
-def sections(
-    key: str,
-    title: str,
-    headers: list[str],
-    samples: dict[str, dict[str, list[float]]],
-    rows: Callable[[dict[str, list[float]]], list[list[Cell]]],
-) -> list[Section]:
-    """One section per kind of function (``def``, ``async def``); runs in nanoseconds."""
-    return [
-        Section(
-            key=f"{key}-{kind}",
-            title=f"{title}: `{kind}`",
-            headers=headers,
-            rows=rows(runs),
-            raw={name: {"ns per call": values} for name, values in runs.items()},
-            chart=[2],
-        )
-        for kind, runs in samples.items()
-    ]
-
-
-def markdown(pair: list[Section]) -> str:
-    sync, asynchronous = pair
-    return "#### `def`\n\n" + sync.markdown() + "\n\n#### `async def`\n\n" + asynchronous.markdown()
-
-
 async def bench_success(repeat: int, quick: bool) -> list[Section]:
     n = 20_000 if quick else 300_000
-    sync_calls = sync_contenders(work)
-    async_calls = async_contenders(async_work)
-    sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
-    async_samples: dict[str, list[float]] = {name: [] for name in async_calls}
-    for call in sync_calls.values():  # warm up
-        sync_ns(call, n // 10)
-    for acall in async_calls.values():
-        await async_ns(acall, n // 10)
-    for _ in range(repeat):
-        for name, call in sync_calls.items():
-            sync_samples[name].append(sync_ns(call, n))
-        for name, acall in async_calls.items():
-            async_samples[name].append(await async_ns(acall, n))
-    return sections(
+    samples = await sample_calls(sync_contenders(work), async_contenders(async_work), n, repeat)
+    return kind_sections(
         "success",
         "A call that succeeds: what the decorator adds",
         ["decorator", "ns per call", "ns added", "added vs ours"],
-        {"def": sync_samples, "async def": async_samples},
-        rows_against_bare,
+        samples,
+        lambda runs: rows_against_bare(runs, OURS),
     )
 
 
@@ -256,37 +197,16 @@ def _aswallow(call: Callable[[], Awaitable[int]]) -> AsyncCall:
     return twice
 
 
-def failure_rows(samples: dict[str, list[float]]) -> list[list[Cell]]:
-    medians = {name: statistics.median(values) / 1000 for name, values in samples.items()}
-    bare = next(iter(medians.values()))
-    ours = medians["resilient `@retry()`"] - bare
-    return [
-        [name, us, us - bare, "" if us == bare else f"{(us - bare) / ours:.1f}x"]
-        for name, us in medians.items()
-    ]
-
-
 async def bench_failure(repeat: int, quick: bool) -> list[Section]:
     n = 2_000 if quick else 20_000
-    sync_calls, async_calls = failing_sync(), failing_async()
-    sync_samples: dict[str, list[float]] = {name: [] for name in sync_calls}
-    async_samples: dict[str, list[float]] = {name: [] for name in async_calls}
     with no_waits():
-        for call in sync_calls.values():
-            sync_ns(call, n // 10)
-        for acall in async_calls.values():
-            await async_ns(acall, n // 10)
-        for _ in range(repeat):
-            for name, call in sync_calls.items():
-                sync_samples[name].append(sync_ns(call, n))
-            for name, acall in async_calls.items():
-                async_samples[name].append(await async_ns(acall, n))
-    return sections(
+        samples = await sample_calls(failing_sync(), failing_async(), n, repeat)
+    return kind_sections(
         "failure",
         "A call that fails once, then succeeds (waits off)",
         ["decorator", "µs per call", "µs added", "added vs ours"],
-        {"def": sync_samples, "async def": async_samples},
-        failure_rows,
+        samples,
+        lambda runs: rows_against_bare(runs, OURS, unit=1000),
     )
 
 
@@ -306,13 +226,13 @@ async def main_async(args: argparse.Namespace) -> Report:
         parts += ["## A call that succeeds: what the decorator adds", ""]
         pair = await bench_success(args.repeat, args.quick)
         found += pair
-        parts += [markdown(pair), ""]
+        parts += [kind_markdown(pair), ""]
     if "failure" in only:
         print("failure section...", file=sys.stderr, flush=True)
         parts += ["## A call that fails once, then succeeds (waits off)", ""]
         pair = await bench_failure(args.repeat, args.quick)
         found += pair
-        parts += [markdown(pair), ""]
+        parts += [kind_markdown(pair), ""]
     parts.append(
         f"Medians of {args.repeat} runs. Rerun: `python dev.py bench retry"
         f"{' --quick' if args.quick else ''} --repeat {args.repeat}`."

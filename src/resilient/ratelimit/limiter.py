@@ -175,7 +175,7 @@ class RateLimiter:
             cached = self._cached_denial(key, policies)
             if cached is not None:
                 return cached
-        now_ms = None if self.clock is None else math.floor(self.clock.time() * 1000)
+        now_ms = self._now_ms()
         if self._check_now is not None:
             outcomes = self._check_now(key, policies, cost, now_ms, consume)
         else:
@@ -195,20 +195,12 @@ class RateLimiter:
         """
         if len(policies) != 1:
             return None
-        policy = policies[0]
-        outcome = self._hit_nowait(key, policy, cost)
-        return None if outcome is None else _admitted(policy, outcome)
-
-    def _hit_nowait(self, key: str, policy: Policy, cost: int) -> _Result | None:
-        """Do :meth:`check_nowait` for one policy, answering the algorithm's flat result.
-
-        ``None`` whenever check_nowait would answer ``None``. For the middleware's hot
-        path, which needs no :class:`Decision` to build its headers.
-        """
         hit = self._hit_named
         if hit is None:
             return None
-        return hit(key + name_suffix(policy), policy, cost, self._now_ms())  # type: ignore[no-any-return]
+        policy = policies[0]
+        result = hit(key + name_suffix(policy), policy, cost, self._now_ms())
+        return None if result is None else _admitted(policy, result)
 
     def _now_ms(self) -> int | None:
         """Return the injected clock's time in integer milliseconds; None: the store's own."""
