@@ -12,10 +12,9 @@ from resilient._routing import PathPattern
 from resilient.errors import BackendUnavailable, ConfigurationError
 from resilient.keys import KeyFunc, as_key_func, by_ip
 from resilient.problem import send_problem
-from resilient.ratelimit.core import Decision, Policy
+from resilient.ratelimit.core import Decision, Policy, _Result
 from resilient.ratelimit.limiter import (
     RateLimiter,
-    _admitted,
     validate_cost,
     validate_policies,
 )
@@ -24,6 +23,7 @@ from resilient.ratelimit.memory import name_suffix
 __all__ = ["RateLimitMiddleware", "Rule"]
 
 _Headers = list[tuple[bytes, bytes]]
+_Hit = Callable[[str, Policy, int, "int | None"], "_Result | None"]
 _ALL_METHODS = frozenset[str]()
 # The quota headers of the hot path, kept by (remaining, reset seconds): a busy key comes
 # back to the same few pairs, and formatting them costs more than a lookup.
@@ -136,7 +136,16 @@ class RateLimitMiddleware:
     ... ])
     """
 
-    __slots__ = ("_exempt", "_header_cache", "_ietf", "_legacy", "app", "limiter", "rules")
+    __slots__ = (
+        "_exempt",
+        "_header_cache",
+        "_ietf",
+        "_legacy",
+        "_only",
+        "app",
+        "limiter",
+        "rules",
+    )
 
     def __init__(
         self,
@@ -164,8 +173,14 @@ class RateLimitMiddleware:
         self._ietf = headers in ("ietf", "both")
         self._legacy = headers in ("legacy", "both")
         self._header_cache: dict[tuple[int, int], tuple[tuple[bytes, bytes], ...]] = {}
+        # The hot path: the memory store's one-policy hit, which admits without a
+        # coroutine, when it is the whole job (one rule of one policy).
+        self._only: tuple[Rule, Policy, _Hit] | None = None
+        hit = limiter._hit_named
+        if hit is not None and len(self.rules) == 1 and self.rules[0]._only_policy is not None:
+            self._only = (self.rules[0], self.rules[0]._only_policy, hit)
 
-    async def __call__(  # noqa: PLR0912, PLR0915 (the per-request path, kept in one frame)
+    async def __call__(  # noqa: PLR0911 (the per-request path, kept in one frame)
         self, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """Handle one ASGI connection."""
@@ -176,71 +191,75 @@ class RateLimitMiddleware:
         if self._exempt and any(pattern.matches(path) for pattern in self._exempt):
             await self.app(scope, receive, send)
             return
+        only = self._only
+        if only is None:
+            await self._check_rules(scope, receive, send, path)
+            return
+        rule, policy, hit = only
+        # The hot path: one rule of one policy on the memory store. Rule.applies, inlined.
+        if (rule.methods and scope["method"] not in rule.methods) or (
+            rule._pattern is not None and not rule._pattern.matches(path)
+        ):
+            await self.app(scope, receive, send)
+            return
+        # key.__call__(scope), not key(scope): it skips the slot wrapper that calling an
+        # object goes through, which costs as much again as the call itself.
+        value = rule.key.__call__(scope)
+        if value is None:
+            await self.app(scope, receive, send)
+            return
+        limiter = self.limiter
+        now_ms = None if limiter.clock is None else limiter._now_ms()
+        # Admitted at once, without a coroutine, as the bare fields of the Outcome; None
+        # when denied, which the full check below answers (and records a block for).
+        fields = hit(f"{rule._scope}{value}{rule._only_suffix}", policy, rule.cost, now_ms)
+        if fields is None:
+            await self._check_rules(scope, receive, send, path)
+            return
+        if not self._ietf and not self._legacy:
+            await self.app(scope, receive, send)
+            return
+        # No Decision: the headers depend on the two numbers alone, and are cached by them.
+        remaining = fields[1]
+        reset = -(-fields[2] // 1000)  # reset_after_ms in whole seconds, rounded up
+        extra = self._header_cache.get((remaining, reset))
+        if extra is None:
+            extra = self._cache_headers(rule, policy, remaining, reset)
+
+        def send_with_headers(message: Message) -> Awaitable[None]:
+            # _with_headers, inlined: one call less per request.
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            return send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _check_rules(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """Check every rule that applies, in order, and answer or call the application."""
         method: str = scope["method"]
-        limiter, rules = self.limiter, self.rules
-        # The memory store's one-policy hit, when it may answer without a coroutine.
-        hit = limiter._hit_named
+        limiter = self.limiter
         applied: list[tuple[Rule, Decision]] = []
-        extra: Sequence[tuple[bytes, bytes]] | None = None
-        for rule in rules:
-            # Rule.applies, inlined: this loop runs on every request.
-            if rule.methods and method not in rule.methods:
+        for rule in self.rules:
+            if not rule.applies(method, path):
                 continue
-            if rule._pattern is not None and not rule._pattern.matches(path):
-                continue
-            # key.__call__(scope), not key(scope): it skips the slot wrapper that calling
-            # an object goes through, which costs as much again as the call itself.
             value = rule.key.__call__(scope)
             if value is None:
                 continue
-            policy = rule._only_policy
-            fields = None
+            name = rule._scope + value
             try:
-                if hit is not None and policy is not None:
-                    # One policy on the memory store: admitted at once, without a
-                    # coroutine, as the bare fields of its Outcome. Else the full check.
-                    clock = limiter.clock
-                    now_ms = None if clock is None else limiter._now_ms()
-                    name = f"{rule._scope}{value}{rule._only_suffix}"
-                    fields = hit(name, policy, rule.cost, now_ms)
-                if fields is None:
-                    name = rule._scope + value
-                    decision = await limiter.check(name, rule.policies, rule.cost, consume=True)
+                decision = limiter.check_nowait(
+                    name, rule.policies, rule.cost
+                ) or await limiter.check(name, rule.policies, rule.cost, consume=True)
             except BackendUnavailable as exc:
                 await self._unavailable(send, exc)
                 return
-            if fields is not None:
-                assert policy is not None  # fields are only ever set with one
-                if len(rules) == 1:
-                    # The hot path: the only rule, admitted at once. No Decision, no list
-                    # of rules: its headers (if any) come from the outcome, cached.
-                    remaining = fields[1]
-                    reset = -(-fields[2] // 1000)  # reset_after_ms in whole seconds, rounded up
-                    extra = self._header_cache.get((remaining, reset))
-                    if extra is None:
-                        extra = self._cache_headers(rule, policy, remaining, reset)
-                    break
-                decision = _admitted(policy, fields)
             if not decision.allowed:
                 await self._deny(send, rule, decision, applied)
                 return
             if not decision.degraded:
                 applied.append((rule, decision))
-        if extra is None:
-            # _headers is empty too when the headers are off.
-            extra = self._headers(applied) if applied else []
-        if not extra:
-            await self.app(scope, receive, send)
-            return
-
-        def send_with_headers(message: Message) -> Awaitable[None]:
-            # A plain function returning send's awaitable: no coroutine frame per message.
-            if message["type"] == "http.response.start":
-                # A new list: the app's own may be shared (a constant, a cached response).
-                message["headers"] = [*message.get("headers", ()), *extra]
-            return send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        extra = self._headers(applied) if applied else []  # empty too when headers are off
+        await self.app(scope, receive, _with_headers(send, extra) if extra else send)
 
     async def _unavailable(self, send: Send, exc: BackendUnavailable) -> None:
         retry = str(max(1, math.ceil(exc.retry_after))).encode()
@@ -321,3 +340,16 @@ class RateLimitMiddleware:
             reset = math.ceil(binding.reset_after)
             headers.append((b"x-ratelimit-reset", str(reset).encode()))
         return headers
+
+
+def _with_headers(send: Send, extra: Sequence[tuple[bytes, bytes]]) -> Send:
+    """Return *send* adding *extra* header fields to the response's start."""
+
+    def send_with_headers(message: Message) -> Awaitable[None]:
+        # A plain function returning send's awaitable: no coroutine frame per message.
+        if message["type"] == "http.response.start":
+            # A new list: the app's own may be shared (a constant, a cached response).
+            message["headers"] = [*message.get("headers", ()), *extra]
+        return send(message)
+
+    return send_with_headers
