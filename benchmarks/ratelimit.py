@@ -418,13 +418,14 @@ def bench_http(redis_url: str, repeat: int, quick: bool, found: list[Section]) -
         rows=rows,
         raw={label: {"requests/s": rates} for label, rates in results.items()},
         chart=[1],
+        note=(
+            f"{setup}; every app served at once, {rounds} rounds of {seconds} s per app, the "
+            'apps taking turns within each round; medians of the rounds ("vs bare": of the '
+            "per-round ratios)."
+        ),
     )
     found.append(section)
-    return (
-        f"{setup}; every app served at once, {rounds} rounds of {seconds} s per app, the apps "
-        'taking turns within each round; medians of the rounds ("vs bare": of the '
-        "per-round ratios)\n\n" + section.markdown()
-    )
+    return section.note + "\n\n" + section.markdown()
 
 
 # --- HTTP: instructions per request under uvicorn (callgrind) ------------------------------
