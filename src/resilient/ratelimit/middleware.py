@@ -229,6 +229,7 @@ class RateLimitMiddleware:
         def send_with_headers(message: Message) -> Awaitable[None]:
             # _with_headers, inlined: one call less per request.
             if message["type"] == "http.response.start":
+                # A new list: the app's own may be shared (a constant, a cached response).
                 message["headers"] = [*message.get("headers", ()), *extra]
             return send(message)
 
