@@ -23,7 +23,7 @@ from resilient.ratelimit.memory import name_suffix
 __all__ = ["RateLimitMiddleware", "Rule"]
 
 _Headers = list[tuple[bytes, bytes]]
-_Hit = Callable[[str, Policy, int, "int | None"], "_Result | None"]
+_Hit = Callable[[str, Policy, int, int | None], _Result | None]
 _ALL_METHODS = frozenset[str]()
 # The quota headers of the hot path, kept by (remaining, reset seconds): a busy key comes
 # back to the same few pairs, and formatting them costs more than a lookup.
@@ -141,6 +141,7 @@ class RateLimitMiddleware:
         "_header_cache",
         "_ietf",
         "_legacy",
+        "_no_headers",
         "_only",
         "app",
         "limiter",
@@ -172,6 +173,7 @@ class RateLimitMiddleware:
         self._exempt = tuple(PathPattern(p) for p in exempt)
         self._ietf = headers in ("ietf", "both")
         self._legacy = headers in ("legacy", "both")
+        self._no_headers = headers == "none"
         self._header_cache: dict[tuple[int, int], tuple[tuple[bytes, bytes], ...]] = {}
         # The hot path: the memory store's one-policy hit, which admits without a
         # coroutine, when it is the whole job (one rule of one policy).
@@ -216,7 +218,7 @@ class RateLimitMiddleware:
         if fields is None:
             await self._check_rules(scope, receive, send, path)
             return
-        if not self._ietf and not self._legacy:
+        if self._no_headers:
             await self.app(scope, receive, send)
             return
         # No Decision: the headers depend on the two numbers alone, and are cached by them.
