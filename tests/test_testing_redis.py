@@ -55,6 +55,60 @@ async def test_the_cluster_spreads_keys_over_three_masters(
     assert result is None
 
 
+@pytest.mark.redis
+def test_a_killed_server_saves_nothing_and_starts_again_empty() -> None:
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        client.set("k", "v")
+        server.kill()
+        assert not server.is_running
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+        server.start()
+        assert client.get("k") is None
+        client.close()
+
+
+@pytest.mark.cluster
+def test_a_cluster_with_replicas_fails_a_killed_master_over_to_its_replica() -> None:
+    with RedisCluster(replicas=1, node_timeout=1.0) as cluster:
+        assert len(cluster.nodes) == 6
+        masters = cluster.masters()
+        assert len(masters) == 3
+        assert all(len(cluster.replicas_of(master)) == 1 for master in masters)
+        assert sum(last - first + 1 for m in masters for first, last in cluster.slots_of(m)) == (
+            16384
+        )
+        client = redis.RedisCluster.from_url(cluster.url)
+        victim = masters[0]
+        (first, _), *_ = cluster.slots_of(victim)
+        key = next(f"k{n}" for n in range(100_000) if key_slot(f"k{n}".encode()) == first)
+        client.set(key, "kept")
+        client.wait(1, 1000)  # replicated before the crash
+        (replica,) = cluster.replicas_of(victim)
+        victim.kill()
+        waited = cluster.wait_until_ok(timeout=20)
+        assert waited > 0
+        assert replica in cluster.masters()
+        assert (first, first) <= cluster.slots_of(replica)[0]
+        client.close()
+        survivor = redis.RedisCluster.from_url(cluster.url)
+        assert survivor.get(key) == b"kept"
+        survivor.close()
+
+
+def test_a_cluster_is_configured_with_whole_numbers() -> None:
+    with pytest.raises(ValueError, match="at least one master"):
+        RedisCluster(masters=0)
+    with pytest.raises(ValueError, match="replicas must be an integer"):
+        RedisCluster(replicas=-1)
+    with pytest.raises(ValueError, match="node_timeout"):
+        RedisCluster(node_timeout=0)
+    cluster = RedisCluster()  # the default stays three masters and no replicas
+    assert len(cluster.nodes) == 3
+    assert cluster.node_timeout == 2.0
+
+
 def executable(path: Path) -> Path:
     path.write_text("#!/bin/sh\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)

