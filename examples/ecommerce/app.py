@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from examples.ecommerce.db import UPDATABLE, Database, NotFound, OutOfStock, ProductQuery
 from examples.ecommerce.issuer import Issuer
+from examples.ecommerce.runlog import counted
 from examples.ecommerce.settings import Settings
 from resilient import (
     Cache,
@@ -468,7 +469,11 @@ class Shop:
                     methods=["PUT"],
                 ),
                 Route("/api/login", self.login, methods=["POST"]),
-                Route("/api/orders", self.create_order, methods=["POST"]),
+                Route(
+                    "/api/orders",
+                    counted(self.create_order, self.settings.run_log),
+                    methods=["POST"],
+                ),
                 Route("/api/users/{user_id}/orders", self.user_orders, methods=["GET"]),
                 Route("/.well-known/jwks.json", self.jwks, methods=["GET"]),
                 Route("/healthz", self.healthz),
@@ -480,7 +485,12 @@ class Shop:
         )
         client = by_ip(trusted_proxies=list(self.settings.trusted_proxies))
         guarded = IdempotencyMiddleware(
-            app, self.backend, required=["/api/orders"], clock=self.clock, observer=self.observer
+            app,
+            self.backend,
+            required=["/api/orders"],
+            lease=self.settings.idempotency_lease,
+            clock=self.clock,
+            observer=self.observer,
         )
         limited = RateLimitMiddleware(
             guarded,

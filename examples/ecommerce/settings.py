@@ -10,6 +10,10 @@
 * ``SHOP_TRUSTED_PROXIES``: comma-separated networks whose ``X-Forwarded-For`` is believed
   (none).
 * ``SHOP_BREAKER_OPEN_FOR``: seconds the payments circuit stays open (``10``).
+* ``SHOP_IDEMPOTENCY_LEASE``: seconds an order's idempotency key stays claimed by a run
+  that stopped renewing it (``30``).
+* ``SHOP_RUN_LOG``: a file where each run of the order handler is recorded (unset: none;
+  see ``runlog.py``).
 * ``OIDC_ISSUER``: accept the access tokens of an external issuer instead of the shop's
   own (a Cognito user pool URL, say; its keys at ``{issuer}/.well-known/jwks.json``);
   ``OIDC_CLIENT_ID``: the app client id those tokens must carry.
@@ -47,6 +51,8 @@ class Settings:
     login_user_rate: str = "5/15minutes"
     login_block: float = 900.0
     breaker_open_for: float = 10.0
+    idempotency_lease: float = 30.0
+    run_log: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -65,6 +71,14 @@ class Settings:
         if not breaker_open_for > 0:
             msg = f"SHOP_BREAKER_OPEN_FOR must be a positive number of seconds, not {open_for!r}"
             raise ValueError(msg)
+        lease = env.get("SHOP_IDEMPOTENCY_LEASE", str(defaults.idempotency_lease))
+        try:
+            idempotency_lease = float(lease)
+        except ValueError:
+            idempotency_lease = -1.0
+        if not idempotency_lease > 0:
+            msg = f"SHOP_IDEMPOTENCY_LEASE must be a positive number of seconds, not {lease!r}"
+            raise ValueError(msg)
         proxies = tuple(p.strip() for p in env.get("SHOP_TRUSTED_PROXIES", "").split(",") if p)
         return cls(
             data_dir=Path(env.get("SHOP_DATA_DIR", str(defaults.data_dir))),
@@ -76,6 +90,8 @@ class Settings:
             oidc_issuer=env.get("OIDC_ISSUER") or None,
             oidc_client_id=env.get("OIDC_CLIENT_ID") or None,
             breaker_open_for=breaker_open_for,
+            idempotency_lease=idempotency_lease,
+            run_log=Path(env["SHOP_RUN_LOG"]) if env.get("SHOP_RUN_LOG") else None,
         )
 
     @property
