@@ -104,8 +104,11 @@ def write_report(reports: list[FaultReport]) -> None:
     parts = [
         "# Faults: the example shop under injected Redis failures",
         "",
-        f"Measured {today} by `python3 dev.py test -m chaos` (tests/chaos/), "
-        f"{total:.0f} s of fault runs.",
+        # The docs' "Fault tolerance" page includes what lies between the markers.
+        "<!-- --8<-- [start:results] -->",
+        f"Measured {today} by `python3 dev.py test -m chaos` (`tests/chaos/`): "
+        f"{total:.0f} s of fault runs, {len(reports)} faults, "
+        f"{sum(1 for r in reports if not r.failures)} with every assertion holding.",
         "",
         "## Machine",
         "",
@@ -114,7 +117,8 @@ def write_report(reports: list[FaultReport]) -> None:
         "## Setup",
         "",
         "- the shop: `python -m examples.ecommerce --workers 2` (two uvicorn worker "
-        "processes, SQLite, its payment provider a separate process), every block on Redis; "
+        "processes, SQLite, its payment provider a separate process answering in 0.1 s), "
+        "every block on Redis; "
         "a standalone `redis-server` reached through the suite's own TCP proxy, or a 6-node "
         "Redis Cluster (3 masters, 3 replicas, `cluster-node-timeout` 1000 ms);",
         "- the load, from the test process (httpx): catalog reads and logins from many "
@@ -123,8 +127,9 @@ def write_report(reports: list[FaultReport]) -> None:
         "guessing passwords at the login form (28 attempts each, 0.1 s apart, starting "
         "spread over the run);",
         "- each run: 1 s of load, the fault, a probe of each block (a read, a login, an "
-        "order) every 50 ms from the fault's end, 1.5 s more load; then, once the "
-        "idempotency lease (3 s in the suite) has passed, every key is sent once more and "
+        "order) every 50 ms from the fault's end (recovery: until all three serve normally, "
+        "less the probe's own latency under the load), 1.5 s more load; then, once the "
+        "idempotency lease (2 s in the suite) has passed, every key is sent once more and "
         "the shop's record of handler runs (`SHOP_RUN_LOG`) is counted;",
         '- a run\'s "unguarded" admissions are logins the rate limiter admitted while its '
         'store failed, as its documented `on_backend_error="open"` says (no `RateLimit` '
@@ -135,4 +140,5 @@ def write_report(reports: list[FaultReport]) -> None:
     ]
     for report in reports:
         parts += [report.markdown(), ""]
+    parts += ["<!-- --8<-- [end:results] -->", ""]
     RESULTS.write_text("\n".join(parts))

@@ -62,7 +62,7 @@ class ShopProcesses:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "examples.ecommerce", "--port", str(self.port),
              "--payment-port", str(self.payment_port), "--workers", str(WORKERS),
-             "--payment-latency", "0.01"],
+             "--payment-latency", "0.1"],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -219,7 +219,7 @@ class Load:
     ``X-Forwarded-For`` by a trusted proxy (the test, on loopback)."""
 
     READERS = 4
-    ORDERERS = 4
+    ORDERERS = 6
     RESEND = 0.15  # share of order requests that resend an earlier key
     ATTACKERS = 8
     ATTEMPTS = 28  # per attacker, every 0.1 s: more than the limit, within 3 s
@@ -386,6 +386,17 @@ async def probe_order(load: Load) -> bool:
     answer = await load.order(key, entry, kind="probe")
     stored = answer.headers is not None and "idempotency-stored" not in answer.headers
     return answer.status in (201, 409) and answer.limited and stored
+
+
+async def probe_latency(load: Load, rounds: int = 3) -> float:
+    """The median time a probe round (a read, a login, an order at once) takes now."""
+    times = []
+    for n in range(rounds):
+        started = time.monotonic()
+        ip = f"10.251.{load.seed % 250}.{n + 1}"
+        await asyncio.gather(probe_read(load, n, ip), probe_login(load, ip), probe_order(load))
+        times.append(time.monotonic() - started)
+    return sorted(times)[len(times) // 2]
 
 
 async def probe_recovery(load: Load, fault_end: float, give_up: float = 20.0) -> Probe:
