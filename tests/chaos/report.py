@@ -124,12 +124,12 @@ def write_report(reports: list[FaultReport]) -> None:
         "- the load, from the test process (httpx): catalog reads and logins from many "
         "client addresses (`X-Forwarded-For`, the test being the trusted proxy), orders "
         "with a new `Idempotency-Key` each, 15% resending an earlier key, and 8 addresses "
-        "guessing passwords at the login form (28 attempts each, 0.1 s apart, starting "
+        "guessing passwords at the login form (24 attempts each, 0.05 s apart, starting "
         "spread over the run);",
         "- each run: 1 s of load, the fault, a probe of each block (a read, a login, an "
         "order) every 50 ms from the fault's end (recovery: until all three serve normally, "
         "less the probe's own latency under the load), 1.5 s more load; then, once the "
-        "idempotency lease (2 s in the suite) has passed, every key is sent once more and "
+        "idempotency lease (5 s in the suite) has passed, every key is sent once more and "
         "the shop's record of handler runs (`SHOP_RUN_LOG`) is counted;",
         '- a run\'s "unguarded" admissions are logins the rate limiter admitted while its '
         'store failed, as its documented `on_backend_error="open"` says (no `RateLimit` '

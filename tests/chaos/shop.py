@@ -25,7 +25,10 @@ from examples.ecommerce.db import SEEDED_CUSTOMERS
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2
 PRODUCTS = 500
-LEASE = 2.0  # the shop's idempotency lease in the suite (SHOP_IDEMPOTENCY_LEASE)
+# The shop's idempotency lease in the suite (SHOP_IDEMPOTENCY_LEASE): longer than each
+# fault's outage (a failover takes 2-3 s), so that a response the store could not keep
+# during the fault can still be stored after it, and short, since the audit waits it out.
+LEASE = 5.0
 LOGIN_IP_LIMIT = 20  # the shop's login form: 20/minute per client address
 # Statuses the shop may answer under faults. 503 only as a documented refusal: a problem
 # body with Retry-After (idempotency store unavailable, payments unavailable).
@@ -190,12 +193,21 @@ class Ledger:
             counts.update(str(a.status) if a.status is not None else "error" for a in answers)
         return counts
 
-    def unexpected(self) -> list[str]:
-        """Answers the shop must never give: 5xx other than a documented 503, no answer."""
+    def unexpected(self, withheld: tuple[float, float]) -> list[str]:
+        """Answers the shop must never give: 5xx other than a documented 503, no answer.
+
+        An order that failed without an answer within *withheld* (monotonic seconds: from
+        the fault's start until its end plus the lease) is the documented outcome of a
+        response the idempotency store could not keep (its end is withheld, so that the
+        client never takes for a success what may run again): not counted here, but in
+        the handler's runs per key.
+        """
         found = []
         for kind, answers in self.answers.items():
             for a in answers:
                 if a.status is None:
+                    if kind in ("order", "probe") and withheld[0] <= a.answered <= withheld[1]:
+                        continue
                     found.append(f"{kind}: no answer ({a.error})")
                 elif a.status not in EXPECTED:
                     found.append(f"{kind}: {a.status} {a.body[:200]!r}")
@@ -222,7 +234,7 @@ class Load:
     ORDERERS = 6
     RESEND = 0.15  # share of order requests that resend an earlier key
     ATTACKERS = 8
-    ATTEMPTS = 28  # per attacker, every 0.1 s: more than the limit, within 3 s
+    ATTEMPTS = 24  # per attacker, every 0.05 s: more than the limit, within 3 s
 
     def __init__(self, shop: ShopProcesses, prefix: str, seed: int) -> None:
         self.shop = shop
@@ -335,7 +347,7 @@ class Load:
                 headers={"X-Forwarded-For": ip},
             )
             attempts.append(answer)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
 
     async def resend_every_key(self) -> None:
         """Send every key of the run once more, as a client retrying would."""

@@ -108,7 +108,8 @@ async def run_fault(
         kind: Counter("error" if a.status is None else str(a.status) for a in answers)
         for kind, answers in ledger.answers.items()
     }
-    report.failures += [f"5xx or no answer: {u}" for u in ledger.unexpected()]
+    withheld = (window.start, window.end + LEASE + 1.0)
+    report.failures += [f"5xx or no answer: {u}" for u in ledger.unexpected(withheld)]
     report.failures += [f"traceback on stderr: {t}" for t in shop.tracebacks_since(offset)]
     audit_runs(shop, load, window, report)
     audit_admissions(load, window, report)
@@ -390,6 +391,7 @@ async def test_proxy_drops_connections(
 # --- the fault on a Redis Cluster ------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_cluster_master_killed_replica_promoted(
     cluster_shop: ShopProcesses, cluster: RedisCluster, reports: list[FaultReport]
 ) -> None:
