@@ -45,6 +45,28 @@ class FaultReport:
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the run
 
+    def summary_row(self) -> str:
+        """One line of the summary table."""
+        answers: Counter[str] = Counter()
+        for counts in self.statuses.values():
+            answers.update(counts)
+        statuses = ", ".join(f"{code}: {n}" for code, n in sorted(answers.items()))
+        runs = ", ".join(f"{n}: {k}" for n, k in sorted(self.runs.items()))
+        if self.lost:
+            runs += f" ({len(self.lost)} lost by Redis)"
+        admitted = Counter(a.admitted for a in self.admissions)
+        spread = ", ".join(f"{adm}: {n}" for adm, n in sorted(admitted.items()))
+        unguarded = sum(a.unguarded for a in self.admissions)
+        if unguarded:
+            spread += f" (+ {unguarded} unguarded)"
+        times = [v for v in self.recovery.values() if v is not None]
+        recovery = f"{max(times):.2f} s" if len(times) == len(self.recovery) and times else "never"
+        held = "all held" if not self.failures else f"**{len(self.failures)} failed**"
+        return (
+            f"| {self.name} | {statuses} | {runs} | {spread} | {recovery} "
+            f"(≤ {self.bound:g} s) | {held} |"
+        )
+
     def markdown(self) -> str:
         kinds = sorted(self.statuses)
         codes = sorted({c for counts in self.statuses.values() for c in counts})
@@ -134,6 +156,18 @@ def write_report(reports: list[FaultReport]) -> None:
         '- a run\'s "unguarded" admissions are logins the rate limiter admitted while its '
         'store failed, as its documented `on_backend_error="open"` says (no `RateLimit` '
         'headers); "forgotten" is what the store had counted before it lost its data.',
+        "",
+        "## Summary",
+        "",
+        "Answers by status (every request of the run), the order handler's runs per "
+        "idempotency key (runs: keys), what the login form admitted per address by its "
+        "store (admitted: addresses), the time until every block served normally after "
+        "the fault's end, and the assertions.",
+        "",
+        "| fault | answers by status | handler runs per key | admitted per rate-limit key "
+        "(limit 20) | recovery | assertions |",
+        "|---|---|---|---|---|---|",
+        *(report.summary_row() for report in reports),
         "",
         "## Results",
         "",

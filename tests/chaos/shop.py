@@ -71,14 +71,14 @@ class ShopProcesses:
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
         )  # fmt: skip
+        self.users: list[str] = []  # the customers' ids, by the index of their token
         try:
             wait_until_up(f"{self.url}/healthz", timeout=60)
             self._wait_for_workers()
+            self.tokens = self._login_customers()
         except BaseException:
             self.stop()
             raise
-        self.users: list[str] = []  # the customers' ids, by the index of their token
-        self.tokens = self._login_customers()
 
     def _wait_for_workers(self) -> None:
         deadline = time.monotonic() + 60
