@@ -10,8 +10,8 @@
 --
 -- State is stored as one string of four integers, "a b c blocked_until", with a TTL after
 -- which it no longer matters. A block as long as a sliding window's period or longer
--- forgets the counts (see core.py: it then lasts exactly its length). Every number stays an integer below 2^53, so these doubles
--- compute exactly what Python's ints compute.
+-- forgets the counts (see core.py: it then lasts exactly its length). Every number stays
+-- an integer below 2^53, so these doubles compute exactly what Python's ints compute.
 
 local function floordiv(a, b)
   local q = math.floor(a / b)
