@@ -50,6 +50,12 @@ def store(breaker: CircuitBreaker) -> SharedBreakerStore:
     return shared
 
 
+async def evalsha_calls(client: Any) -> int:
+    """How many EVALSHA commands the server has run."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
 async def trip(breaker: CircuitBreaker) -> None:
     @breaker
     async def fail() -> None:
@@ -69,7 +75,13 @@ async def test_an_open_on_one_instance_opens_the_others_and_one_probes(
     two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
+    client = two_backends[0].client
+    before = await evalsha_calls(client)
     a, b = (make(backend, clock, half_open_calls=2) for backend in two_backends)
+    for _ in range(500):  # bounded: each background task reads once as it starts
+        if await evalsha_calls(client) >= before + 2:
+            break
+        await asyncio.sleep(0.01)
     await trip(a)
     await store(a).sync_now()  # publishes the opening
     assert await b.call(ok) == "ok"  # b has not synced yet: it still decides alone

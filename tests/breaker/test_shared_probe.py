@@ -439,3 +439,55 @@ async def test_random_traces_keep_one_prober_and_recover(
         await trace.aclose()
     for client in clients:
         await client.aclose()
+
+
+async def evalsha_calls(client: Any) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_concurrent_calls_share_one_claim_and_rejections_cost_no_round_trip(
+    backends: Factory,
+) -> None:
+    clock = FakeClock()
+    made = await backends(2)
+    a, b = (make(backend, clock, half_open_calls=3) for backend in made)
+    client = made[0].client
+    await trip(a)
+    await store(a).sync_now()
+    await store(b).sync_now()
+    clock.advance(10)
+    before = await evalsha_calls(client)
+    calls = [Held(b) for _ in range(50)]  # 50 calls reach b at once
+    started = [await call.started() for call in calls]
+    assert sum(started) == 3  # exactly half_open_calls probes
+    assert await evalsha_calls(client) - before == 1  # one claim for all of them
+    before = await evalsha_calls(client)
+    assert not await admitted(a)  # a asks once, and is told to wait its sync interval
+    for _ in range(100):
+        assert not await admitted(a)  # ... without asking again
+    assert await evalsha_calls(client) - before == 1
+    for call in calls:
+        if not call.task.done():
+            await call.finish()
+    assert b.state is State.CLOSED
+
+
+async def test_a_sync_call_has_the_lease_claimed_for_the_next_call(backends: Factory) -> None:
+    clock = FakeClock()
+    a, b = (make(backend, clock) for backend in await backends(2))
+    await trip(a)
+    await store(a).sync_now()
+    await store(b).sync_now()
+    clock.advance(10)
+
+    @b
+    def charge() -> str:
+        return "charged"
+
+    with pytest.raises(CircuitOpenError) as raised:
+        charge()  # a sync form cannot wait for Redis: rejected, the lease is asked for
+    assert raised.value.retry_after == 0
+    await store(b).sync_now()  # the background task's turn: it claims the lease
+    assert charge() == "charged"  # the probe
+    assert b.state is State.CLOSED

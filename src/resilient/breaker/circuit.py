@@ -458,7 +458,8 @@ class CircuitBreaker:
         kwargs: dict[str, Any],
     ) -> _R:
         try:
-            generation = await self._admit_async()
+            # Closed: the plain admission, without a coroutine of its own.
+            generation = self._admit() if self._core.state is _CLOSED else await self._admit_async()
         except CircuitOpenError:
             if self.fallback is None:
                 raise
@@ -493,7 +494,7 @@ class CircuitBreaker:
             self._raised(generation, start, exc)
 
     async def __aenter__(self) -> CircuitBreaker:
-        generation = await self._admit_async()
+        generation = self._admit() if self._core.state is _CLOSED else await self._admit_async()
         self._entered.set((*self._entered.get(), (generation, self._start())))
         return self
 
