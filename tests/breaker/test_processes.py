@@ -158,7 +158,7 @@ def test_processes_recover_where_the_traffic_is_and_past_a_prober_killed(
         # Down again, opened by b; after the open period, c probes and is killed (-9)
         # while its probe is in flight.
         assert [instances.send(b, "fail") for _ in range(2)] == ["failed", "failed"]
-        assert [instances.send(i, "sync") for i in (a, b, c)] == ["open"] * 3
+        assert [instances.send(i, "sync") for i in (b, a, c)] == ["open"] * 3  # b publishes
         instances.advance(10)
         instances.commands[c].put(("hold",))
         assert instances.replies[c].get(timeout=TIMEOUT) == "probing"

@@ -61,6 +61,7 @@ class SharedBreakerStore:
         "_loop",
         "_pending",
         "_seen",
+        "_syncing",
         "_task",
         "_wake",
         "_wanted",
@@ -78,6 +79,7 @@ class SharedBreakerStore:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._syncing: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
         self._failing = False
         self.interval = math.inf
@@ -165,7 +167,7 @@ class SharedBreakerStore:
         try:
             await self._claim(breaker)
         except BackendError as exc:
-            self._failed(exc)
+            self._failed(exc, "claim")
 
     async def _run(self) -> None:
         wake = self._wake
@@ -185,6 +187,12 @@ class SharedBreakerStore:
         Publishes the pending transitions first, then claims, then reads each shared
         breaker's state (renewing its lease while one of its probes is in flight).
         """
+        if self._syncing is None:
+            self._syncing = asyncio.Lock()
+        async with self._syncing:  # one at a time: a sync by hand waits for the task's
+            await self._sync_all()
+
+    async def _sync_all(self) -> None:
         try:
             while self._pending:
                 breaker, kind, open_for = self._pending.popleft()
@@ -196,15 +204,15 @@ class SharedBreakerStore:
             for breaker in list(self._breakers.values()):
                 await self._sync(breaker)
         except BackendError as exc:
-            self._failed(exc)
+            self._failed(exc, "sync")
             return
         self._failing = False
 
-    def _failed(self, exc: BackendError) -> None:
+    def _failed(self, exc: BackendError, operation: str) -> None:
         if not self._failing:
             emit(
                 next(iter(self._breakers.values())).observer if self._breakers else None,
-                BackendFailed("breaker", "sync", exc, "deciding locally"),
+                BackendFailed("breaker", operation, exc, "deciding locally"),
             )
         self._failing = True
         for breaker in list(self._breakers.values()):
