@@ -496,3 +496,21 @@ async def test_a_sync_call_has_the_lease_claimed_for_the_next_call(backends: Fac
     await store(b).sync_now()  # the background task's turn: it claims the lease
     assert charge() == "charged"  # the probe
     assert b.state is State.CLOSED
+
+
+async def test_a_sync_call_from_a_worker_thread_claims_the_lease_at_once(
+    backends: Factory,
+) -> None:
+    clock = FakeClock()
+    a, b = (make(backend, clock) for backend in await backends(2))
+    await trip(a)
+    await store(a).sync_now()
+    await store(b).sync_now()
+    clock.advance(10)
+
+    @b
+    def charge() -> str:
+        return "charged"
+
+    assert await asyncio.to_thread(charge) == "charged"  # the thread waits for the claim
+    assert b.state is State.CLOSED

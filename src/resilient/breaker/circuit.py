@@ -263,9 +263,10 @@ class CircuitBreaker:
     def _admit(self) -> int:
         """Admit a call or raise :class:`CircuitOpenError`; return its generation.
 
-        A call that would probe a shared circuit without the probe lease is rejected, and
-        the sync task claims the lease for the next call (a sync form cannot wait for
-        Redis); :meth:`_admit_async` claims it on the call path.
+        A call that would probe a shared circuit without the probe lease claims it first:
+        from a worker thread, waiting for the event loop's round trip; on the loop's own
+        thread it cannot wait, so it is rejected and the sync task claims the lease for
+        the next call. :meth:`_admit_async` claims it on the call path.
         """
         core = self._core
         generation = core.generation  # read first: a transition after it voids the call
@@ -275,9 +276,14 @@ class CircuitBreaker:
         if core.state is _CLOSED:
             return generation
         admitted, wants_lease = self._try_admit()
+        if (
+            admitted is None
+            and wants_lease
+            and shared is not None
+            and shared.claim_from_thread(self)
+        ):
+            admitted, _ = self._try_admit()
         if admitted is None:
-            if wants_lease and shared is not None:
-                shared.want_lease(self)
             self._reject()
         return admitted  # type: ignore[return-value]
 

@@ -8,11 +8,12 @@ state of its breakers (``sync.lua``, one round trip per breaker).
 Once the open period is over, the probes go to one instance at a time, the one holding the
 *probe lease*, and that is an instance with a call to probe with: the first call that
 finds its circuit's open period over claims the lease (``claim.lua``, one round trip, on
-the call path of ``async`` calls; for the sync forms the background task claims it and the
-next call probes). The holder renews the lease on each sync only while one of its probes
-is in flight; a lease lasts three sync intervals, so the lease of an instance that died,
-or that received no more calls, runs out and the next instance with a call probes. The
-holder's probes close the circuit for everyone, or open it again. If Redis is
+the call path; a sync call on the event loop's own thread cannot wait for it, so the
+background task claims it and the next call probes). The holder renews the lease on each
+sync only while one of its probes is in flight; a lease lasts three sync intervals, so the
+lease of an instance that died, or that received no more calls, runs out and the next
+instance with a call probes. The holder's probes close the circuit for everyone, or open
+it again. If Redis is
 unreachable, each instance decides on its own until Redis is back.
 
 The publishing and reading run in one background task per backend, started on the event
@@ -145,6 +146,32 @@ class SharedBreakerStore:
         """Claim *breaker*'s probe lease in the background (thread-safe): a sync call wants it."""
         self._wanted[breaker.name] = breaker
         self._wake_up()
+
+    def claim_from_thread(self, breaker: CircuitBreaker) -> bool:
+        """Claim *breaker*'s lease for a sync call; return whether the answer is applied.
+
+        From a thread other than the event loop's, the claim runs on the loop and this
+        thread waits for it (one round trip, at most one sync interval). On the loop's own
+        thread, or with no loop running, nothing may block: the sync task claims it for
+        the next call, and this returns ``False``.
+        """
+        loop = self._loop
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            loop = None  # called on a running loop: blocking it would stall it
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self.want_lease(breaker)
+            return False
+        future = asyncio.run_coroutine_threadsafe(self.claim(breaker), loop)
+        try:
+            future.result(timeout=self.interval)
+        except TimeoutError:
+            future.cancel()
+            return False
+        return True
 
     async def claim(self, breaker: CircuitBreaker) -> None:
         """Claim *breaker*'s probe lease now, in one round trip, and apply the answer.
