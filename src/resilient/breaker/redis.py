@@ -27,6 +27,7 @@ import math
 import secrets
 import threading
 from collections import deque
+from concurrent.futures import CancelledError
 from math import ceil
 from typing import TYPE_CHECKING, Any
 
@@ -168,7 +169,7 @@ class SharedBreakerStore:
         future = asyncio.run_coroutine_threadsafe(self.claim(breaker), loop)
         try:
             future.result(timeout=self.interval)
-        except TimeoutError:
+        except (TimeoutError, CancelledError):  # the loop is busy, or shutting down
             future.cancel()
             return False
         return True
