@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -38,6 +39,7 @@ from resilient import (
     MemoryBackend,
     RateLimiter,
     RateLimitMiddleware,
+    RedisBackend,
     Rule,
     TokenBucket,
     by_header,
@@ -444,3 +446,31 @@ def test_a_user_whose_identity_holds_a_lone_surrogate_gets_a_storable_key() -> N
     assert key.encode("utf-8") == b"user:\\ud800bob"  # what a Redis key must be
     User.identity = "z\u00fc"
     assert by_user()({"type": "http", "user": User()}) == "user:z\u00fc"
+
+
+async def test_on_redis_a_lone_surrogate_in_a_path_or_identity_is_stored_and_counted(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    class User:
+        is_authenticated = True
+        identity = "\ud800bob"
+
+    runs = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(scope["path"])
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"made"})
+
+    async with RedisBackend(redis_client) as backend:
+        limited = RateLimitMiddleware(
+            IdempotencyMiddleware(app, backend),
+            limiter=RateLimiter(backend),
+            rules=[Rule(TokenBucket("1/minute", burst=1), key=by_user())],
+        )
+        request = Sample({**SURROGATE.scope, "user": User()}, [b"{}"], None)
+        first = await exchange(limited, request)
+        again = await exchange(limited, request)
+    assert [m["status"] for m in (*first.starts, *again.starts)] == [201, 429]
+    assert runs == ["/api/orders\ud800"]
+    assert await redis_client.keys("*user:\\\\ud800bob*")
