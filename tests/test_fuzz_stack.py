@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
+import redis
 import redis.asyncio
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -50,7 +51,7 @@ from resilient import (
 from resilient._asgi import ASGIApp, Message
 from resilient.idempotency import default_scope_key, fingerprint_request
 from resilient.problem import problem_body
-from resilient.testing import FakeClock, LocalIssuer
+from resilient.testing import FakeClock, LocalIssuer, RedisServer
 
 FIXTURES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 MIDDLEWARES = ("auth", "ratelimit", "idempotency")
@@ -313,7 +314,12 @@ def tokens(issuer: LocalIssuer) -> list[str]:
     ]
 
 
-Builder = Callable[[tuple[str, ...], bool], ASGIApp]
+class Builder(Protocol):
+    """Build a stack: the middlewares named, outermost first, on *backend* if given."""
+
+    def __call__(
+        self, order: tuple[str, ...], optional: bool, backend: RedisBackend | None = None
+    ) -> ASGIApp: ...
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +337,9 @@ def build(issuer: LocalIssuer) -> Builder:
     limiter = RateLimiter(MemoryBackend(), clock=clock)
     store = MemoryBackend()
 
-    def make(order: tuple[str, ...], optional: bool) -> ASGIApp:
+    def make(
+        order: tuple[str, ...], optional: bool, backend: RedisBackend | None = None
+    ) -> ASGIApp:
         clock.advance(0.1)  # buckets refill a little between requests, leases run out
         app: ASGIApp = application()
         for name in reversed(order):  # the first named is the outermost
@@ -342,7 +350,7 @@ def build(issuer: LocalIssuer) -> Builder:
             elif name == "ratelimit":
                 app = RateLimitMiddleware(
                     app,
-                    limiter=limiter,
+                    limiter=limiter if backend is None else RateLimiter(backend, clock=clock),
                     rules=[
                         Rule(
                             TokenBucket("5/second", burst=5), path="/api/*", key=by_user() | client
@@ -358,7 +366,7 @@ def build(issuer: LocalIssuer) -> Builder:
             else:
                 app = IdempotencyMiddleware(
                     app,
-                    store,
+                    store if backend is None else backend,
                     required=["/api/orders"],
                     max_request_body=150,
                     clock=clock,
@@ -429,6 +437,42 @@ def test_every_stack_answers_every_request(
     result = asyncio.run(exchange(app, request))
     check(result, request)
     event(f"status {result.starts[0]['status'] if result.starts else None}")
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis server, flushed."""
+    if not redis_server.is_running:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@FIXTURES
+@given(
+    order=st.permutations(MIDDLEWARES).flatmap(
+        lambda p: st.integers(min_value=1, max_value=3).map(lambda n: tuple(p[:n]))
+    ),
+    data=st.data(),
+)
+def test_every_stack_answers_every_request_on_redis(
+    build: Builder, tokens: list[str], redis_url: str, order: tuple[str, ...], data: st.DataObject
+) -> None:
+    # Redis takes only keys that are valid UTF-8: what the memory stores never check.
+    optional = data.draw(st.booleans(), label="optional")
+    request = data.draw(requests(tokens), label="request")
+
+    async def run() -> Exchange:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            async with RedisBackend(client) as backend:
+                return await exchange(build(order, optional, backend), request)
+        finally:
+            await client.aclose()
+
+    check(asyncio.run(run()), request)
 
 
 # -- regressions, one per crash the fuzzing found ---------------------------------------
