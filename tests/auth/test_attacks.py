@@ -520,16 +520,26 @@ async def test_a_time_claim_too_large_for_a_float_is_refused_not_a_crash(
     assert await validator.validate(issuer.mint({"exp": 10**300}))
 
 
+@pytest.mark.parametrize(
+    "claims",
+    [{"sub": "\ud800alice"}, {"groups": ["staff", "\udfff"]}, {"ext": {"\udc80": 1}}],
+    ids=["in a string", "in a list", "in a key"],
+)
 async def test_claims_holding_a_lone_surrogate_are_refused(
-    validator: JWTValidator, issuer: LocalIssuer
+    validator: JWTValidator, issuer: LocalIssuer, claims: dict[str, object]
 ) -> None:
     # JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text can hold: I-JSON
     # (RFC 7493) forbids it, and letting it into the claims breaks every consumer that
     # encodes them (a JSON response, a Redis key). The signature is the issuer's own.
-    token = issuer.mint({"sub": "\ud800alice"})
     with pytest.raises(MalformedToken) as refused:
-        await validator.validate(token)
+        await validator.validate(issuer.mint(claims))
     assert "surrogate" in str(refused.value)
-    # A pair of surrogates is one character, written escaped: accepted.
-    claims = await validator.validate(issuer.mint({"sub": "\U0001f600 \\ud800"}))
-    assert claims["sub"] == "\U0001f600 \\ud800"
+
+
+async def test_claims_that_only_look_like_a_surrogate_are_accepted(
+    validator: JWTValidator, issuer: LocalIssuer
+) -> None:
+    # A pair of surrogates is one character; an escaped backslash before "ud800" is text.
+    looks = {"sub": "\U0001f600 \\ud800", "groups": ["\\uDFFF"], "ext": {"\\udc80": [1]}}
+    claims = await validator.validate(issuer.mint(looks))
+    assert {name: claims[name] for name in looks} == looks
