@@ -393,6 +393,7 @@ def check(exchange: Exchange, request: Sample) -> None:
         if m["type"] == "http.response.body" and not m.get("more_body", False)
     ]
     assert len(ends) == 1, exchange.messages
+    assert exchange.messages[-1] is ends[0], exchange.messages  # nothing after the end
     if status >= 400:
         headers = {bytes(k).lower(): bytes(v) for k, v in starts[0].get("headers", [])}
         assert headers.get(b"content-type") == b"application/problem+json", (status, headers)
