@@ -87,9 +87,17 @@ def parse_key(raw: bytes) -> str | None:
 
 
 def fingerprint_request(scope: Scope, body: bytes) -> str:
-    """Return the default request fingerprint: a SHA-256 of method, path, query string and body."""
+    """Return the default request fingerprint: a SHA-256 of method, path, query string and body.
+
+    Any path is accepted, even one no server decodes from the wire (a lone surrogate such
+    as U+D800): ``surrogatepass`` spells every code point, so two paths never
+    share a fingerprint, and a path that is valid UTF-8 is hashed as its UTF-8 bytes.
+    """
     digest = hashlib.sha256()
-    for part in (scope["method"].encode(), scope["path"].encode("utf-8", "surrogateescape")):
+    for part in (
+        scope["method"].encode("utf-8", "surrogatepass"),
+        scope["path"].encode("utf-8", "surrogatepass"),
+    ):
         digest.update(part)
         digest.update(b"\x00")
     digest.update(scope.get("query_string", b""))
@@ -101,11 +109,18 @@ def fingerprint_request(scope: Scope, body: bytes) -> str:
 def default_scope_key(scope: Scope, key: str) -> str:
     """Return the default scope of a key: the authenticated user (if any), the method, the path.
 
-    So the same key sent by two users, or to two routes, names two records.
+    So the same key sent by two users, or to two routes, names two records. The result is
+    always valid UTF-8, which every store can keep: a lone surrogate in the path (which
+    no server decodes from the wire, but a scope may hold) is spelled as its escape.
     """
     user = _user_key(scope) or ""
     path = scope.get("root_path", "") + scope["path"]
-    return f"{user}\x1f{scope['method']}\x1f{path}\x1f{key}"
+    scoped = f"{user}\x1f{scope['method']}\x1f{path}\x1f{key}"
+    if not scoped.isascii():
+        # Such a path may then name the same record as one spelling the escape: the
+        # fingerprint, which keeps the surrogate, tells them apart (422, never a replay).
+        scoped = scoped.encode("utf-8", "backslashreplace").decode("utf-8")
+    return scoped
 
 
 class _TooLarge(Exception):
