@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -8,7 +9,9 @@ import pytest
 import redis.asyncio
 
 from resilient import MemoryBackend, RedisBackend
+from resilient.errors import BackendError, ResultNotStored
 from resilient.events import BackendFailed, IdempotencyConflict, IdempotencyReplayed, LeaseLost
+from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency import IdempotencyMiddleware, parse_key
 from resilient.idempotency.keeper import store_for
 from resilient.idempotency.middleware import default_scope_key
@@ -265,14 +268,18 @@ async def test_a_lost_lease_is_reported_and_never_overwrites_the_new_owner(shop:
         retry = asyncio.create_task(client.post("/api/slow", headers=KEY))
         await shop.entered.wait()  # the retry reclaimed the key and runs
         shop.gate.set()
-        one, two = await first, await retry
+        two = await retry
+        # The first could not store its response: its start (with a content-length) had
+        # gone out, so the request fails rather than end as a success.
+        with pytest.raises(ResultNotStored):
+            await first
         replay = await client.post("/api/slow", headers=KEY)
     assert shop.runs == {"slow": 2}
     assert [(e.operation) for e in recorder.of(LeaseLost)] == ["complete"]
-    assert one.status_code == two.status_code == 201
-    # Both finished; the stored response is the one of the owner that held the lease.
-    stored = {one.json()["slow"], two.json()["slow"]} - {replay.json()["slow"]}
-    assert len(stored) == 1
+    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["aborted"]
+    assert two.status_code == 201
+    # The stored response is the one of the owner that held the lease.
+    assert replay.json() == two.json()
     assert replay.headers["idempotent-replayed"] == "true"
 
 
@@ -492,26 +499,31 @@ async def test_the_default_heartbeat_renews_on_the_event_loop_s_timers(shop: Sho
     assert shop.runs == {"slow": 1}
 
 
-async def test_redis_stopping_mid_request_still_answers_and_reports(
+async def test_redis_stopping_mid_request_never_completes_the_response(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     recorder = Recorder()
     shop.gate.clear()
     async with RedisBackend(client) as backend:
-        app = middleware(shop, backend, observer=recorder)
-        async with client_for(app) as http:
-            first = asyncio.create_task(http.post("/api/slow", headers=KEY))
+        app = middleware(shop, backend, observer=recorder, lease=0.5)
+        async with client_for(app, raise_app_exceptions=False) as http:
+            first = asyncio.create_task(http.post("/api/stream?size=3", headers=KEY))
+            slow = asyncio.create_task(http.post("/api/slow", headers=KEY))
             await shop.entered.wait()
-            fresh_redis_server.stop()  # the claim went through; storing the result cannot
+            fresh_redis_server.stop()  # the claims went through; storing the results cannot
             shop.gate.set()
             response = await first
-            retry = await http.post("/api/slow", headers=KEY)
+            retry = await http.post("/api/stream?size=3", headers=KEY)
+            with contextlib.suppress(Exception):
+                await slow
     await client.aclose()
-    assert response.status_code == 201  # the client still gets its answer
+    assert response.status_code == 503  # the streamed response was held: a 503 instead
+    assert response.headers["idempotency-stored"] == "false"
     assert retry.status_code == 503  # and the retry is refused, not run unguarded
-    assert shop.runs == {"slow": 1}
-    assert [e.outcome for e in recorder.of(BackendFailed)] == ["result not stored", "answered 503"]
+    assert shop.runs == {"stream": 1, "slow": 1}
+    assert sorted(e.outcome for e in recorder.of(NotStoredEvent)) == ["aborted", "answered 503"]
+    assert [e.outcome for e in recorder.of(BackendFailed)].count("result not stored") == 2
 
 
 async def test_a_decoding_client_still_replays_bytes(shop: Shop, redis_server: RedisServer) -> None:
@@ -534,3 +546,59 @@ async def test_a_decoding_cluster_client_is_refused_up_front(redis_cluster: Any)
     with pytest.raises(ConfigurationError, match="decode_responses=False"):
         IdempotencyMiddleware(Shop().app, RedisBackend(client))
     await client.aclose()
+
+
+async def test_complete_is_retried_with_backoff_while_the_heartbeat_keeps_the_lease(
+    shop: Shop,
+) -> None:
+    clock, recorder = FakeClock(), Recorder()
+    inner = store_for(MemoryBackend())
+    completes: list[float] = []
+    extends: list[float] = []
+    waits: list[float] = []
+
+    class StalledStore:
+        """A user-supplied store whose writes of results fail; its leases still renew."""
+
+        async def claim(self, *args: Any) -> Any:
+            return await inner.claim(*args)
+
+        async def complete(self, *args: Any) -> bool:
+            completes.append(clock.monotonic())
+            raise BackendError("writes are stalled")
+
+        async def release(self, *args: Any) -> bool:
+            return await inner.release(*args)
+
+        async def extend(self, *args: Any) -> bool:
+            extends.append(clock.monotonic())
+            return await inner.extend(*args)
+
+    tick = asyncio.Condition()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if seconds != 1.0:  # a backoff: time passes
+            clock.advance(seconds)
+            async with tick:
+                tick.notify_all()
+            await asyncio.sleep(0)  # the heartbeat's turn
+            return
+        target = clock.monotonic() + seconds  # the heartbeat: waits for the backoffs' time
+        async with tick:
+            await tick.wait_for(lambda: clock.monotonic() >= target)
+
+    app = middleware(shop, StalledStore(), clock=clock, lease=3.0, sleep=sleep, observer=recorder)
+    async with client_for(app) as client:
+        response = await client.post("/api/stream?size=3", headers=KEY)
+    assert response.status_code == 503
+    assert response.headers["idempotency-stored"] == "false"
+    backoff = [w for w in waits if w != 1.0]  # the heartbeat sleeps a third of the lease
+    assert backoff[:5] == [0.05, 0.1, 0.2, 0.4, 0.5]
+    assert max(backoff) == 0.5
+    assert len(completes) == len(backoff) + 1
+    assert completes[-1] - completes[0] <= 3.0  # bounded by the lease
+    assert any(completes[0] < t < completes[-1] for t in extends)  # the lease was kept
+    assert [e.outcome for e in recorder.of(BackendFailed)] == ["result not stored"]
+    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert shop.runs == {"stream": 1}

@@ -19,9 +19,11 @@ from resilient.errors import (
     IdempotencyConflict,
     IdempotencyError,
     IdempotencyMismatch,
+    ResultNotStored,
 )
 from resilient.events import BackendFailed, IdempotencyReplayed, Observer, emit
 from resilient.events import IdempotencyConflict as ConflictEvent
+from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency.core import ClaimStatus, IdempotencyStore, validate_seconds
 from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
 
@@ -57,7 +59,10 @@ def idempotent(
 
     A call whose key is still in progress raises :class:`~resilient.IdempotencyConflict`
     (with ``retry_after``), or with *wait* > 0 waits up to *wait* seconds for the result.
-    An exception from the function releases the key, so a retry runs it again. When the
+    An exception from the function releases the key, so a retry runs it again. Storing the
+    result is retried for up to one lease (the lease renewed meanwhile); a result that
+    still cannot be stored raises :class:`~resilient.errors.ResultNotStored` (with
+    ``retry_after``) instead of returning: nothing records that the function ran. When the
     backend fails, ``"closed"`` (the default) raises
     :class:`~resilient.BackendUnavailable` without running the function; ``"open"`` runs
     it unguarded. Keys are scoped by *name* (default: the function's qualified name).
@@ -134,15 +139,24 @@ async def _run_once(
         heartbeat.cancel()
         await keeper.release(scoped, owner)
         raise
-    heartbeat.cancel()
     try:
         payload = json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
+        heartbeat.cancel()
         await keeper.release(scoped, owner)
         msg = (
             f"{scope} returned a {type(result).__name__}, which JSON cannot encode: "
             "an idempotent function must return JSON-serialisable data"
         )
         raise IdempotencyError(msg) from exc
-    await keeper.complete(scoped, owner, payload)
+    try:  # the heartbeat keeps the lease while complete is retried
+        stored = await keeper.complete(scoped, owner, payload, heartbeat)
+    finally:
+        heartbeat.cancel()
+    if not stored:
+        # Nothing records that the function ran: returning would pass for a success that
+        # a later call with the key (once the lease runs out) may run again.
+        emit(keeper.observer, NotStoredEvent("idempotent", scoped, "raised"))
+        msg = f"{scope} ran, but its result could not be stored for its idempotency key"
+        raise ResultNotStored(msg, retry_after=keeper.backend_retry_after)
     return json.loads(payload)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from math import ceil
 from typing import Literal
@@ -20,6 +21,9 @@ __all__ = ["Heartbeat", "Keeper", "store_for"]
 DEFAULT_OBSERVER = LoggingObserver()
 
 Sleep = Callable[[float], Awaitable[None]]
+
+_FIRST_RETRY = 0.05
+_MAX_RETRY_WAIT = 0.5
 
 
 def store_for(backend: MemoryBackend | RedisBackend | IdempotencyStore) -> IdempotencyStore:
@@ -116,16 +120,42 @@ class Keeper:
             await asyncio.sleep(min(interval, left, claim.retry_after_ms / 1000 or interval))
             interval = min(interval * 2, 0.2)
 
-    async def complete(self, key: str, owner: str, payload: bytes) -> bool:
-        """Store *payload* for *key*; report (and return False) when that fails."""
-        try:
-            stored = await self.store.complete(key, owner, payload, self.ttl_ms, self.now_ms())
-        except BackendError as exc:
-            emit(self.observer, BackendFailed(self.block, "complete", exc, "result not stored"))
-            return False
-        if not stored:
-            emit(self.observer, LeaseLost(self.block, key, "complete"))
-        return stored
+    def monotonic(self) -> float:
+        """Return the injected clock's monotonic time, or the system's."""
+        clock = self.clock
+        return time.monotonic() if clock is None else clock.monotonic()
+
+    async def complete(self, key: str, owner: str, payload: bytes, heartbeat: Heartbeat) -> bool:
+        """Store *payload* for *key*, retrying while the lease lasts; return whether it is stored.
+
+        A failed attempt is tried again after 50 ms, then after doubling waits capped at
+        500 ms, while *heartbeat* keeps the lease alive, until the lease (as last renewed,
+        and at most one lease from the first attempt) runs out. The store itself refuses a
+        late attempt (the lease ended; another owner may hold the key), so retrying can
+        never store a result twice. A store's ``complete`` reports success when repeated
+        for an owner whose record it already completed (see :mod:`.core`), so an attempt
+        whose reply was lost is not mistaken for a lost lease.
+        """
+        sleep = self.sleep or asyncio.sleep
+        give_up_at = self.monotonic() + self.lease
+        delay = _FIRST_RETRY
+        while True:
+            try:
+                stored = await self.store.complete(key, owner, payload, self.ttl_ms, self.now_ms())
+            except BackendError as exc:
+                left = min(heartbeat.lease_end, give_up_at) - self.monotonic()
+                if left <= 0:
+                    emit(
+                        self.observer,
+                        BackendFailed(self.block, "complete", exc, "result not stored"),
+                    )
+                    return False
+                await sleep(min(delay, left))
+                delay = min(delay * 2, _MAX_RETRY_WAIT)
+                continue
+            if not stored:
+                emit(self.observer, LeaseLost(self.block, key, "complete"))
+            return stored
 
     async def release(self, key: str, owner: str) -> None:
         """Release *key*, whatever happens to the caller meanwhile (shielded)."""
@@ -144,27 +174,38 @@ class Keeper:
         """Start renewing *owner*'s lease on *key* every third of the lease; cancel when done."""
         return Heartbeat(self, key, owner)
 
-    async def beat(self, key: str, owner: str) -> bool:
-        """Renew the lease once; return whether to go on (the lease is still ours)."""
+    async def beat(self, key: str, owner: str) -> bool | None:
+        """Renew the lease once: ``True`` renewed, ``None`` the store failed, ``False`` lost."""
         try:
             extended = await self.store.extend(key, owner, self.lease_ms, self.now_ms())
         except BackendError as exc:
             emit(self.observer, BackendFailed(self.block, "extend", exc, "lease not extended"))
-            return True
-        if not extended:
-            emit(self.observer, LeaseLost(self.block, key, "extend"))
+            return None
         return extended
 
 
 class Heartbeat:
-    """Renews a lease every third of it until cancelled.
+    """Renews a lease every third of it until cancelled; knows when the lease ends.
 
     Most requests end long before their first renewal, so it starts as a timer on the
     event loop, cheaper than a task, and makes a task only when a renewal is due. With an
     injected *sleep* (tests), it is a task looping on that sleep instead.
+
+    ``lease_end`` is the keeper's monotonic time at which the lease runs out as far as
+    this process knows: one lease after the claim, or after the last renewal was sent.
     """
 
-    __slots__ = ("_handle", "_interval", "_keeper", "_key", "_owner", "_stopped", "_task")
+    __slots__ = (
+        "_beating",
+        "_handle",
+        "_interval",
+        "_keeper",
+        "_key",
+        "_owner",
+        "_stopped",
+        "_task",
+        "lease_end",
+    )
 
     def __init__(self, keeper: Keeper, key: str, owner: str) -> None:
         self._keeper = keeper
@@ -172,8 +213,10 @@ class Heartbeat:
         self._owner = owner
         self._interval = keeper.lease / 3
         self._stopped = False
+        self._beating = False
         self._task: asyncio.Task[None] | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self.lease_end = keeper.monotonic() + keeper.lease
         loop = asyncio.get_running_loop()
         if keeper.sleep is None:
             self._handle = loop.call_later(self._interval, self._due)
@@ -184,20 +227,39 @@ class Heartbeat:
         self._handle = None
         self._task = asyncio.get_running_loop().create_task(self._renew())
 
+    async def _beat(self) -> bool:
+        keeper = self._keeper
+        sent = keeper.monotonic()
+        self._beating = True
+        try:
+            extended = await keeper.beat(self._key, self._owner)
+        finally:
+            self._beating = False
+        if extended:
+            self.lease_end = sent + keeper.lease
+        elif extended is False and not self._stopped:
+            # Not when stopped: the owner completed or released the record meanwhile.
+            emit(keeper.observer, LeaseLost(keeper.block, self._key, "extend"))
+        return extended is not False and not self._stopped
+
     async def _renew(self) -> None:
-        if await self._keeper.beat(self._key, self._owner) and not self._stopped:
+        if await self._beat():
             self._handle = asyncio.get_running_loop().call_later(self._interval, self._due)
 
     async def _loop(self, sleep: Sleep) -> None:
         while True:
             await sleep(self._interval)
-            if not await self._keeper.beat(self._key, self._owner):
+            if not await self._beat():
                 return
 
     def cancel(self) -> None:
-        """Stop renewing."""
+        """Stop renewing.
+
+        A renewal already sent is left to finish (cancelling it would drop the backend's
+        connection mid-reply); it renews no further.
+        """
         self._stopped = True
         if self._handle is not None:
             self._handle.cancel()
-        if self._task is not None:
+        if self._task is not None and not self._beating:
             self._task.cancel()

@@ -19,7 +19,7 @@ from resilient._routing import PathPattern
 from resilient.backends.memory import MemoryBackend
 from resilient.backends.redis import RedisBackend
 from resilient.clock import Clock
-from resilient.errors import BackendError, ConfigurationError
+from resilient.errors import BackendError, ConfigurationError, ResultNotStored
 from resilient.events import (
     BackendFailed,
     IdempotencyConflict,
@@ -27,6 +27,7 @@ from resilient.events import (
     Observer,
     emit,
 )
+from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency.core import (
     ClaimStatus,
     IdempotencyStore,
@@ -124,6 +125,11 @@ class IdempotencyMiddleware:
     larger than *max_body* bytes, or the handler raised: those release the key and carry
     ``Idempotency-Stored: false``. ``Set-Cookie`` and ``Authorization`` fields are never
     stored nor replayed. The end of the response reaches the client only once it is stored.
+    Storing it is retried (with backoff, the lease renewed meanwhile) for up to one lease;
+    if it still fails, the client never sees a success that a retry could run again: a
+    response not yet started becomes ``503`` with ``Retry-After`` and
+    ``Idempotency-Stored: false``; one whose start has gone out is cut off (the middleware
+    raises :class:`~resilient.errors.ResultNotStored` and the server ends the connection).
 
     A duplicate gets the stored response with ``Idempotent-Replayed: true``; while the
     first is still running, ``409`` with ``Retry-After`` (or, with *wait* > 0, it waits up
@@ -336,16 +342,54 @@ class IdempotencyMiddleware:
             heartbeat.cancel()
             await keeper.release(scoped, owner)
             raise
-        heartbeat.cancel()
-        if capture.storable and capture.finished:
-            response = StoredResponse(
-                capture.status, capture.stored_headers(), b"".join(capture.chunks)
-            )
-            stored = await keeper.complete(scoped, owner, encode_response(response))
-        else:
+        if not (capture.storable and capture.finished):
+            heartbeat.cancel()
             await keeper.release(scoped, owner)
-            stored = False
-        await capture.flush(stored)
+            await capture.flush(stored=False)
+            return
+        response = StoredResponse(
+            capture.status, capture.stored_headers(), b"".join(capture.chunks)
+        )
+        try:  # the heartbeat keeps the lease while complete is retried
+            stored = await keeper.complete(scoped, owner, encode_response(response), heartbeat)
+        finally:
+            heartbeat.cancel()
+        if stored:
+            await capture.flush(stored=True)
+            return
+        await self._withhold(scope, send, capture, scoped)
+
+    async def _withhold(self, scope: Scope, send: Send, capture: _Capture, scoped: str) -> None:
+        """Keep the end of a response that could not be stored from the client.
+
+        The handler ran, but nothing records it: a success reaching the client would let a
+        later retry (once the lease runs out) run it again. When nothing was sent yet, the
+        client gets a ``503`` instead. When the start has gone out (a response with a
+        ``content-length`` streams its start and holds only its end), the request fails by
+        raising :class:`~resilient.errors.ResultNotStored`: the ASGI specification's one
+        signal of a failed response, on which every server ends the connection before the
+        body (uvicorn closes the transport), so the client sees a broken response, never a
+        complete one. Returning without the end would be left to each server: uvicorn
+        closes the connection then too, but other servers and test transports are free to
+        treat it as complete; and the exception tells outer middleware and error reporters
+        that the request failed.
+        """
+        retry_after = ceil(self._keeper.backend_retry_after)
+        if capture.start_sent:
+            emit(self.observer, NotStoredEvent("idempotency", scoped, "aborted"))
+            msg = (
+                f"{scope['method']} {scope['path']} ran, but its response could not be "
+                "stored for its idempotency key: the connection is ended before its body"
+            )
+            raise ResultNotStored(msg, retry_after=retry_after)
+        emit(self.observer, NotStoredEvent("idempotency", scoped, "answered 503"))
+        await send_problem(
+            send,
+            503,
+            "The request ran, but its response could not be stored for its idempotency key; "
+            "a retry may run it again.",
+            headers=[(b"retry-after", str(retry_after).encode()), _STORED_FALSE],
+        )
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -407,6 +451,11 @@ class _Capture:
         self.finished = False
         self.held_start: Message | None = None
         self.held_end: Message | None = None
+
+    @property
+    def start_sent(self) -> bool:
+        """Whether the start of the response has gone to the client."""
+        return self.status != 0 and self.held_start is None
 
     def stored_headers(self) -> list[tuple[bytes, bytes]]:
         return [(n, v) for n, v in self.headers if n.lower() not in _NEVER_STORED]

@@ -1,0 +1,205 @@
+"""Redis faults under a real uvicorn server: write stalls, restarts empty, replicas.
+
+Each test starts its own redis-server, and stalls it for real (``CLIENT PAUSE ... WRITE``)
+or kills it (``kill -9``): the point is what a client of a real server sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import redis.asyncio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from resilient import IdempotencyMiddleware, RedisBackend, idempotent
+from resilient.errors import ResultNotStored
+from resilient.events import ResultNotStored as NotStoredEvent
+from resilient.testing import RedisServer
+from tests.idempotency.conftest import Recorder
+
+KEY = {"Idempotency-Key": "pay-1"}
+
+
+class Payments:
+    """A payment route that stalls Redis writes for *pause_ms* just before it answers.
+
+    Its Redis client and backend are made with the example shop's settings (a stalled
+    Redis reaches the block's policy in 0.5 s) and closed on the server's own loop.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.runs = 0
+        self.pause_ms = 0
+        self.client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.5)
+        self.backend = RedisBackend(self.client)
+        self.app = Starlette(
+            routes=[
+                Route("/pay", self.pay, methods=["POST"]),
+                Route("/pay-stream", self.pay_stream, methods=["POST"]),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        yield
+        await self.backend.aclose()
+        await self.client.aclose()
+
+    def _charge(self) -> int:
+        self.runs += 1
+        if self.pause_ms:
+            with redis.Redis.from_url(self.redis_url) as admin:
+                admin.execute_command("CLIENT", "PAUSE", self.pause_ms, "WRITE")
+        return self.runs
+
+    async def pay(self, request: Request) -> Response:
+        await request.body()
+        return JSONResponse({"payment": self._charge()}, status_code=201)
+
+    async def pay_stream(self, request: Request) -> Response:
+        await request.body()
+        n = self._charge()
+
+        async def chunks() -> Any:
+            yield b'{"payment": '
+            yield str(n).encode() + b"}"
+
+        return StreamingResponse(chunks(), status_code=201, media_type="application/json")
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Serve *app* with uvicorn in a thread on a free loopback port; yield its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="critical")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # a real server starting up: nothing to fake here
+        assert thread.is_alive(), "uvicorn stopped while starting"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def unpause(server: RedisServer) -> None:
+    with redis.Redis.from_url(server.url) as admin:
+        admin.execute_command("CLIENT", "UNPAUSE")
+
+
+def shop_client(server: RedisServer) -> redis.asyncio.Redis:
+    # The example shop's settings: a stalled Redis reaches the block's policy in 0.5 s.
+    return redis.asyncio.Redis.from_url(server.url, socket_timeout=0.5)
+
+
+def test_a_write_stall_shorter_than_the_lease_runs_the_payment_once(
+    fresh_redis_server: RedisServer,
+) -> None:
+    payments, recorder = Payments(fresh_redis_server.url), Recorder()
+    app = IdempotencyMiddleware(payments.app, payments.backend, lease=5.0, observer=recorder)
+    with serving(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        payments.pause_ms = 1500
+        first = http.post("/pay", json={"cents": 500}, headers=KEY)
+        payments.pause_ms = 0
+        again = http.post("/pay", json={"cents": 500}, headers=KEY)
+    assert first.status_code == 201
+    assert "idempotency-stored" not in first.headers
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert payments.runs == 1
+    assert recorder.of(NotStoredEvent) == []
+
+
+@pytest.mark.parametrize("path", ["/pay", "/pay-stream"])
+def test_a_write_stall_past_the_lease_never_answers_success(
+    fresh_redis_server: RedisServer, path: str
+) -> None:
+    payments, recorder = Payments(fresh_redis_server.url), Recorder()
+    app = IdempotencyMiddleware(
+        payments.app, payments.backend, lease=1.0, backend_retry_after=3, observer=recorder
+    )
+    with serving(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        payments.pause_ms = 2500
+        try:
+            if path == "/pay":
+                # The start (with its content-length) went out as the handler sent it:
+                # the connection ends before the body, and the client sees it fail.
+                with pytest.raises(httpx.RemoteProtocolError):
+                    http.post(path, json={"cents": 500}, headers=KEY)
+            else:
+                # Nothing was sent yet: a 503 problem the client can retry after.
+                response = http.post(path, json={"cents": 500}, headers=KEY)
+                assert response.status_code == 503
+                assert response.headers["retry-after"] == "3"
+                assert response.headers["idempotency-stored"] == "false"
+                assert response.headers["content-type"] == "application/problem+json"
+        finally:
+            unpause(fresh_redis_server)
+    assert payments.runs == 1
+    outcome = "aborted" if path == "/pay" else "answered 503"
+    assert [e.outcome for e in recorder.of(NotStoredEvent)] == [outcome]
+
+
+async def test_the_decorator_retries_complete_through_a_short_stall(
+    fresh_redis_server: RedisServer,
+) -> None:
+    charged: list[int] = []
+    client = shop_client(fresh_redis_server)
+    async with RedisBackend(client) as backend:
+
+        @idempotent("pay:{n}", backend=backend, lease=5.0)
+        async def charge(n: int) -> int:
+            charged.append(n)
+            with redis.Redis.from_url(fresh_redis_server.url) as admin:
+                admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+            return n
+
+        assert await charge(1) == 1
+        assert await charge(1) == 1  # replayed: stored once the stall ended
+    await client.aclose()
+    assert charged == [1]
+
+
+async def test_the_decorator_raises_when_the_result_cannot_be_stored(
+    fresh_redis_server: RedisServer,
+) -> None:
+    charged: list[int] = []
+    recorder = Recorder()
+    client = shop_client(fresh_redis_server)
+    async with RedisBackend(client) as backend:
+
+        @idempotent("pay:{n}", backend=backend, lease=1.0, observer=recorder)
+        async def charge(n: int) -> int:
+            charged.append(n)
+            with redis.Redis.from_url(fresh_redis_server.url) as admin:
+                admin.execute_command("CLIENT", "PAUSE", 2500, "WRITE")
+            return n
+
+        try:
+            with pytest.raises(ResultNotStored, match="could not be stored") as raised:
+                await charge(1)
+        finally:
+            unpause(fresh_redis_server)
+    await client.aclose()
+    assert raised.value.retry_after > 0
+    assert charged == [1]
+    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["raised"]
