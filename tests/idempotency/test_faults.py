@@ -7,6 +7,8 @@ or kills it (``kill -9``): the point is what a client of a real server sees.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,11 +24,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from resilient import IdempotencyMiddleware, RedisBackend, idempotent
+from resilient import BackendUnavailable, IdempotencyMiddleware, RedisBackend, idempotent
 from resilient.errors import ResultNotStored
+from resilient.events import BackendDataLost
 from resilient.events import ResultNotStored as NotStoredEvent
-from resilient.testing import RedisServer
-from tests.idempotency.conftest import Recorder
+from resilient.testing import FakeClock, RedisServer
+from tests.idempotency.conftest import Recorder, Shop, client_for
 
 KEY = {"Idempotency-Key": "pay-1"}
 
@@ -203,3 +206,123 @@ async def test_the_decorator_raises_when_the_result_cannot_be_stored(
     assert raised.value.retry_after > 0
     assert charged == [1]
     assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["raised"]
+
+
+# -- Redis restarted empty ----------------------------------------------------------------
+
+
+def kill_and_restart_empty(server: RedisServer) -> None:
+    """``kill -9`` the server, then start it again on its port: no data survives."""
+    with redis.Redis.from_url(server.url) as admin:
+        pid = int(admin.info("server")["process_id"])
+    os.kill(pid, signal.SIGKILL)
+    server.stop()  # reaps the killed process
+    server.start()
+
+
+async def test_a_restart_empty_is_noticed_by_every_instance(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    one = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    other = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    recorder = Recorder()
+    async with RedisBackend(one) as backend_one, RedisBackend(other) as backend_other:
+        apps = [
+            IdempotencyMiddleware(shop.app, backend, observer=recorder)
+            for backend in (backend_one, backend_other)
+        ]
+        async with client_for(apps[0]) as first, client_for(apps[1]) as second:
+            paid = await first.post("/api/orders", json={"n": 1}, headers=KEY)
+            await second.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "k2"})
+            assert recorder.of(BackendDataLost) == []  # a first sight is no loss
+            kill_and_restart_empty(fresh_redis_server)
+            again = await first.post("/api/orders", json={"n": 1}, headers=KEY)
+            await second.post("/api/orders", json={"n": 3}, headers={"Idempotency-Key": "k3"})
+            later = await first.post(
+                "/api/orders", json={"n": 4}, headers={"Idempotency-Key": "k4"}
+            )
+    await one.aclose()
+    await other.aclose()
+    assert paid.status_code == again.status_code == later.status_code == 201
+    # No quarantine (the default): the lost key ran again, and both instances said so, once.
+    assert "idempotent-replayed" not in again.headers
+    assert shop.runs == {"orders": 5}
+    lost = recorder.of(BackendDataLost)
+    assert [(e.block, e.quarantine) for e in lost] == [("idempotency", 0.0)] * 2
+
+
+async def test_a_quarantine_refuses_new_claims_after_a_restart_empty(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    clock, recorder = FakeClock(), Recorder()
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    async with RedisBackend(client) as backend:
+        app = IdempotencyMiddleware(
+            shop.app, backend, quarantine=30.0, clock=clock, observer=recorder
+        )
+        async with client_for(app) as http:
+            await http.post("/api/orders", json={"n": 1}, headers=KEY)
+            assert app.quarantine_left == 0.0
+            kill_and_restart_empty(fresh_redis_server)
+            noticed = await http.post(
+                "/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"}
+            )
+            clock.advance(10)
+            refused = await http.post("/api/orders", json={"n": 1}, headers=KEY)
+            left = app.quarantine_left
+            unkeyed = await http.post("/api/orders", json={"n": 3})
+            clock.advance(21)
+            after = await http.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"})
+    await client.aclose()
+    for response, retry_after in ((noticed, "30"), (refused, "20")):
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == retry_after
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "lost" in response.json()["detail"]
+    assert left == 20.0
+    assert unkeyed.status_code == 201  # nothing to guard
+    assert after.status_code == 201  # the quarantine is over: "b" runs (once)
+    assert app.quarantine_left == 0.0
+    assert shop.runs == {"orders": 3}
+    assert [e.quarantine for e in recorder.of(BackendDataLost)] == [30.0]
+
+
+async def test_a_restart_that_kept_its_data_is_no_loss(shop: Shop) -> None:
+    recorder = Recorder()
+    with RedisServer(args=("--appendonly", "yes", "--appendfsync", "always")) as server:
+        client = redis.asyncio.Redis.from_url(server.url, socket_timeout=1)
+        async with RedisBackend(client) as backend:
+            app = IdempotencyMiddleware(shop.app, backend, quarantine=30.0, observer=recorder)
+            async with client_for(app) as http:
+                first = await http.post("/api/orders", json={"n": 1}, headers=KEY)
+                kill_and_restart_empty(server)  # kill -9: the append-only file keeps the data
+                again = await http.post("/api/orders", json={"n": 1}, headers=KEY)
+        await client.aclose()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert shop.runs == {"orders": 1}
+    assert recorder.of(BackendDataLost) == []
+
+
+async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
+    fresh_redis_server: RedisServer,
+) -> None:
+    clock, recorder, runs = FakeClock(), Recorder(), []
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    async with RedisBackend(client) as backend:
+
+        @idempotent("{n}", backend=backend, quarantine=5.0, clock=clock, observer=recorder)
+        async def charge(n: int) -> int:
+            runs.append(n)
+            return n
+
+        await charge(1)
+        kill_and_restart_empty(fresh_redis_server)
+        with pytest.raises(BackendUnavailable, match="lost its records") as raised:
+            await charge(2)
+        assert raised.value.retry_after == 5.0
+        clock.advance(5)
+        assert await charge(2) == 2
+    await client.aclose()
+    assert runs == [1, 2]
+    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 5.0)]

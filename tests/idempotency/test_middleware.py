@@ -368,6 +368,7 @@ def test_configuration_errors_are_clear() -> None:
         ({"ttl": 0}, "ttl must be"),
         ({"lease": -1}, "lease must be"),
         ({"wait": float("nan")}, "wait must be"),
+        ({"quarantine": -1}, "quarantine must be"),
         ({"methods": []}, "methods must"),
         ({"max_body": -1}, "max_body must"),
         ({"on_backend_error": "maybe"}, "on_backend_error"),

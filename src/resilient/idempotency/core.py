@@ -52,11 +52,17 @@ class ClaimStatus(enum.Enum):
 
 
 class Claim(NamedTuple):
-    """The answer to a claim: its status, the stored payload, the lease time left."""
+    """The answer to a claim: its status, the stored payload, the lease time left.
+
+    ``data_lost`` is set by a store that can tell it lost its records since this process
+    last asked (Redis restarted empty, or flushed): keys claimed before may be claimed
+    again, as if new.
+    """
 
     status: ClaimStatus
     payload: bytes | None = None
     retry_after_ms: int = 0
+    data_lost: bool = False
 
 
 class IdempotencyStore(Protocol):

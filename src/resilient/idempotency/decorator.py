@@ -46,6 +46,7 @@ def idempotent(
     clock: Clock | None = None,
     observer: Observer | None = DEFAULT_OBSERVER,
     sleep: Sleep | None = None,
+    quarantine: float = 0.0,
 ) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Coroutine[Any, Any, Any]]]:
     """Run the decorated ``async def`` once per *key*; a duplicate gets the stored result.
 
@@ -66,6 +67,9 @@ def idempotent(
     backend fails, ``"closed"`` (the default) raises
     :class:`~resilient.BackendUnavailable` without running the function; ``"open"`` runs
     it unguarded. Keys are scoped by *name* (default: the function's qualified name).
+    When the store is found to have lost its records (Redis restarted empty), a
+    :class:`~resilient.events.BackendDataLost` event is emitted and, with *quarantine* >
+    0, calls raise :class:`~resilient.BackendUnavailable` for that many seconds.
 
     >>> from resilient import MemoryBackend
     >>> @idempotent("charge:{event_id}", backend=MemoryBackend())
@@ -83,6 +87,7 @@ def idempotent(
         backend_retry_after=backend_retry_after,
         observer=observer,
         sleep=sleep,
+        quarantine=quarantine,
     )
 
     def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, Any]]:
@@ -99,6 +104,7 @@ def idempotent(
                 msg = f"the idempotency key must be a non-empty string, got {given!r}"
                 raise ConfigurationError(msg)
             scoped = f"fn\x1f{scope}\x1f{given}"
+            _check_quarantine(keeper, scope)
             try:
                 if wait > 0:
                     claim, owner = await keeper.wait(scoped, "", wait)
@@ -111,6 +117,8 @@ def idempotent(
                 emit(observer, BackendFailed("idempotent", "claim", exc, "raised"))
                 msg = f"the idempotency store is unavailable; {scope} was not run: {exc}"
                 raise BackendUnavailable(msg, retry_after=keeper.backend_retry_after) from exc
+            if claim.data_lost:
+                _check_quarantine(keeper, scope)
             status = claim.status
             if status is ClaimStatus.COMPLETED:
                 emit(observer, IdempotencyReplayed("idempotent", scoped))
@@ -127,6 +135,16 @@ def idempotent(
         return once
 
     return decorate
+
+
+def _check_quarantine(keeper: Keeper, scope: str) -> None:
+    left = keeper.quarantine_left()
+    if left > 0:
+        msg = (
+            f"the idempotency store lost its records; {scope} was not run: calls are "
+            f"refused for {left:.1f} s more"
+        )
+        raise BackendUnavailable(msg, retry_after=left)
 
 
 async def _run_once(

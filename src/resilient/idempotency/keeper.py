@@ -13,7 +13,14 @@ from resilient.backends.memory import MemoryBackend
 from resilient.backends.redis import RedisBackend
 from resilient.clock import Clock
 from resilient.errors import BackendError, ConfigurationError
-from resilient.events import BackendFailed, LeaseLost, LoggingObserver, Observer, emit
+from resilient.events import (
+    BackendDataLost,
+    BackendFailed,
+    LeaseLost,
+    LoggingObserver,
+    Observer,
+    emit,
+)
 from resilient.idempotency.core import Claim, ClaimStatus, IdempotencyStore, validate_seconds
 
 __all__ = ["Heartbeat", "Keeper", "store_for"]
@@ -48,6 +55,7 @@ class Keeper:
     """Claims keys on a store for one owner at a time, and keeps their leases alive."""
 
     __slots__ = (
+        "_quarantine_until",
         "backend_retry_after",
         "block",
         "clock",
@@ -55,6 +63,7 @@ class Keeper:
         "lease_ms",
         "observer",
         "on_backend_error",
+        "quarantine",
         "sleep",
         "store",
         "ttl",
@@ -73,6 +82,7 @@ class Keeper:
         backend_retry_after: float,
         observer: Observer | None,
         sleep: Sleep | None,
+        quarantine: float = 0.0,
     ) -> None:
         if on_backend_error not in ("open", "closed"):
             msg = f"on_backend_error must be 'open' or 'closed', not {on_backend_error!r}"
@@ -80,6 +90,8 @@ class Keeper:
         self.ttl = validate_seconds("ttl", ttl)
         self.lease = validate_seconds("lease", lease)
         self.backend_retry_after = validate_seconds("backend_retry_after", backend_retry_after)
+        self.quarantine = validate_seconds("quarantine", quarantine, allow_zero=True)
+        self._quarantine_until = float("-inf")
         self.ttl_ms = max(1, ceil(self.ttl * 1000))
         self.lease_ms = max(1, ceil(self.lease * 1000))
         self.store = store_for(MemoryBackend() if backend is None else backend)
@@ -101,7 +113,22 @@ class Keeper:
         """
         owner = secrets.token_hex(16)
         claim = await self.store.claim(key, fingerprint, owner, self.lease_ms, self.now_ms())
+        if claim.data_lost:
+            emit(self.observer, BackendDataLost(self.block, self.quarantine))
+            if self.quarantine > 0:
+                self._quarantine_until = self.monotonic() + self.quarantine
+                if claim.status is ClaimStatus.CLAIMED:  # refused, like every claim now
+                    await self.release(key, owner)
         return claim, owner
+
+    def quarantine_left(self) -> float:
+        """Return how many seconds new claims are still refused for (0.0: none).
+
+        A quarantine starts when a claim finds that the store lost its records, if
+        *quarantine* is set: for that long, the callers refuse guarded requests rather
+        than run them while the duplicates of requests in flight at the loss may arrive.
+        """
+        return max(0.0, self._quarantine_until - self.monotonic())
 
     async def wait(self, key: str, fingerprint: str, seconds: float) -> tuple[Claim, str]:
         """Claim *key*, waiting up to *seconds* while another owner holds it.

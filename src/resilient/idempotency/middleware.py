@@ -142,8 +142,18 @@ class IdempotencyMiddleware:
     runs the request unguarded and reports the failure to the *observer*. Request bodies
     over *max_request_body* bytes get ``413``.
 
+    On a standalone Redis the middleware notices when Redis lost its records (restarted
+    empty, or flushed) and emits :class:`~resilient.events.BackendDataLost`. With
+    *quarantine* > 0 it then refuses guarded requests (``503`` with ``Retry-After``) for
+    that many seconds, rather than run duplicates of requests that were in flight when
+    the records vanished; :attr:`quarantine_left` says so to a readiness probe. The
+    default, 0, keeps serving: a quarantine is an outage of every keyed request, and no
+    length of it brings the lost records back (see the durability section of the docs).
+
     >>> from starlette.applications import Starlette
     >>> app = IdempotencyMiddleware(Starlette(), required=["/api/orders"])
+    >>> app.quarantine_left
+    0.0
     """
 
     __slots__ = (
@@ -182,6 +192,7 @@ class IdempotencyMiddleware:
         clock: Clock | None = None,
         observer: Observer | None = DEFAULT_OBSERVER,
         sleep: Sleep | None = None,
+        quarantine: float = 0.0,
     ) -> None:
         if isinstance(methods, str):
             methods = [methods]
@@ -221,6 +232,7 @@ class IdempotencyMiddleware:
             backend_retry_after=backend_retry_after,
             observer=observer,
             sleep=sleep,
+            quarantine=quarantine,
         )
 
     def _is_required(self, path: str) -> bool:
@@ -269,6 +281,9 @@ class IdempotencyMiddleware:
         self, scope: Scope, receive: Receive, send: Send, key: str, body: bytes
     ) -> None:
         keeper = self._keeper
+        if keeper.quarantine_left() > 0:
+            await self._refuse_in_quarantine(send)
+            return
         fingerprint = "" if self.fingerprint is None else self.fingerprint(scope, body)
         scoped = self.scope_key(scope, key)
         try:
@@ -289,6 +304,9 @@ class IdempotencyMiddleware:
                 "The idempotency store is unavailable; the request was not run.",
                 headers=[(b"retry-after", retry_after)],
             )
+            return
+        if claim.data_lost and keeper.quarantine_left() > 0:
+            await self._refuse_in_quarantine(send)
             return
         status = claim.status
         if status is ClaimStatus.CLAIMED:
@@ -311,6 +329,25 @@ class IdempotencyMiddleware:
                 422,
                 "This idempotency key was already used for a different request.",
             )
+
+    @property
+    def quarantine_left(self) -> float:
+        """Seconds for which guarded requests are still refused after a loss of records.
+
+        0.0 unless *quarantine* is set and a claim found that the backend had lost its
+        records (Redis restarted empty): a readiness signal, e.g. for a ``/readyz``.
+        """
+        return self._keeper.quarantine_left()
+
+    async def _refuse_in_quarantine(self, send: Send) -> None:
+        retry_after = str(max(1, ceil(self._keeper.quarantine_left()))).encode()
+        await send_problem(
+            send,
+            503,
+            "The idempotency store lost its records; requests with an idempotency key are "
+            "refused for a while, then run again.",
+            headers=[(b"retry-after", retry_after)],
+        )
 
     async def _replay(self, send: Send, scoped: str, payload: bytes) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 from resilient.backends.redis import RedisBackend, Script
 from resilient.errors import ConfigurationError
@@ -22,9 +23,18 @@ class RedisIdempotencyStore:
 
     The Redis key is ``prefix:idem:{digest}:r``, where *digest* is a SHA-256 of the scoped
     key: bounded in length, free of the caller's identity, and spread over cluster slots.
+
+    On a standalone server, each claim also reads a *marker*, ``prefix:idem:{marker}:m``:
+    one key without a TTL, made by the first claim, whose random value names the data it
+    came with. Redis restarted without its data (or flushed) has no marker: the next
+    claim makes a new one, and every store that had seen the old value learns, on its
+    next claim, that the records were lost (:attr:`Claim.data_lost`). A restart that
+    kept its data (an append-only file) keeps the marker: no alarm. On Redis Cluster a
+    script reaches only its own key's slot, so there is no marker: a lost node is not
+    noticed (its replica, promoted, has the records it was sent).
     """
 
-    __slots__ = ("_backend",)
+    __slots__ = ("_backend", "_marker", "_marker_key", "_new_marker")
 
     def __init__(self, backend: RedisBackend) -> None:
         if backend.is_cluster and getattr(backend.client.get_encoder(), "decode_responses", False):
@@ -36,6 +46,9 @@ class RedisIdempotencyStore:
             )
             raise ConfigurationError(msg)
         self._backend = backend
+        self._marker_key = None if backend.is_cluster else backend.key("idem", "marker", "m")
+        self._marker = b""  # the marker's value last seen; none yet
+        self._new_marker = secrets.token_hex(8)  # what this store gives a missing marker
 
     def _key(self, key: str) -> str:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
@@ -46,17 +59,31 @@ class RedisIdempotencyStore:
     ) -> Claim:
         """Take *key* for *owner*, or report what holds it (see :mod:`.core`)."""
         now = "r" if now_ms is None else now_ms
-        reply = await self._backend.run_script(
-            _CLAIM, [self._key(key)], (now, fingerprint, owner, lease_ms)
-        )
+        marker_key = self._marker_key
+        if marker_key is None:
+            reply = await self._backend.run_script(
+                _CLAIM, [self._key(key)], (now, fingerprint, owner, lease_ms)
+            )
+        else:
+            reply = await self._backend.run_script(
+                _CLAIM,
+                [self._key(key), marker_key],
+                (now, fingerprint, owner, lease_ms, self._marker, self._new_marker),
+            )
+        lost = False
+        if len(reply) > 2 and bytes(reply[2]) != self._marker:  # not the marker last seen
+            lost = self._marker != b""  # (the first sight of one is no loss)
+            self._marker = bytes(reply[2])
+            # Never give a later missing marker a value some store may have seen already.
+            self._new_marker = secrets.token_hex(8)
         kind = reply[0]
         if kind == b"n":
-            return Claim(ClaimStatus.CLAIMED)
+            return Claim(ClaimStatus.CLAIMED, data_lost=lost)
         if kind == b"p":
-            return Claim(ClaimStatus.IN_PROGRESS, retry_after_ms=int(reply[1]))
+            return Claim(ClaimStatus.IN_PROGRESS, retry_after_ms=int(reply[1]), data_lost=lost)
         if kind == b"c":
-            return Claim(ClaimStatus.COMPLETED, bytes(reply[1]))
-        return Claim(ClaimStatus.MISMATCH)
+            return Claim(ClaimStatus.COMPLETED, bytes(reply[1]), data_lost=lost)
+        return Claim(ClaimStatus.MISMATCH, data_lost=lost)
 
     async def complete(
         self, key: str, owner: str, payload: bytes, ttl_ms: int, now_ms: int | None
