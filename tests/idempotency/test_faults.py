@@ -24,9 +24,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from resilient import BackendUnavailable, IdempotencyMiddleware, RedisBackend, idempotent
+from resilient import (
+    BackendUnavailable,
+    ConfigurationError,
+    IdempotencyMiddleware,
+    MemoryBackend,
+    RedisBackend,
+    idempotent,
+)
 from resilient.errors import ResultNotStored
-from resilient.events import BackendDataLost
+from resilient.events import BackendDataLost, BackendFailed
 from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.testing import FakeClock, RedisServer
 from tests.idempotency.conftest import Recorder, Shop, client_for
@@ -326,3 +333,80 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
     await client.aclose()
     assert runs == [1, 2]
     assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 5.0)]
+
+
+# -- WAIT for replicas ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def replica_of(master: RedisServer) -> Iterator[RedisServer]:
+    """A real replica of *master*, in sync when it is yielded."""
+    with RedisServer(args=("--replicaof", master.host, str(master.port))) as replica:
+        deadline = time.monotonic() + 20
+        with redis.Redis.from_url(replica.url) as probe:
+            while probe.info("replication").get("master_link_status") != "up":
+                assert time.monotonic() < deadline, "the replica did not sync"
+                time.sleep(0.02)
+        yield replica
+
+
+async def test_with_replicas_a_stored_response_survives_the_master_s_failover(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    with replica_of(fresh_redis_server) as replica:
+        client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+        async with RedisBackend(client) as backend:
+            app = IdempotencyMiddleware(shop.app, backend, replicas=1, replica_timeout=0.5)
+            async with client_for(app) as http:
+                first = await http.post("/api/orders", json={"n": 1}, headers=KEY)
+        await client.aclose()
+        # The master dies the moment the client has its answer; the replica takes over.
+        with redis.Redis.from_url(fresh_redis_server.url) as admin:
+            os.kill(int(admin.info("server")["process_id"]), signal.SIGKILL)
+        fresh_redis_server.stop()
+        with redis.Redis.from_url(replica.url) as admin:
+            admin.execute_command("REPLICAOF", "NO", "ONE")
+        promoted = redis.asyncio.Redis.from_url(replica.url, socket_timeout=1)
+        async with RedisBackend(promoted) as backend:
+            app = IdempotencyMiddleware(shop.app, backend)
+            async with client_for(app) as http:
+                again = await http.post("/api/orders", json={"n": 1}, headers=KEY)
+        await promoted.aclose()
+    assert first.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert shop.runs == {"orders": 1}
+
+
+async def test_with_replicas_a_result_no_replica_acknowledged_is_not_a_success(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    recorder = Recorder()
+    with replica_of(fresh_redis_server) as replica:
+        replica.stop()  # the master's only replica is gone
+        client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+        async with RedisBackend(client) as backend:
+            app = IdempotencyMiddleware(
+                shop.app, backend, replicas=1, replica_timeout=0.05, lease=0.5, observer=recorder
+            )
+            async with client_for(app) as http:
+                response = await http.post("/api/stream?size=3", headers=KEY)
+        await client.aclose()
+    assert response.status_code == 503
+    assert response.headers["idempotency-stored"] == "false"
+    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    (failed,) = recorder.of(BackendFailed)
+    assert failed.outcome == "result not stored"
+    assert "reached 0 of 1 replicas" in str(failed.error)
+
+
+def test_replicas_need_a_standalone_redis_and_a_timeout_under_the_backend_s(
+    redis_server: RedisServer,
+) -> None:
+    with pytest.raises(ConfigurationError, match="replicas= needs a RedisBackend"):
+        IdempotencyMiddleware(Shop().app, MemoryBackend(), replicas=1)
+    with pytest.raises(ConfigurationError, match="replicas must be"):
+        idempotent("k", backend=MemoryBackend(), replicas=-1)
+    backend = RedisBackend(redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.5))
+    with pytest.raises(ConfigurationError, match="replica_timeout"):
+        IdempotencyMiddleware(Shop().app, backend, replicas=1, replica_timeout=0.5)

@@ -47,6 +47,8 @@ def idempotent(
     observer: Observer | None = DEFAULT_OBSERVER,
     sleep: Sleep | None = None,
     quarantine: float = 0.0,
+    replicas: int = 0,
+    replica_timeout: float = 0.1,
 ) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Coroutine[Any, Any, Any]]]:
     """Run the decorated ``async def`` once per *key*; a duplicate gets the stored result.
 
@@ -70,6 +72,8 @@ def idempotent(
     When the store is found to have lost its records (Redis restarted empty), a
     :class:`~resilient.events.BackendDataLost` event is emitted and, with *quarantine* >
     0, calls raise :class:`~resilient.BackendUnavailable` for that many seconds.
+    With *replicas* > 0 (a standalone Redis with replicas), a result is stored only once
+    that many replicas have it (Redis ``WAIT``, up to *replica_timeout* seconds per try).
 
     >>> from resilient import MemoryBackend
     >>> @idempotent("charge:{event_id}", backend=MemoryBackend())
@@ -88,6 +92,8 @@ def idempotent(
         observer=observer,
         sleep=sleep,
         quarantine=quarantine,
+        replicas=replicas,
+        replica_timeout=replica_timeout,
     )
 
     def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, Any]]:

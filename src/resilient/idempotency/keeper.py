@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -51,11 +52,43 @@ def store_for(backend: MemoryBackend | RedisBackend | IdempotencyStore) -> Idemp
     raise ConfigurationError(msg)
 
 
+StoreComplete = Callable[[str, str, bytes, int, int | None], Awaitable[bool]]
+
+
+def _waiting_complete(
+    backend: MemoryBackend | RedisBackend | IdempotencyStore | None,
+    replicas: int,
+    replica_timeout: float,
+) -> StoreComplete:
+    """Return the Redis store's ``complete`` that WAITs for *replicas* (validated here)."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        msg = f"replicas must be an integer >= 0, not {replicas!r}"
+        raise ConfigurationError(msg)
+    if not isinstance(backend, RedisBackend) or backend.is_cluster:
+        # WAIT counts the replicas of the server its own connection talks to.
+        msg = "replicas= needs a RedisBackend on a standalone Redis (a master with replicas)"
+        raise ConfigurationError(msg)
+    timeout = validate_seconds("replica_timeout", replica_timeout)
+    if backend.timeout is not None and timeout >= backend.timeout:
+        msg = (
+            f"replica_timeout ({timeout} s) must be shorter than the backend's timeout "
+            f"({backend.timeout} s), or every WAIT that runs its course times out"
+        )
+        raise ConfigurationError(msg)
+    from resilient.idempotency.redis import RedisIdempotencyStore  # noqa: PLC0415
+
+    store = backend.store("idempotency", RedisIdempotencyStore)
+    return functools.partial(
+        store.complete, replicas=replicas, replica_timeout_ms=max(1, ceil(timeout * 1000))
+    )
+
+
 class Keeper:
     """Claims keys on a store for one owner at a time, and keeps their leases alive."""
 
     __slots__ = (
         "_quarantine_until",
+        "_store_complete",
         "backend_retry_after",
         "block",
         "clock",
@@ -83,6 +116,8 @@ class Keeper:
         observer: Observer | None,
         sleep: Sleep | None,
         quarantine: float = 0.0,
+        replicas: int = 0,
+        replica_timeout: float = 0.1,
     ) -> None:
         if on_backend_error not in ("open", "closed"):
             msg = f"on_backend_error must be 'open' or 'closed', not {on_backend_error!r}"
@@ -95,6 +130,9 @@ class Keeper:
         self.ttl_ms = max(1, ceil(self.ttl * 1000))
         self.lease_ms = max(1, ceil(self.lease * 1000))
         self.store = store_for(MemoryBackend() if backend is None else backend)
+        self._store_complete: StoreComplete = self.store.complete
+        if replicas != 0:
+            self._store_complete = _waiting_complete(backend, replicas, replica_timeout)
         self.block = block
         self.clock = clock
         self.on_backend_error = on_backend_error
@@ -168,7 +206,7 @@ class Keeper:
         delay = _FIRST_RETRY
         while True:
             try:
-                stored = await self.store.complete(key, owner, payload, self.ttl_ms, self.now_ms())
+                stored = await self._store_complete(key, owner, payload, self.ttl_ms, self.now_ms())
             except BackendError as exc:
                 left = min(heartbeat.lease_end, give_up_at) - self.monotonic()
                 if left <= 0:

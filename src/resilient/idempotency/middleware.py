@@ -149,6 +149,9 @@ class IdempotencyMiddleware:
     the records vanished; :attr:`quarantine_left` says so to a readiness probe. The
     default, 0, keeps serving: a quarantine is an outage of every keyed request, and no
     length of it brings the lost records back (see the durability section of the docs).
+    With *replicas* > 0 (a standalone Redis with replicas), a response is stored only once
+    that many replicas have its record (Redis ``WAIT``, up to *replica_timeout* seconds
+    per try): a record a client was answered from survives the master's failover.
 
     >>> from starlette.applications import Starlette
     >>> app = IdempotencyMiddleware(Starlette(), required=["/api/orders"])
@@ -193,6 +196,8 @@ class IdempotencyMiddleware:
         observer: Observer | None = DEFAULT_OBSERVER,
         sleep: Sleep | None = None,
         quarantine: float = 0.0,
+        replicas: int = 0,
+        replica_timeout: float = 0.1,
     ) -> None:
         if isinstance(methods, str):
             methods = [methods]
@@ -233,6 +238,8 @@ class IdempotencyMiddleware:
             observer=observer,
             sleep=sleep,
             quarantine=quarantine,
+            replicas=replicas,
+            replica_timeout=replica_timeout,
         )
 
     def _is_required(self, path: str) -> bool:

@@ -6,7 +6,7 @@ import hashlib
 import secrets
 
 from resilient.backends.redis import RedisBackend, Script
-from resilient.errors import ConfigurationError
+from resilient.errors import BackendError, ConfigurationError
 from resilient.idempotency.core import Claim, ClaimStatus
 
 __all__ = ["RedisIdempotencyStore"]
@@ -86,14 +86,61 @@ class RedisIdempotencyStore:
         return Claim(ClaimStatus.MISMATCH, data_lost=lost)
 
     async def complete(
-        self, key: str, owner: str, payload: bytes, ttl_ms: int, now_ms: int | None
+        self,
+        key: str,
+        owner: str,
+        payload: bytes,
+        ttl_ms: int,
+        now_ms: int | None,
+        *,
+        replicas: int = 0,
+        replica_timeout_ms: int = 0,
     ) -> bool:
-        """Store *payload* for *ttl_ms* if *owner* holds a live lease on *key*."""
+        """Store *payload* for *ttl_ms* if *owner* holds a live lease on *key*.
+
+        With *replicas*, Redis ``WAIT`` follows the script on the same connection, in the
+        same round trip: the result counts as stored only once *replicas* replicas have
+        it. Fewer within *replica_timeout_ms* raises :class:`BackendError` (the record is
+        on the master, but would not survive its failover); the caller retries, and a
+        repeated ``complete`` by the owner is a success that waits again.
+        """
         now = "r" if now_ms is None else now_ms
-        reply = await self._backend.run_script(
-            _COMPLETE, [self._key(key)], (now, owner, ttl_ms, payload)
+        keys, args = [self._key(key)], (now, owner, ttl_ms, payload)
+        if replicas <= 0:
+            reply = await self._backend.run_script(_COMPLETE, keys, args)
+            return bool(reply == 1)
+        reply, acked = await self._backend.guard(
+            "complete.lua + WAIT", self._complete_and_wait(keys, args, replicas, replica_timeout_ms)
         )
+        if reply == 1 and acked < replicas:
+            msg = (
+                f"the result reached {acked} of {replicas} replicas within "
+                f"{replica_timeout_ms} ms (Redis WAIT)"
+            )
+            raise BackendError(msg)
         return bool(reply == 1)
+
+    async def _complete_and_wait(
+        self, keys: list[str], args: tuple[str | int | bytes, ...], replicas: int, timeout_ms: int
+    ) -> tuple[int, int]:
+        # A connection of the client's pool, not the backend's own channel: WAIT blocks
+        # its connection, which must not hold up every other block's scripts meanwhile.
+        from redis.exceptions import NoScriptError  # noqa: PLC0415 (redis is optional)
+
+        client = self._backend.client
+        for command, script in (("EVALSHA", _COMPLETE.sha), ("EVAL", _COMPLETE.source)):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.execute_command(command, script, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", replicas, timeout_ms)
+                stored, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(stored, NoScriptError) and command == "EVALSHA":
+                continue  # loaded by the EVAL
+            for reply in (stored, acked):
+                if isinstance(reply, Exception):
+                    raise reply
+            return int(stored), int(acked)
+        msg = "unreachable: EVAL never answers NOSCRIPT"  # pragma: no cover
+        raise AssertionError(msg)  # pragma: no cover
 
     async def release(self, key: str, owner: str, now_ms: int | None) -> bool:
         """Delete *key* if *owner* holds a live lease on it."""
