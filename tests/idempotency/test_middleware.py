@@ -603,3 +603,46 @@ async def test_complete_is_retried_with_backoff_while_the_heartbeat_keeps_the_le
     assert [e.outcome for e in recorder.of(BackendFailed)] == ["result not stored"]
     assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
     assert shop.runs == {"stream": 1}
+
+
+async def test_a_renewal_in_flight_when_the_response_is_stored_is_no_lost_lease(
+    shop: Shop,
+) -> None:
+    inner = store_for(MemoryBackend())
+    recorder = Recorder()
+    renewing, answer = asyncio.Event(), asyncio.Event()
+
+    class SlowRenewals:
+        """A user-supplied store whose lease renewals take their time to answer."""
+
+        async def claim(self, *args: Any) -> Any:
+            return await inner.claim(*args)
+
+        async def complete(self, *args: Any) -> bool:
+            return await inner.complete(*args)
+
+        async def release(self, *args: Any) -> bool:
+            return await inner.release(*args)
+
+        async def extend(self, *args: Any) -> bool:
+            renewing.set()
+            await answer.wait()
+            return await inner.extend(*args)  # the record is completed by now: False
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    app = middleware(shop, SlowRenewals(), sleep=sleep, observer=recorder)
+    shop.gate.clear()
+    async with client_for(app) as client:
+        first = asyncio.create_task(client.post("/api/slow", headers=KEY))
+        await renewing.wait()  # a renewal is in flight while the handler ends
+        shop.gate.set()
+        response = await first
+        answer.set()  # the renewal answers after the response was stored
+        for _ in range(5):
+            await asyncio.sleep(0)
+        replay = await client.post("/api/slow", headers=KEY)
+    assert response.status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert recorder.of(LeaseLost) == []
