@@ -282,6 +282,8 @@ async def main_async(args: argparse.Namespace) -> Report:
             parts.append("")
             sections.append(section)
         if "wait" in only:
+            with redis.Redis.from_url(server.url) as admin:  # the replica syncs at once
+                admin.config_set("repl-diskless-sync-delay", 0)
             with RedisServer(args=("--replicaof", server.host, str(server.port))) as replica:
                 waits = await wait_bench(server, replica, args.repeat, args.quick)
             parts += [f"## {waits.title}", "", waits.note, "", waits.markdown(), ""]

@@ -341,6 +341,8 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
 @contextlib.contextmanager
 def replica_of(master: RedisServer) -> Iterator[RedisServer]:
     """A real replica of *master*, in sync when it is yielded."""
+    with redis.Redis.from_url(master.url) as admin:  # sync at once, not after 5 s
+        admin.config_set("repl-diskless-sync-delay", 0)
     with RedisServer(args=("--replicaof", master.host, str(master.port))) as replica:
         deadline = time.monotonic() + 20
         with redis.Redis.from_url(replica.url) as probe:
