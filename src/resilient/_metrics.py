@@ -128,7 +128,7 @@ IDEMPOTENCY_NOT_STORED: Final = Metric(
     "counter",
     "{request}",
     ("block", "outcome"),
-    "Guarded calls that ran but whose result could not be stored: aborted, 503 or raised.",
+    "Guarded calls that ran but whose result could not be stored: answered 503 or raised.",
 )
 BACKEND_DATA_LOST: Final = Metric(
     "backend.data_lost",

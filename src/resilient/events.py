@@ -110,9 +110,9 @@ class ResultNotStored(Event):
     """A guarded call ran, but its result could not be stored while its lease lasted.
 
     Nothing records that it ran, so a later duplicate may run it again: the caller is
-    never told it succeeded. ``outcome`` says what it was told instead: ``"aborted"``
-    (the response's start had gone out: the connection was ended before its body),
-    ``"answered 503"`` or ``"raised"`` (:class:`~resilient.errors.ResultNotStored`).
+    never told it succeeded. ``outcome`` says what it was told instead: ``"answered 503"``
+    (the middleware) or ``"raised"`` (``@idempotent``:
+    :class:`~resilient.errors.ResultNotStored`).
     """
 
     level: ClassVar[int] = logging.ERROR

@@ -19,7 +19,7 @@ from resilient._routing import PathPattern
 from resilient.backends.memory import MemoryBackend
 from resilient.backends.redis import RedisBackend
 from resilient.clock import Clock
-from resilient.errors import BackendError, ConfigurationError, ResultNotStored
+from resilient.errors import BackendError, ConfigurationError
 from resilient.events import (
     BackendFailed,
     IdempotencyConflict,
@@ -124,12 +124,11 @@ class IdempotencyMiddleware:
     runs; its response is stored for *ttl* seconds unless its status is 500 or more, it is
     larger than *max_body* bytes, or the handler raised: those release the key and carry
     ``Idempotency-Stored: false``. ``Set-Cookie`` and ``Authorization`` fields are never
-    stored nor replayed. The end of the response reaches the client only once it is stored.
+    stored nor replayed. A response reaches the client only once it is stored.
     Storing it is retried (with backoff, the lease renewed meanwhile) for up to one lease;
-    if it still fails, the client never sees a success that a retry could run again: a
-    response not yet started becomes ``503`` with ``Retry-After`` and
-    ``Idempotency-Stored: false``; one whose start has gone out is cut off (the middleware
-    raises :class:`~resilient.errors.ResultNotStored` and the server ends the connection).
+    if it still fails, the client never sees a success that a retry could run again: it
+    gets ``503`` with ``Retry-After`` and ``Idempotency-Stored: false`` instead (nothing of
+    a storable response goes out before it is stored, not even its status).
 
     A duplicate gets the stored response with ``Idempotent-Replayed: true``; while the
     first is still running, ``409`` with ``Retry-After`` (or, with *wait* > 0, it waits up
@@ -401,31 +400,27 @@ class IdempotencyMiddleware:
         if stored:
             await capture.flush(stored=True)
             return
-        await self._withhold(scope, send, capture, scoped)
+        await self._withhold(send, scoped)
 
-    async def _withhold(self, scope: Scope, send: Send, capture: _Capture, scoped: str) -> None:
-        """Keep the end of a response that could not be stored from the client.
+    async def _withhold(self, send: Send, scoped: str) -> None:
+        """Answer ``503`` for a response that ran but could not be stored.
 
-        The handler ran, but nothing records it: a success reaching the client would let a
-        later retry (once the lease runs out) run it again. When nothing was sent yet, the
-        client gets a ``503`` instead. When the start has gone out (a response with a
-        ``content-length`` streams its start and holds only its end), the request fails by
-        raising :class:`~resilient.errors.ResultNotStored`: the ASGI specification's one
-        signal of a failed response, on which every server ends the connection before the
-        body (uvicorn closes the transport), so the client sees a broken response, never a
-        complete one. Returning without the end would be left to each server: uvicorn
-        closes the connection then too, but other servers and test transports are free to
-        treat it as complete; and the exception tells outer middleware and error reporters
-        that the request failed.
+        The handler ran, but nothing records it: a success reaching the client would let
+        a later retry (once the lease runs out) run it again. Nothing of the response has
+        gone out (:class:`_Capture` holds a storable response whole, its start included),
+        so the client gets a plain, retryable ``503`` instead.
+
+        Holding the start is what makes that possible. Were the start sent as the handler
+        sent it, the only way left to fail the request would be to end the connection
+        before the body: uvicorn does so both when the application raises and when it
+        returns without finishing the response (it logs an error either way), but only
+        raising is a failure every ASGI server and test client honours (httpx's
+        ``ASGITransport`` asserts on the other, Starlette's ``TestClient`` takes the
+        truncated body for the whole), and the exception would reach every outer
+        middleware as a server error. The client would see a broken connection: no
+        status, no ``Retry-After``.
         """
         retry_after = ceil(self._keeper.backend_retry_after)
-        if capture.start_sent:
-            emit(self.observer, NotStoredEvent("idempotency", scoped, "aborted"))
-            msg = (
-                f"{scope['method']} {scope['path']} ran, but its response could not be "
-                "stored for its idempotency key: the connection is ended before its body"
-            )
-            raise ResultNotStored(msg, retry_after=retry_after)
         emit(self.observer, NotStoredEvent("idempotency", scoped, "answered 503"))
         await send_problem(
             send,
@@ -464,18 +459,22 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 
 
 class _Capture:
-    """Pass a response through while keeping a copy of it, and hold back its end.
+    """Hold a response back, keeping a copy of it, until it is stored.
 
-    The end of the response (or, without a ``content-length``, the whole response, up to
-    *max_body*) is held until :meth:`flush`, so that the client sees it complete only once
-    it is stored.
+    A response that may be stored (a status under 500, a body of at most *max_body*
+    bytes) is held whole, its start included, until :meth:`flush`: the client sees
+    nothing of it before it is stored, so if it cannot be, the middleware can still
+    answer ``503`` instead. The copy is kept to be stored anyway, so holding the start
+    costs no memory, and no time either: the end waits for the store in any case. A
+    response known not to be storable (a 5xx, a ``content-length`` over *max_body*) goes
+    through at once, as does one that outgrows *max_body* as it streams, from then on;
+    both are marked ``Idempotency-Stored: false``.
     """
 
     __slots__ = (
         "chunks",
         "finished",
         "headers",
-        "held_end",
         "held_start",
         "max_body",
         "send_downstream",
@@ -494,12 +493,6 @@ class _Capture:
         self.storable = True
         self.finished = False
         self.held_start: Message | None = None
-        self.held_end: Message | None = None
-
-    @property
-    def start_sent(self) -> bool:
-        """Whether the start of the response has gone to the client."""
-        return self.status != 0 and self.held_start is None
 
     def stored_headers(self) -> list[tuple[bytes, bytes]]:
         return [(n, v) for n, v in self.headers if n.lower() not in _NEVER_STORED]
@@ -512,11 +505,9 @@ class _Capture:
             length = _content_length(headers)
             if status >= 500 or (length is not None and length > self.max_body):
                 self.storable = False
-                message = {**message, "headers": [*headers, _STORED_FALSE]}
-            elif length is None:
-                self.held_start = message  # until we know whether the body fits
+                await self.send_downstream({**message, "headers": [*headers, _STORED_FALSE]})
                 return
-            await self.send_downstream(message)
+            self.held_start = message  # until the response is stored
             return
         if kind != "http.response.body" or not self.storable:
             if self.storable:  # trailers or an extension: not a response we can replay
@@ -530,12 +521,8 @@ class _Capture:
             await self.send_downstream(message)
             return
         self.chunks.append(chunk)
-        if message.get("more_body", False):
-            if self.held_start is None:
-                await self.send_downstream(message)
-            return
-        self.finished = True
-        self.held_end = message
+        if not message.get("more_body", False):
+            self.finished = True
 
     async def _give_up(self) -> None:
         """Stop keeping a copy; send what was held back, marked as not stored."""
@@ -553,18 +540,15 @@ class _Capture:
     async def flush(self, stored: bool) -> None:
         """Send what was held back; mark the response as not stored unless *stored*."""
         start, self.held_start = self.held_start, None
-        end, self.held_end = self.held_end, None
-        if start is not None:
-            headers = self.headers if stored else [*self.headers, _STORED_FALSE]
-            await self.send_downstream({**start, "headers": headers})
-            body = b"".join(self.chunks)
-            more = end is None  # the handler returned without finishing its response
-            await self.send_downstream(
-                {"type": "http.response.body", "body": body, "more_body": more}
-            )
+        if start is None:  # nothing held: it went through as it came
             return
-        if end is not None:
-            await self.send_downstream(end)
+        headers = self.headers if stored else [*self.headers, _STORED_FALSE]
+        await self.send_downstream({**start, "headers": headers})
+        # more_body when the handler returned without finishing its response.
+        body = b"".join(self.chunks)
+        await self.send_downstream(
+            {"type": "http.response.body", "body": body, "more_body": not self.finished}
+        )
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
