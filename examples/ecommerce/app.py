@@ -184,6 +184,7 @@ class Shop:
             RedisBackend(self.redis, prefix="shop") if self.redis is not None else MemoryBackend()
         )
         shared = self.backend if isinstance(self.backend, RedisBackend) else None
+        self.idempotency: IdempotencyMiddleware | None = None  # made by asgi()
         self.limiter = RateLimiter(self.backend, clock=clock, deny_cache=10_000, observer=observer)
         self.login_policy = SlidingWindow(settings.login_user_rate, block_for=settings.login_block)
         self.cache = Cache(
@@ -463,6 +464,9 @@ class Shop:
                 checks["redis"] = "ok"
             except Exception as exc:
                 checks["redis"] = f"failed: {type(exc).__name__}"
+        if self.idempotency is not None and self.idempotency.quarantine_left > 0:
+            left = self.idempotency.quarantine_left
+            checks["idempotency"] = f"quarantined for {left:.0f} s: Redis lost its records"
         if all(value == "ok" for value in checks.values()):
             return JSONResponse({"status": "ready", "checks": checks})
         return problem(503, "a dependency is not ready", checks=checks)
@@ -504,8 +508,15 @@ class Shop:
             lifespan=lifespan,
         )
         client = by_ip(trusted_proxies=list(self.settings.trusted_proxies))
-        guarded = IdempotencyMiddleware(
-            app, self.backend, required=["/api/orders"], clock=self.clock, observer=self.observer
+        # quarantine: after Redis lost its records, refuse orders for one lease (30 s), so
+        # no duplicate of an order that was in flight at the loss runs alongside it.
+        self.idempotency = guarded = IdempotencyMiddleware(
+            app,
+            self.backend,
+            required=["/api/orders"],
+            clock=self.clock,
+            observer=self.observer,
+            quarantine=30.0,
         )
         limited = RateLimitMiddleware(
             guarded,

@@ -20,6 +20,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 from resilient.breaker.core import State
 from resilient.errors import ConfigurationError
 from resilient.events import (
+    BackendDataLost,
     BackendFailed,
     BreakerStateChanged,
     CacheHit,
@@ -36,6 +37,7 @@ from resilient.events import (
     KeySetFetchFailed,
     LeaseLost,
     RateLimited,
+    ResultNotStored,
     RetryBudgetExhausted,
     RetryGaveUp,
     RetryScheduled,
@@ -120,6 +122,20 @@ IDEMPOTENCY_LEASES_LOST: Final = Metric(
     "{lease}",
     ("block", "operation"),
     "Claims on an idempotency key that ran out before their owner finished.",
+)
+IDEMPOTENCY_NOT_STORED: Final = Metric(
+    "idempotency.not_stored",
+    "counter",
+    "{request}",
+    ("block", "outcome"),
+    "Guarded calls that ran but whose result could not be stored: answered 503 or raised.",
+)
+BACKEND_DATA_LOST: Final = Metric(
+    "backend.data_lost",
+    "counter",
+    "{loss}",
+    ("block",),
+    "Times a block found that its backend had lost its records (Redis restarted empty).",
 )
 BREAKER_TRANSITIONS: Final = Metric(
     "breaker.transitions",
@@ -241,6 +257,8 @@ METRICS: Final = (
     BACKEND_ERRORS,
     IDEMPOTENCY_DUPLICATES,
     IDEMPOTENCY_LEASES_LOST,
+    IDEMPOTENCY_NOT_STORED,
+    BACKEND_DATA_LOST,
     BREAKER_TRANSITIONS,
     BREAKER_STATE,
     BREAKER_REJECTED,
@@ -320,6 +338,16 @@ def _conflict(event: IdempotencyConflict) -> Measurements:
 @_maps(LeaseLost)
 def _lease_lost(event: LeaseLost) -> Measurements:
     return (Measurement(IDEMPOTENCY_LEASES_LOST, (event.block, event.operation)),)
+
+
+@_maps(ResultNotStored)
+def _not_stored(event: ResultNotStored) -> Measurements:
+    return (Measurement(IDEMPOTENCY_NOT_STORED, (event.block, event.outcome)),)
+
+
+@_maps(BackendDataLost)
+def _data_lost(event: BackendDataLost) -> Measurements:
+    return (Measurement(BACKEND_DATA_LOST, (event.block,)),)
 
 
 @_maps(BreakerStateChanged)

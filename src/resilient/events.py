@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 __all__ = [
+    "BackendDataLost",
     "BackendFailed",
     "BreakerStateChanged",
     "CacheHit",
@@ -36,6 +37,7 @@ __all__ = [
     "LoggingObserver",
     "Observer",
     "RateLimited",
+    "ResultNotStored",
     "RetryBudgetExhausted",
     "RetryGaveUp",
     "RetryScheduled",
@@ -101,6 +103,33 @@ class LeaseLost(Event):
     level: ClassVar[int] = logging.WARNING
     key: str
     operation: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultNotStored(Event):
+    """A guarded call ran, but its result could not be stored while its lease lasted.
+
+    Nothing records that it ran, so a later duplicate may run it again: the caller is
+    never told it succeeded. ``outcome`` says what it was told instead: ``"answered 503"``
+    (the middleware) or ``"raised"`` (``@idempotent``:
+    :class:`~resilient.errors.ResultNotStored`).
+    """
+
+    level: ClassVar[int] = logging.ERROR
+    key: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendDataLost(Event):
+    """The backend lost the block's records: Redis restarted empty, or was flushed.
+
+    Requests made before the loss may run again when they are retried. New claims are
+    refused for ``quarantine`` seconds (0: none, they run as soon as the loss is seen).
+    """
+
+    level: ClassVar[int] = logging.ERROR
+    quarantine: float
 
 
 @dataclass(frozen=True, slots=True)

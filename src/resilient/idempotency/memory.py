@@ -77,12 +77,14 @@ class MemoryIdempotencyStore:
         """Store *payload* for *ttl_ms* if *owner* holds a live lease on *key*."""
         now = monotonic_ns() // 1_000_000 if now_ms is None else now_ms
         with self._lock:
+            record = self._live(key, now)
+            if record is not None and record.state == _COMPLETED and record.owner == owner:
+                return True  # a repeated call: the owner keeps its completed record
             record = self._owned(key, owner, now)
             if record is None:
                 return False
             record.state = _COMPLETED
             record.payload = payload
-            record.owner = ""
             record.deadline = now + ttl_ms
         return True
 
