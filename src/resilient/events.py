@@ -20,6 +20,7 @@ from typing import ClassVar, Protocol
 __all__ = [
     "BackendFailed",
     "BreakerStateChanged",
+    "CacheEntryInvalid",
     "CacheHit",
     "CacheLockWait",
     "CacheMiss",
@@ -183,6 +184,20 @@ class RetryBudgetExhausted(Event):
     level: ClassVar[int] = logging.WARNING
     name: str
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntryInvalid(Event):
+    """The entry stored for ``key`` could not be read: treated as a miss and overwritten.
+
+    ``reason``: ``"header"`` (not an entry of this cache: another writer, another version)
+    or ``"body"`` (the serializer could not read the value: a pickle, a truncated value,
+    bytes that are not UTF-8 JSON).
+    """
+
+    level: ClassVar[int] = logging.WARNING
+    key: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
