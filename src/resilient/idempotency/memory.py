@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import threading
 from time import monotonic_ns
 
@@ -30,17 +31,29 @@ class MemoryIdempotencyStore:
     """Idempotency records in a dict, bounded by the backend's ``max_keys``.
 
     Each operation runs under one lock and never awaits inside it, so it is atomic for
-    coroutines and threads alike. When the store is full, expired records go first, then
-    the completed records closest to expiring. Records in progress are never evicted (that
-    would let a duplicate run): a store full of them refuses new claims with
-    :class:`~resilient.errors.BackendError`, which the ``on_backend_error`` policy handles.
+    coroutines and threads alike. A new claim in a full store evicts one record: a lease
+    that has run out if there is one (the earliest), else the completed record closest to
+    expiring (an expired one first, as it is the closest). A lease still running is never
+    evicted: its request is still being handled, and forgetting it would let a retry of
+    that same request run it a second time. A store full of running leases refuses the new
+    claim with :class:`~resilient.errors.BackendError` instead, which the
+    ``on_backend_error`` policy answers (``"closed"``: a 503 the client may retry).
+
+    Eviction costs O(log n): leases and completed records are each kept in a heap by
+    deadline, updated lazily. A deadline that moves later (a renewed lease) is not pushed
+    again; the heap entry is checked when it reaches the top and pushed again then. Entries
+    left behind by records that are gone are dropped as they surface, or all at once when
+    they outnumber the records (paid for by the operations that left them).
     """
 
-    __slots__ = ("_data", "_lock", "max_keys")
+    __slots__ = ("_completed", "_data", "_leases", "_lock", "max_keys")
 
     def __init__(self, backend: MemoryBackend) -> None:
         self.max_keys = backend.max_keys
         self._data: dict[str, _Record] = {}
+        # (deadline, key): each live record has an entry whose deadline is <= its own.
+        self._leases: list[tuple[int, str]] = []
+        self._completed: list[tuple[int, str]] = []
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -69,6 +82,7 @@ class MemoryIdempotencyStore:
             if len(self._data) >= self.max_keys:
                 self._evict(now)
             self._data[key] = _Record(fingerprint, owner, now + lease_ms)
+            self._push(self._leases, now + lease_ms, key)
         return Claim(ClaimStatus.CLAIMED)
 
     async def complete(
@@ -84,6 +98,7 @@ class MemoryIdempotencyStore:
             record.payload = payload
             record.owner = ""
             record.deadline = now + ttl_ms
+            self._push(self._completed, now + ttl_ms, key)
         return True
 
     async def release(self, key: str, owner: str, now_ms: int | None) -> bool:
@@ -102,7 +117,10 @@ class MemoryIdempotencyStore:
             record = self._owned(key, owner, now)
             if record is None:
                 return False
+            earlier = now + lease_ms < record.deadline
             record.deadline = now + lease_ms
+            if earlier:  # its entry in the heap would come too late
+                self._push(self._leases, record.deadline, key)
         return True
 
     def _owned(self, key: str, owner: str, now: int) -> _Record | None:
@@ -111,18 +129,41 @@ class MemoryIdempotencyStore:
             return None
         return record
 
-    def _evict(self, now: int) -> None:
+    def _push(self, heap: list[tuple[int, str]], deadline: int, key: str) -> None:
+        heapq.heappush(heap, (deadline, key))
+        if len(heap) > 2 * len(self._data) + 64:  # mostly entries of records gone: rebuild
+            state = _IN_PROGRESS if heap is self._leases else _COMPLETED
+            heap[:] = [(r.deadline, k) for k, r in self._data.items() if r.state == state]
+            heapq.heapify(heap)
+
+    def _earliest(self, heap: list[tuple[int, str]], state: int) -> tuple[int, str] | None:
+        """Return the (deadline, key) of the record in *state* that ends first, if any."""
         data = self._data
-        target = max(self.max_keys * 9 // 10, self.max_keys - 1)
-        for key in [k for k, r in data.items() if r.deadline <= now]:
-            del data[key]
-        if len(data) > target:
-            completed = sorted((r.deadline, k) for k, r in data.items() if r.state == _COMPLETED)
-            for _, key in completed[: len(data) - target]:
-                del data[key]
-        if len(data) >= self.max_keys:
-            msg = f"the idempotency store is full: {len(data)} requests in progress"
-            raise BackendError(msg)
+        while heap:
+            deadline, key = heap[0]
+            record = data.get(key)
+            if record is None or record.state != state or record.deadline < deadline:
+                heapq.heappop(heap)  # a record gone, moved on, or with an earlier entry
+            elif record.deadline > deadline:
+                heapq.heapreplace(heap, (record.deadline, key))  # renewed since: re-file it
+            else:
+                return deadline, key
+        return None
+
+    def _evict(self, now: int) -> None:
+        """Make room for one record (see the class's docstring for which goes)."""
+        lease = self._earliest(self._leases, _IN_PROGRESS)
+        if lease is not None and lease[0] <= now:
+            heapq.heappop(self._leases)
+            del self._data[lease[1]]
+            return
+        completed = self._earliest(self._completed, _COMPLETED)
+        if completed is not None:
+            heapq.heappop(self._completed)
+            del self._data[completed[1]]
+            return
+        msg = f"the idempotency store is full: {len(self._data)} requests in progress"
+        raise BackendError(msg)
 
     def __repr__(self) -> str:
         return f"MemoryIdempotencyStore({len(self._data)} records, max_keys={self.max_keys})"
