@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -8,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient import BackendError, MemoryBackend
-from resilient.idempotency import ClaimStatus
+from resilient.idempotency import ClaimStatus, IdempotencyMiddleware
 from resilient.idempotency.memory import MemoryIdempotencyStore
+from tests.idempotency.conftest import Shop, client_for
 
 
 def store(max_keys: int) -> MemoryIdempotencyStore:
@@ -63,8 +65,6 @@ async def test_records_in_progress_are_never_evicted() -> None:
 
 
 def test_claims_from_many_threads_have_one_winner() -> None:
-    import asyncio
-
     s = store(1000)
     winners: list[str] = []
     barrier = threading.Barrier(8)
@@ -220,3 +220,32 @@ async def test_eviction_follows_the_plain_model(
         else:
             assert await s.release(key, owner, now) == model.release(key, owner, now)
         assert set(s._data) == set(model.records)
+
+
+async def test_a_store_full_of_running_requests_answers_a_new_key_503_and_runs_none_twice(
+    shop: Shop,
+) -> None:
+    app = IdempotencyMiddleware(shop.app, MemoryBackend(max_keys=2))
+    shop.gate.clear()
+    async with client_for(app) as client:
+        running = [
+            asyncio.create_task(
+                client.post("/api/slow", json={"n": n}, headers={"Idempotency-Key": f"key-{n}"})
+            )
+            for n in range(2)
+        ]
+        for _ in range(10_000):  # both handlers entered: bounded, not a timing assertion
+            if shop.runs.get("slow", 0) == 2:
+                break
+            await asyncio.sleep(0)
+        refused = await client.post("/api/slow", json={"n": 2}, headers={"Idempotency-Key": "new"})
+        again = await client.post("/api/slow", json={"n": 0}, headers={"Idempotency-Key": "key-0"})
+        shop.gate.set()
+        first = await asyncio.gather(*running)
+        later = await client.post("/api/slow", json={"n": 2}, headers={"Idempotency-Key": "new"})
+    assert refused.status_code == 503
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert again.status_code == 409  # the running request kept its lease: not run twice
+    assert [r.status_code for r in first] == [201, 201]
+    assert later.status_code == 201  # a completed record made room
+    assert shop.runs == {"slow": 3}
