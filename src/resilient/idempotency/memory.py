@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections import deque
 from time import monotonic_ns
 
 from resilient.backends.memory import MemoryBackend
@@ -17,7 +18,7 @@ _COMPLETED = 1
 
 
 class _Record:
-    __slots__ = ("deadline", "fingerprint", "owner", "payload", "state")
+    __slots__ = ("deadline", "fingerprint", "owner", "payload", "retention", "state")
 
     def __init__(self, fingerprint: str, owner: str, deadline: int) -> None:
         self.state = _IN_PROGRESS
@@ -25,6 +26,7 @@ class _Record:
         self.owner = owner
         self.deadline = deadline  # the lease's end, or the end of the retention
         self.payload: bytes | None = None
+        self.retention = 0  # once completed: how long it is kept, ms
 
 
 class MemoryIdempotencyStore:
@@ -39,21 +41,36 @@ class MemoryIdempotencyStore:
     claim with :class:`~resilient.errors.BackendError` instead, which the
     ``on_backend_error`` policy answers (``"closed"``: a 503 the client may retry).
 
-    Eviction costs O(log n): leases and completed records are each kept in a heap by
-    deadline, updated lazily. A deadline that moves later (a renewed lease) is not pushed
-    again; the heap entry is checked when it reaches the top and pushed again then. Entries
-    left behind by records that are gone are dropped as they surface, or all at once when
+    Eviction costs O(1) amortised for completed records and O(log n) for leases, never a
+    walk of every record. Completed records are queued in the order they completed, one
+    queue per retention (a store usually sees one or two): records kept equally long
+    expire in the order they completed, so the record closest to expiry is at the head of
+    one of the queues, found through a small heap of the heads. Running leases, few next
+    to the completed records, are in a heap by deadline, updated lazily: a renewed lease
+    is not filed again, its entry is checked when it reaches the top and filed again then.
+    Entries of records that are gone are dropped as they surface, or all at once when
     they outnumber the records (paid for by the operations that left them).
     """
 
-    __slots__ = ("_completed", "_data", "_leases", "_lock", "max_keys")
+    __slots__ = (
+        "_completed",
+        "_data",
+        "_heads",
+        "_leases",
+        "_lock",
+        "_queued",
+        "max_keys",
+    )
 
     def __init__(self, backend: MemoryBackend) -> None:
         self.max_keys = backend.max_keys
         self._data: dict[str, _Record] = {}
-        # (deadline, key): each live record has an entry whose deadline is <= its own.
+        # (deadline, key): each running lease has an entry whose deadline is <= its own.
         self._leases: list[tuple[int, str]] = []
-        self._completed: list[tuple[int, str]] = []
+        # retention -> (deadline, key) of the records completed with it, in that order.
+        self._completed: dict[int, deque[tuple[int, str]]] = {}
+        self._heads: list[tuple[int, int]] = []  # (deadline of its head, retention) per queue
+        self._queued = 0  # entries in the queues, including those of records gone
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -98,7 +115,8 @@ class MemoryIdempotencyStore:
             record.payload = payload
             record.owner = ""
             record.deadline = now + ttl_ms
-            self._push(self._completed, now + ttl_ms, key)
+            record.retention = ttl_ms
+            self._queue(key, record)
         return True
 
     async def release(self, key: str, owner: str, now_ms: int | None) -> bool:
@@ -132,17 +150,40 @@ class MemoryIdempotencyStore:
     def _push(self, heap: list[tuple[int, str]], deadline: int, key: str) -> None:
         heapq.heappush(heap, (deadline, key))
         if len(heap) > 2 * len(self._data) + 64:  # mostly entries of records gone: rebuild
-            state = _IN_PROGRESS if heap is self._leases else _COMPLETED
-            heap[:] = [(r.deadline, k) for k, r in self._data.items() if r.state == state]
+            heap[:] = [(r.deadline, k) for k, r in self._data.items() if r.state == _IN_PROGRESS]
             heapq.heapify(heap)
 
-    def _earliest(self, heap: list[tuple[int, str]], state: int) -> tuple[int, str] | None:
-        """Return the (deadline, key) of the record in *state* that ends first, if any."""
-        data = self._data
+    def _queue(self, key: str, record: _Record) -> None:
+        """Queue a record just completed behind those completed with its retention."""
+        queue = self._completed.get(record.retention)
+        if queue is None:
+            queue = self._completed[record.retention] = deque()
+            heapq.heappush(self._heads, (record.deadline, record.retention))
+        queue.append((record.deadline, key))
+        self._queued += 1
+        if (
+            self._queued > 2 * len(self._data) + 64
+            or len(self._heads) > 2 * len(self._completed) + 64
+        ):  # mostly entries of records gone: queue them again
+            self._requeue()
+
+    def _requeue(self) -> None:
+        groups: dict[int, list[tuple[int, str]]] = {}
+        for key, record in self._data.items():
+            if record.state == _COMPLETED:
+                groups.setdefault(record.retention, []).append((record.deadline, key))
+        self._completed = {retention: deque(sorted(g)) for retention, g in groups.items()}
+        self._heads = [(queue[0][0], retention) for retention, queue in self._completed.items()]
+        heapq.heapify(self._heads)
+        self._queued = sum(len(queue) for queue in self._completed.values())
+
+    def _earliest_lease(self) -> tuple[int, str] | None:
+        """Return the (deadline, key) of the running lease that ends first, if any."""
+        data, heap = self._data, self._leases
         while heap:
             deadline, key = heap[0]
             record = data.get(key)
-            if record is None or record.state != state or record.deadline < deadline:
+            if record is None or record.state != _IN_PROGRESS or record.deadline < deadline:
                 heapq.heappop(heap)  # a record gone, moved on, or with an earlier entry
             elif record.deadline > deadline:
                 heapq.heapreplace(heap, (record.deadline, key))  # renewed since: re-file it
@@ -150,17 +191,41 @@ class MemoryIdempotencyStore:
                 return deadline, key
         return None
 
+    def _earliest_completed(self) -> deque[tuple[int, str]] | None:
+        """Return the queue whose head is the completed record closest to expiry, if any."""
+        data, heads, queues = self._data, self._heads, self._completed
+        while heads:
+            deadline, retention = heads[0]
+            queue = queues.get(retention)
+            while queue:
+                head, key = queue[0]
+                record = data.get(key)
+                if record is not None and record.state == _COMPLETED and record.deadline == head:
+                    break
+                queue.popleft()  # a record gone, or completed again since
+                self._queued -= 1
+            if not queue:
+                if queue is not None:
+                    del queues[retention]
+                heapq.heappop(heads)
+            elif queue[0][0] != deadline:
+                heapq.heapreplace(heads, (queue[0][0], retention))  # its head moved on
+            else:
+                return queue
+        return None
+
     def _evict(self, now: int) -> None:
         """Make room for one record (see the class's docstring for which goes)."""
-        lease = self._earliest(self._leases, _IN_PROGRESS)
+        lease = self._earliest_lease()
         if lease is not None and lease[0] <= now:
             heapq.heappop(self._leases)
             del self._data[lease[1]]
             return
-        completed = self._earliest(self._completed, _COMPLETED)
-        if completed is not None:
-            heapq.heappop(self._completed)
-            del self._data[completed[1]]
+        queue = self._earliest_completed()
+        if queue is not None:
+            _, key = queue.popleft()
+            self._queued -= 1
+            del self._data[key]
             return
         msg = f"the idempotency store is full: {len(self._data)} requests in progress"
         raise BackendError(msg)
