@@ -192,7 +192,8 @@ class CacheEntryInvalid(Event):
 
     ``reason``: ``"header"`` (not an entry of this cache: another writer, another version)
     or ``"body"`` (the serializer could not read the value: a pickle, a truncated value,
-    bytes that are not UTF-8 JSON).
+    bytes that are not UTF-8 JSON). Each read that meets the entry reports it: on Redis,
+    the lookup and then the claim of the load that overwrites it.
     """
 
     level: ClassVar[int] = logging.WARNING

@@ -3,6 +3,7 @@ an event says so; never an exception out of the cache."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 from collections.abc import AsyncIterator
 from typing import Any
@@ -214,3 +215,31 @@ async def test_a_bad_header_on_redis_is_a_miss_that_is_overwritten(
         assert (await stored(raw, backend, "k")).endswith(b'|"v"')
         assert seen.of(CacheLockWait) == []
         assert {(e.key, e.reason) for e in seen.of(CacheEntryInvalid)} == {("k", "header")}
+
+
+async def test_the_in_process_tier_never_keeps_an_entry_it_cannot_read(
+    raw: redis.asyncio.Redis,
+) -> None:
+    clock, seen = FakeClock(), Recorder()
+    clock.advance(1_700_000_000)
+    async with RedisBackend(raw) as backend:
+        cache = Cache(backend, clock=clock, jitter=0.0, observer=seen, l1=8)
+        await cache.get("warm-up")  # starts the tier's subscription
+        l1 = cache._l1
+        assert l1 is not None
+        for _ in range(500):  # bounded wait for the subscription, not a timing assertion
+            if l1.listening:
+                break
+            await asyncio.sleep(0.01)
+        assert l1.listening
+        await write(raw, backend, "k", header(clock) + b"\x80\x04not json")
+
+        async def load() -> str:
+            return "v"
+
+        assert await cache.get_or_load("k", load) == "v"
+        held = l1.get("k", clock.time())
+        assert held is not None
+        assert held.data == b'"v"'  # the loaded value, not the foreign bytes
+        assert {e.key for e in seen.of(CacheEntryInvalid)} == {"k"}  # each read that met it
+        await cache.aclose()

@@ -17,7 +17,7 @@ class MemoryBackend:
     """Keep state in this process's memory: the embedded default.
 
     Each block's store holds at most *max_keys* keys; a new key in a full store evicts one,
-    in O(log n) or O(1) (never a walk of every key). Which one is each store's choice:
+    in O(1) or O(log n) (never a walk of every key). Which one is each store's choice:
     the rate-limit entry that expires first; an ended lease, else the completed
     idempotency record closest to expiry (a running lease never: a store full of them
     refuses new claims); the least recently used cache entry. State is not shared with
