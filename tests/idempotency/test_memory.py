@@ -120,6 +120,25 @@ async def test_a_full_store_makes_room_without_walking_its_records() -> None:
     assert Unscannable.walks == 0
 
 
+async def test_below_the_bound_churn_never_walks_the_records_either() -> None:
+    s = store(1_000_000)
+    for i in range(5_000):  # kept a day
+        await s.claim(f"kept{i}", "", "o", 100, 0)
+        await s.complete(f"kept{i}", "o", b"r", 86_400_000, 0)
+    s._data = Unscannable(s._data)
+    Unscannable.walks = 0
+    for i in range(20_000):  # requests that come and go: released, or expired and read
+        await s.claim(f"k{i}", "", "o", 100, i)
+        if i % 2:
+            await s.release(f"k{i}", "o", i)
+        else:
+            await s.complete(f"k{i}", "o", b"r", 10, i)
+            await s.claim(f"k{i}", "", "o", 100, i + 10)  # expired: dropped, claimed again
+            await s.release(f"k{i}", "o", i + 10)
+    assert Unscannable.walks == 0
+    assert len(s._leases) <= 4  # what is left behind is dropped as it goes
+
+
 async def test_what_it_keeps_to_make_room_stays_proportionate_to_the_records() -> None:
     s = store(100)
     for i in range(20_000):  # claimed, renewed, then released or completed: heap entries left

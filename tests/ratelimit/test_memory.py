@@ -124,6 +124,24 @@ async def test_a_full_store_makes_room_without_walking_its_entries() -> None:
     assert len(store._expiries) <= 2 * 1_000 + 64
 
 
+async def test_below_the_bound_churn_never_walks_the_entries_either() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(max_keys=1_000_000)
+    limiter = RateLimiter(backend, clock=clock)
+    store = store_of(backend)
+    for i in range(5_000):
+        await limiter.hit(f"kept{i}", TokenBucket("1/day"))
+    store._data = Unscannable(store._data)
+    Unscannable.walks = 0
+    policy = TokenBucket("5/second")
+    for i in range(20_000):  # keys that come and go: reset (after a login, say)
+        await limiter.hit(f"k{i}", policy)
+        await limiter.reset(f"k{i}", policy)
+        clock.advance(0.001)
+    assert Unscannable.walks == 0
+    assert len(store._expiries) <= 5_000 + 4
+
+
 POLICIES = [TokenBucket("2/second"), SlidingWindow("3/minute"), TokenBucket("1/hour")]
 
 

@@ -148,9 +148,18 @@ class MemoryIdempotencyStore:
         return record
 
     def _push(self, heap: list[tuple[int, str]], deadline: int, key: str) -> None:
+        data = self._data
+        for _ in range(2):  # drop what earlier leases left at the top: it rarely piles up
+            if not heap:
+                break
+            first, name = heap[0]
+            record = data.get(name)
+            if record is not None and record.state == _IN_PROGRESS and record.deadline >= first:
+                break
+            heapq.heappop(heap)
         heapq.heappush(heap, (deadline, key))
-        if len(heap) > 2 * len(self._data) + 64:  # mostly entries of records gone: rebuild
-            heap[:] = [(r.deadline, k) for k, r in self._data.items() if r.state == _IN_PROGRESS]
+        if len(heap) > 2 * len(data) + 64:  # mostly entries of records gone: rebuild
+            heap[:] = [(r.deadline, k) for k, r in data.items() if r.state == _IN_PROGRESS]
             heapq.heapify(heap)
 
     def _queue(self, key: str, record: _Record) -> None:
@@ -159,6 +168,16 @@ class MemoryIdempotencyStore:
         if queue is None:
             queue = self._completed[record.retention] = deque()
             heapq.heappush(self._heads, (record.deadline, record.retention))
+        data = self._data
+        for _ in range(2):  # drop what records gone left at the head: it rarely piles up
+            if not queue:
+                break
+            head, name = queue[0]
+            other = data.get(name)
+            if other is not None and other.state == _COMPLETED and other.deadline == head:
+                break
+            queue.popleft()
+            self._queued -= 1
         queue.append((record.deadline, key))
         self._queued += 1
         if (

@@ -138,6 +138,14 @@ class MemoryRateLimitStore:
         data, heap = self._data, self._expiries
         if new and len(data) >= self.max_keys:
             self._evict()
+        for _ in range(2):  # drop what cleared keys left at the top: it rarely piles up
+            if not heap:
+                break
+            first, other = heap[0]
+            entry = data.get(other)
+            if entry is not None and entry[1] >= first:
+                break
+            heapq.heappop(heap)
         if len(heap) > 2 * len(data) + 64:  # mostly entries of cleared keys: rebuild
             heap[:] = [(expires, name) for name, (_, expires) in data.items()]
             heapq.heapify(heap)
