@@ -23,6 +23,7 @@ from resilient.events import (
     BackendDataLost,
     BackendFailed,
     BreakerStateChanged,
+    CacheEntryInvalid,
     CacheHit,
     CacheLockWait,
     CacheMiss,
@@ -231,6 +232,13 @@ CACHE_LOCK_WAITS: Final = Metric(
     (),
     "Misses that waited for another process loading the same key.",
 )
+CACHE_INVALID_ENTRIES: Final = Metric(
+    "cache.invalid_entries",
+    "counter",
+    "{entry}",
+    ("reason",),
+    "Entries that could not be read (header or body): treated as misses and overwritten.",
+)
 JWKS_FETCHES: Final = Metric(
     "jwks.fetches", "counter", "{fetch}", ("url",), "Key sets fetched and cached."
 )
@@ -272,6 +280,7 @@ METRICS: Final = (
     CACHE_STALE_SERVED,
     CACHE_REFRESHES,
     CACHE_LOCK_WAITS,
+    CACHE_INVALID_ENTRIES,
     JWKS_FETCHES,
     JWKS_FETCH_FAILURES,
     JWKS_KEYS,
@@ -439,6 +448,11 @@ def _cache_refreshed(event: CacheRefreshed) -> Measurements:
 @_maps(CacheLockWait)
 def _cache_lock_wait(event: CacheLockWait) -> Measurements:
     return (Measurement(CACHE_LOCK_WAITS, ()),)
+
+
+@_maps(CacheEntryInvalid)
+def _cache_entry_invalid(event: CacheEntryInvalid) -> Measurements:
+    return (Measurement(CACHE_INVALID_ENTRIES, (event.reason,)),)
 
 
 @_maps(KeySetFetched)

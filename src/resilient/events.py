@@ -21,6 +21,7 @@ __all__ = [
     "BackendDataLost",
     "BackendFailed",
     "BreakerStateChanged",
+    "CacheEntryInvalid",
     "CacheHit",
     "CacheLockWait",
     "CacheMiss",
@@ -212,6 +213,21 @@ class RetryBudgetExhausted(Event):
     level: ClassVar[int] = logging.WARNING
     name: str
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntryInvalid(Event):
+    """The entry stored for ``key`` could not be read: treated as a miss and overwritten.
+
+    ``reason``: ``"header"`` (not an entry of this cache: another writer, another version)
+    or ``"body"`` (the serializer could not read the value: a pickle, a truncated value,
+    bytes that are not UTF-8 JSON). Each read that meets the entry reports it: on Redis,
+    the lookup and then the claim of the load that overwrites it.
+    """
+
+    level: ClassVar[int] = logging.WARNING
+    key: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
