@@ -191,9 +191,12 @@ class BoundedModel:
         return record if record is not None and not record[0] and record[1] == owner else None
 
     def complete(self, key: str, owner: str, ttl: int, now: int) -> bool:
+        done = self.live(key, now)
+        if done is not None and done[0] and done[1] == owner:
+            return True  # repeated by its owner: nothing changes
         record = self.owned(key, owner, now)
         if record is not None:
-            record[:] = [True, "", now + ttl]
+            record[:] = [True, owner, now + ttl]
         return record is not None
 
     def extend(self, key: str, owner: str, lease: int, now: int) -> bool:
