@@ -1,4 +1,13 @@
 """Benchmarks of resilient against its peer libraries: ``python -m benchmarks``."""
 
 # Every benchmark module, in the order the benchmark page presents them.
-MODULES = ("ratelimit", "idempotency", "breaker", "cache", "retry", "auth", "ecommerce_load")
+MODULES = (
+    "ratelimit",
+    "idempotency",
+    "breaker",
+    "cache",
+    "retry",
+    "auth",
+    "ecommerce_load",
+    "memory_bound",
+)

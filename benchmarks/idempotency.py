@@ -7,6 +7,11 @@ middleware's own cost plus its store's round trips:
 * ``first``: every request carries a new key (claim, run, store the response);
 * ``replay``: every request repeats one key (the stored response is sent back).
 
+A second section prices the opt-in ``replicas=`` of the Redis path: the store's
+``complete`` alone, without and with ``WAIT 1`` for a replica (a second local
+``redis-server`` started with ``--replicaof``), one call at a time, each on a key claimed
+just before (not timed): the median and the 99th percentile of the calls' latencies.
+
 Redis runs on a dedicated local ``redis-server``. The last column counts the commands
 clients sent per request, from ``INFO commandstats``: each is one round trip here, since
 no contender pipelines one request's commands. ``INFO`` also counts the commands a Lua
@@ -19,12 +24,14 @@ Every figure is the median of ``--repeat`` runs; contenders alternate within eac
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 import redis.asyncio
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,6 +40,7 @@ from starlette.routing import Route
 
 from benchmarks._common import Cell, Machine, Report, Section, run_cli
 from resilient import IdempotencyMiddleware, MemoryBackend, RedisBackend
+from resilient.idempotency.redis import RedisIdempotencyStore
 from resilient.testing import RedisServer, find_redis_server
 
 PACKAGES = ["resilient-asgi", "asgi-idempotency-header", "redis", "hiredis", "starlette"]
@@ -184,24 +192,110 @@ async def bench(url: str, repeat: int, quick: bool) -> Section:
     )
 
 
+def wait_for_sync(replica: RedisServer) -> None:
+    """Return once *replica* is in sync with its master (at most 20 s)."""
+    deadline = time.monotonic() + 20
+    with redis.Redis.from_url(replica.url) as probe:
+        while probe.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                msg = "the replica did not sync"
+                raise RuntimeError(msg)
+            time.sleep(0.02)
+
+
+async def wait_bench(
+    master: RedisServer, replica: RedisServer, repeat: int, quick: bool
+) -> Section:
+    """``complete`` without and with ``WAIT`` for one replica: per-call latency in µs."""
+    client = redis.asyncio.Redis.from_url(master.url)
+    await client.flushall()
+    await asyncio.to_thread(wait_for_sync, replica)
+    backend = RedisBackend(client)
+    store = backend.store("idempotency", RedisIdempotencyStore)
+    payload = b'{"v":1,"status":201,"headers":[]}\n' + b"x" * 200
+    n = 200 if quick else 2000
+    counter = 0
+
+    async def latencies(replicas: int) -> list[float]:
+        nonlocal counter
+        out = []
+        for _ in range(n):
+            counter += 1
+            key = f"bench-{counter}"
+            await store.claim(key, "", "owner", 30_000, None)
+            start = time.perf_counter_ns()
+            stored = await store.complete(
+                key, "owner", payload, 60_000, None, replicas=replicas, replica_timeout_ms=1000
+            )
+            out.append((time.perf_counter_ns() - start) / 1000)
+            if not stored:
+                msg = "complete did not store"
+                raise RuntimeError(msg)
+        return out
+
+    modes = {"complete": 0, "complete + WAIT 1 replica": 1}
+    medians: dict[str, list[float]] = {name: [] for name in modes}
+    p99s: dict[str, list[float]] = {name: [] for name in modes}
+    for run in range(repeat + 1):  # the first run warms up and is not counted
+        for name, replicas in modes.items():
+            calls = await latencies(replicas)
+            if run:
+                medians[name].append(statistics.median(calls))
+                p99s[name].append(sorted(calls)[int(len(calls) * 0.99) - 1])
+    await backend.aclose()
+    await client.aclose()
+    base = statistics.median(medians["complete"])
+    rows: list[list[Cell]] = []
+    for name in modes:
+        median = statistics.median(medians[name])
+        rows.append([name, median, statistics.median(p99s[name]), median - base])
+    return Section(
+        key="wait",
+        title="Storing a result with and without WAIT for a replica (local replica)",
+        headers=["store's complete", "median: µs", "p99: µs", "median: µs added"],
+        rows=rows,
+        raw={name: {"median: µs": medians[name], "p99: µs": p99s[name]} for name in modes},
+        note=(
+            f"Medians over {repeat} runs of {n} calls, each the median (and 99th percentile) "
+            "of its calls; master and replica on this machine, so the figure is the "
+            "replication round trip on loopback, the least WAIT can cost."
+        ),
+    )
+
+
+SECTIONS = ("latency", "wait")
+
+
 async def main_async(args: argparse.Namespace) -> Report:
+    only = getattr(args, "only", None) or SECTIONS
     parts = ["# Idempotency benchmarks", ""]
+    sections: list[Section] = []
     with RedisServer() as server:
         machine = Machine.probe(PACKAGES, find_redis_server())
         parts += ["## Machine", "", machine.markdown(), ""]
-        section = await bench(server.url, args.repeat, args.quick)
-        parts += [f"## {section.title}", ""]
-        parts += [section.markdown(), ""]
-    parts.append(
-        f"Medians of {args.repeat} runs of {300 if args.quick else 3000} requests. Rerun: "
-        f"`python dev.py bench idempotency{' --quick' if args.quick else ''} "
-        f"--repeat {args.repeat}`."
-    )
-    return Report(markdown="\n".join(parts), machine=machine, sections=[section])
+        if "latency" in only:
+            section = await bench(server.url, args.repeat, args.quick)
+            parts += [f"## {section.title}", "", section.markdown(), ""]
+            parts.append(
+                f"Medians of {args.repeat} runs of {300 if args.quick else 3000} requests."
+            )
+            parts.append("")
+            sections.append(section)
+        if "wait" in only:
+            with redis.Redis.from_url(server.url) as admin:  # the replica syncs at once
+                admin.config_set("repl-diskless-sync-delay", 0)
+            with RedisServer(args=("--replicaof", server.host, str(server.port))) as replica:
+                waits = await wait_bench(server, replica, args.repeat, args.quick)
+            parts += [f"## {waits.title}", "", waits.note, "", waits.markdown(), ""]
+            sections.append(waits)
+    options = "".join(f" --only {name}" for name in getattr(args, "only", None) or ())
+    options += " --quick" if args.quick else ""
+    parts.append(f"Rerun: `python dev.py bench idempotency{options} --repeat {args.repeat}`.")
+    return Report(markdown="\n".join(parts), machine=machine, sections=sections)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("idempotency", __doc__, main_async, argv)
+    return run_cli("idempotency", __doc__, main_async, argv, sections=SECTIONS)
 
 
 if __name__ == "__main__":

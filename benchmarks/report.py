@@ -118,6 +118,20 @@ def _idempotency_targets(results: Results) -> list[Target]:
     ]
 
 
+def _memory_bound_targets(results: Results) -> list[Target]:
+    rows = results.section("new-key").rows
+    worst = max(rows, key=lambda row: _number(row[-1]))
+    ratio = _number(worst[-1])
+    return [
+        Target(
+            "a new key in a full memory store costs within 2x of one below the bound",
+            "issue #14",
+            f"{ratio:.2f}x at worst ({worst[0]})",
+            ratio <= 2.0,
+        )
+    ]
+
+
 def _breaker_targets(results: Results) -> list[Target]:
     commands = _number(_row(results.section("shared"), "resilient")[2])
     return [
@@ -369,6 +383,16 @@ BLOCKS = {
             "ceiling of `GET /healthz` through the same middleware. After every order run "
             "the books are audited against what the clients were told.",
             _load_targets,
+        ),
+        Block(
+            "memory_bound",
+            "Memory stores at their bound",
+            "What a new key costs in each in-process store (idempotency, rate limit, cache, "
+            "and the L1 tier of a cache on Redis) once it holds `max_keys` keys and must "
+            "evict one, next to what it costs in a store as big that is not full, at 10k, "
+            "100k and 1M keys, every key unique (the hostile case). No peers: this is the "
+            "figure that shows eviction costs O(1) or O(log n), not a walk of every entry.",
+            _memory_bound_targets,
         ),
     )
 }

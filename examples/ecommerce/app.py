@@ -67,6 +67,8 @@ from resilient.prometheus import PrometheusObserver
 __all__ = ["Shop", "create_app"]
 
 PROBLEM = "application/problem+json"
+# The protection space named in every WWW-Authenticate challenge, the middleware's and ours.
+REALM = "api"
 
 
 def problem(
@@ -86,7 +88,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 async def forbidden(request: Request, exc: Exception) -> Response:
     """A token that lacks a scope, role or group: 403 (RFC 6750 ``insufficient_scope``)."""
     assert isinstance(exc, Forbidden)
-    challenge = f'Bearer error="insufficient_scope", error_description="{exc}"'
+    challenge = f'Bearer realm="{REALM}", error="insufficient_scope", error_description="{exc}"'
     return problem(403, str(exc), headers={"WWW-Authenticate": challenge})
 
 
@@ -114,15 +116,27 @@ async def json_body(request: Request) -> Any:
         raise HTTPException(400, "the body must be a JSON document") from exc
 
 
-def subject(request: Request) -> dict[str, Any]:
-    """The verified claims of the caller; 401 when the request carries no token."""
+def subject(request: Request) -> tuple[str, dict[str, Any]]:
+    """The caller's user id (the ``sub`` claim) and verified claims.
+
+    401 when the request carries no token, or a token that names no user: an external
+    issuer's token may lack ``sub`` (a machine's client-credentials token) or hold one
+    that is not a string.
+    """
     user = request.scope.get("user")
     if user is None or not user.is_authenticated:
         raise HTTPException(
-            401, "this endpoint needs a bearer token", headers={"WWW-Authenticate": "Bearer"}
+            401,
+            "this endpoint needs a bearer token",
+            headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'},
         )
     claims: dict[str, Any] = dict(user.claims)
-    return claims
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        detail = "the token names no user (no sub claim, or not a string)"
+        challenge = f'Bearer realm="{REALM}", error="invalid_token", error_description="{detail}"'
+        raise HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
+    return sub, claims
 
 
 def order_lines(body: Any) -> dict[int, int]:
@@ -171,6 +185,7 @@ class Shop:
             RedisBackend(self.redis, prefix="shop") if self.redis is not None else MemoryBackend()
         )
         shared = self.backend if isinstance(self.backend, RedisBackend) else None
+        self.idempotency: IdempotencyMiddleware | None = None  # made by asgi()
         self.limiter = RateLimiter(self.backend, clock=clock, deny_cache=10_000, observer=observer)
         self.login_policy = SlidingWindow(settings.login_user_rate, block_for=settings.login_block)
         self.cache = Cache(
@@ -369,11 +384,11 @@ class Shop:
     # -- orders -------------------------------------------------------------------------
 
     async def create_order(self, request: Request) -> Response:
-        claims = subject(request)
+        user_id, _ = subject(request)
         requires(scopes=["orders:write"]).check_scope(request.scope)
         wanted = order_lines(await json_body(request))
         try:
-            order = await self.db.reserve(claims["sub"], wanted)
+            order = await self.db.reserve(user_id, wanted)
         except NotFound as exc:
             return problem(422, f"no product {exc.args[0]}")
         except OutOfStock as exc:
@@ -415,11 +430,21 @@ class Shop:
         )
 
     async def user_orders(self, request: Request) -> Response:
-        claims = subject(request)
+        caller, _ = subject(request)
         user_id = request.path_params["user_id"]
-        if user_id != claims["sub"]:
+        if user_id != caller:
             self.admin.check_scope(request.scope)  # 403 unless an admin asks
         return JSONResponse({"orders": await self.db.orders_of(user_id)})
+
+    async def get_order(self, request: Request) -> Response:
+        caller, _ = subject(request)
+        order_id = request.path_params["order_id"]
+        order = await self.db.order(order_id)
+        if order is None:
+            return problem(404, f"no order {order_id}")
+        if order["user_id"] != caller:
+            self.admin.check_scope(request.scope)  # 403 unless an admin asks
+        return JSONResponse(order)
 
     # -- operations ---------------------------------------------------------------------
 
@@ -440,6 +465,9 @@ class Shop:
                 checks["redis"] = "ok"
             except Exception as exc:
                 checks["redis"] = f"failed: {type(exc).__name__}"
+        if self.idempotency is not None and self.idempotency.quarantine_left > 0:
+            left = self.idempotency.quarantine_left
+            checks["idempotency"] = f"quarantined for {left:.0f} s: Redis lost its records"
         if all(value == "ok" for value in checks.values()):
             return JSONResponse({"status": "ready", "checks": checks})
         return problem(503, "a dependency is not ready", checks=checks)
@@ -474,6 +502,7 @@ class Shop:
                     counted(self.create_order, self.settings.run_log),
                     methods=["POST"],
                 ),
+                Route("/api/orders/{order_id:int}", self.get_order, methods=["GET"]),
                 Route("/api/users/{user_id}/orders", self.user_orders, methods=["GET"]),
                 Route("/.well-known/jwks.json", self.jwks, methods=["GET"]),
                 Route("/healthz", self.healthz),
@@ -484,13 +513,16 @@ class Shop:
             lifespan=lifespan,
         )
         client = by_ip(trusted_proxies=list(self.settings.trusted_proxies))
-        guarded = IdempotencyMiddleware(
+        # quarantine: after Redis lost its records, refuse orders for one lease, so no
+        # duplicate of an order that was in flight at the loss runs alongside it.
+        self.idempotency = guarded = IdempotencyMiddleware(
             app,
             self.backend,
             required=["/api/orders"],
             lease=self.settings.idempotency_lease,
             clock=self.clock,
             observer=self.observer,
+            quarantine=self.settings.idempotency_lease,
         )
         limited = RateLimitMiddleware(
             guarded,
@@ -514,6 +546,7 @@ class Shop:
             validator=self.validator,
             optional=True,
             exclude=["/healthz", "/readyz", "/metrics", "/.well-known/*"],
+            realm=REALM,
         )
 
 

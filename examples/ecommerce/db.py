@@ -464,15 +464,15 @@ class Database:
         """Cancel a pending order and put its stock back."""
         await self._run(self._settle, order_id, None)
 
-    def _orders_of(self, user_id: str) -> list[dict[str, Any]]:
+    def _orders_where(self, condition: str, value: object) -> list[dict[str, Any]]:
         db = self._connection()
         orders = db.execute(
-            "SELECT id, status, total_cents, payment_id, created_at FROM orders "
-            "WHERE user_id = ? ORDER BY id",
-            (user_id,),
+            "SELECT id, user_id, status, total_cents, payment_id, created_at FROM orders "
+            f"WHERE {condition} = ? ORDER BY id",  # condition: a column name of ours
+            (value,),
         ).fetchall()
         result = []
-        for order_id, status, total, payment_id, created_at in orders:
+        for order_id, user_id, status, total, payment_id, created_at in orders:
             items = db.execute(
                 "SELECT product_id, quantity, price_cents FROM order_items WHERE order_id = ? "
                 "ORDER BY product_id",
@@ -495,7 +495,12 @@ class Database:
 
     async def orders_of(self, user_id: str) -> list[dict[str, Any]]:
         """Every order of *user_id*, oldest first."""
-        return await self._run(self._orders_of, user_id)
+        return await self._run(self._orders_where, "user_id", user_id)
+
+    async def order(self, order_id: int) -> dict[str, Any] | None:
+        """The order *order_id*, or ``None`` if there is none."""
+        found = await self._run(self._orders_where, "id", order_id)
+        return found[0] if found else None
 
     async def ping(self) -> None:
         """Raise if the database cannot answer a query."""

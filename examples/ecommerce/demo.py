@@ -2,9 +2,17 @@
 
 By default it starts its own shop and payment provider (fresh data, free ports, behind a
 pretend load balancer on 127.0.0.1 so that it can play many clients), walks through each
-scenario, prints what happened, and stops them. ``--url`` points it at a running shop
-instead (started with ``SHOP_TRUSTED_PROXIES=127.0.0.1/32``); ``REDIS_URL`` in the
-environment puts the shop it starts on Redis.
+scenario, prints what happened, and stops them. ``REDIS_URL`` in the environment puts
+the shop it starts on Redis.
+
+``--url`` points it at a running shop instead, started with its defaults. The demo plays
+many clients through ``X-Forwarded-For``, which the shop must take for the client's
+address: uvicorn does so for requests from loopback by default (its proxy headers), and
+``SHOP_TRUSTED_PROXIES`` does so for other addresses. The demo checks first, and stops
+saying what is missing if the shop does not believe it. The circuit's open period is read
+from the shop's ``Retry-After``, whatever ``SHOP_BREAKER_OPEN_FOR`` is. An expired token
+can only be made with the shop's signing key: pass ``--signing-key``
+(``$SHOP_DATA_DIR/signing-key.pem``), or that case is reported as skipped, with why.
 
 Scenarios: a brute-force login is blocked; a double-submitted order is placed once; a
 crowd on a cold catalog page costs one database load; a payment outage opens the circuit
@@ -40,8 +48,16 @@ __all__ = ["Demo", "main"]
 
 UNSIGNED = b'{"alg":"none"}'
 # Seconds the payments circuit stays open in the demo's own shop: longer than the shop's
-# retry deadline (3 s), so an order finds the circuit open and fails at once.
+# retry deadline (3 s), so an order finds the circuit open and fails at once. A shop of
+# its own defaults (10 s) works too: the demo waits as long as Retry-After says.
 OPEN_FOR = 5.0
+# Without SHOP_TRUSTED_PROXIES the shop sees one client, the demo's own address.
+UNTRUSTED = (
+    "the shop at {url} does not believe this client's X-Forwarded-For, so every request "
+    "would count against one client address; start it with SHOP_TRUSTED_PROXIES set to "
+    "the address the demo connects from (SHOP_TRUSTED_PROXIES=127.0.0.1/32 on this "
+    "machine), or with uvicorn's proxy headers on for it (its default for loopback)"
+)
 
 
 @dataclass
@@ -51,6 +67,7 @@ class Row:
     scenario: str
     happened: str
     ok: bool
+    skipped: str | None = None  # why the scenario could not be played
 
 
 def free_port() -> int:
@@ -97,10 +114,18 @@ def _b64(data: bytes) -> str:
 class Demo:
     """The scenarios, run against a shop at *shop* and its provider at *payments*."""
 
-    def __init__(self, shop: str, payments: str, *, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        shop: str,
+        payments: str,
+        *,
+        data_dir: Path | None = None,
+        signing_key: Path | None = None,
+    ) -> None:
         self.shop = shop
         self.payments = payments
-        self.data_dir = data_dir
+        # The shop's private key, to mint tokens it would have issued (an expired one).
+        self.signing_key = signing_key or (data_dir / "signing-key.pem" if data_dir else None)
         self.http = httpx.AsyncClient(base_url=shop, timeout=30.0)
         self.rows: list[Row] = []
         self._addresses = iter(range(1, 1 << 16))
@@ -112,6 +137,27 @@ class Demo:
 
     def report(self, scenario: str, happened: str, *, ok: bool) -> None:
         self.rows.append(Row(scenario, happened, ok))
+
+    def skip(self, scenario: str, reason: str) -> None:
+        self.rows.append(Row(scenario, reason, ok=False, skipped=reason))
+
+    async def forwarding_believed(self) -> bool:
+        """Whether the shop takes each ``X-Forwarded-For`` address for a client of its own.
+
+        One address spends its token bucket on the API; five requests from a fresh address
+        then pass only if the shop keeps a bucket per forwarded address.
+        """
+        spent = self.client_ip()
+        drained = await asyncio.gather(
+            *(self.http.get("/api/products/1", headers=spent) for _ in range(60))
+        )
+        if all(r.status_code != 429 for r in drained):
+            return True  # a bucket larger than the defaults: nothing to learn, carry on
+        fresh = self.client_ip()
+        tried = await asyncio.gather(
+            *(self.http.get("/api/products/1", headers=fresh) for _ in range(5))
+        )
+        return all(r.status_code == 200 for r in tried)
 
     async def login(self, username: str, password: str) -> dict[str, str]:
         response = await self.http.post(
@@ -213,11 +259,15 @@ class Demo:
         await self.http.post(self.payments + "/control", json={"failure_rate": 1.0})
         during = [await place("outage") for _ in range(3)]
         await self.http.post(self.payments + "/control", json={"failure_rate": 0.0})
-        await asyncio.sleep(OPEN_FOR + 1.5)  # the circuit's open period, and a sync
+        # The circuit's open period, as the shop tells it (SHOP_BREAKER_OPEN_FOR), and a
+        # sync between processes; then one probe goes through and closes it.
+        retry_after = during[-1].headers.get("retry-after", "")
+        waited = float(retry_after) if retry_after.isdigit() else OPEN_FOR
+        await asyncio.sleep(waited + 1.5)
         after = await place("recovered")
         self.report(
             "payment provider down, then back",
-            "; ".join(seen) + f" (Retry-After {during[-1].headers.get('retry-after')} s)",
+            "; ".join(seen) + f" (Retry-After {retry_after or '-'} s, waited {waited + 1.5:g} s)",
             ok=[r.status_code for r in during] == [503] * 3 and after.status_code == 201,
         )
 
@@ -232,27 +282,36 @@ class Demo:
             ),
             "unsigned (alg none)": f"{_b64(UNSIGNED)}.{payload}.",
         }
-        if self.data_dir is not None:  # we started the shop: we hold its key
-            issuer = Issuer(
-                self.data_dir / "signing-key.pem", issuer=claims["iss"], audience=claims["aud"]
-            )
-            tokens["expired"] = issuer.mint(
-                {"id": claims["sub"], "username": "bob", "roles": []}, now=time.time() - 3600
-            )
-        outcomes = []
-        for name, bad in tokens.items():
-            response = await self.http.get(
-                "/api/products/1", headers={"Authorization": f"Bearer {bad}", **self.client_ip()}
-            )
-            reason = re.search(
-                r'error_description="([^"]*)"', response.headers.get("www-authenticate", "")
-            )
-            outcomes.append((name, response.status_code, reason.group(1) if reason else "-"))
+        outcomes = [await self.refusal(name, bad) for name, bad in tokens.items()]
         self.report(
-            "forged, unsigned and expired tokens",
+            "forged and unsigned tokens",
             "; ".join(f"{name}: {status} ({why})" for name, status, why in outcomes),
             ok=all(status == 401 for _, status, _ in outcomes),
         )
+        if self.signing_key is None or not self.signing_key.is_file():
+            where = "no key given" if self.signing_key is None else f"no {self.signing_key}"
+            self.skip(
+                "an expired token",
+                f"needs the shop's signing key to mint one ({where}): pass --signing-key "
+                "with the shop's SHOP_DATA_DIR/signing-key.pem",
+            )
+            return
+        issuer = Issuer(self.signing_key, issuer=claims["iss"], audience=claims["aud"])
+        expired = issuer.mint(
+            {"id": claims["sub"], "username": "bob", "roles": []}, now=time.time() - 3600
+        )
+        name, status, why = await self.refusal("expired", expired)
+        self.report("an expired token", f"{name}: {status} ({why})", ok=status == 401)
+
+    async def refusal(self, name: str, token: str) -> tuple[str, int, str]:
+        """Present *token*: its name, the status and the refusal's error_description."""
+        response = await self.http.get(
+            "/api/products/1", headers={"Authorization": f"Bearer {token}", **self.client_ip()}
+        )
+        reason = re.search(
+            r'error_description="([^"]*)"', response.headers.get("www-authenticate", "")
+        )
+        return name, response.status_code, reason.group(1) if reason else "-"
 
     async def admin_only(self) -> None:
         bob = await self.login("bob", "builder")
@@ -299,11 +358,17 @@ class Demo:
             self.token_bucket,
         ]
         try:
+            if not await self.forwarding_believed():
+                raise Misconfigured(UNTRUSTED.format(url=self.shop))
             for scenario in scenarios:
                 await scenario()
         finally:
             await self.http.aclose()
         return self.rows
+
+
+class Misconfigured(Exception):
+    """The shop cannot play the story as it is configured; the message says what it needs."""
 
 
 def _counts(statuses: list[int]) -> str:
@@ -317,25 +382,43 @@ def render(rows: list[Row]) -> str:
     """The report as a plain-text table."""
     width = max(len(row.scenario) for row in rows)
     lines = [f"{'scenario':<{width}}  ok  what happened", f"{'-' * width}  --  {'-' * 40}"]
-    lines += [
-        f"{row.scenario:<{width}}  {'ok' if row.ok else 'NO'}  {row.happened}" for row in rows
-    ]
+    lines += [f"{row.scenario:<{width}}  {_verdict(row)}  {row.happened}" for row in rows]
+    skipped = sum(row.skipped is not None for row in rows)
+    if skipped:
+        lines.append(f"\n{skipped} scenario(s) skipped: see why above.")
     return "\n".join(lines)
+
+
+def _verdict(row: Row) -> str:
+    if row.skipped is not None:
+        return "--"
+    return "ok" if row.ok else "NO"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Walk through the shop's story.")
     parser.add_argument("--url", help="a running shop (else one is started)")
     parser.add_argument("--payments", default="http://127.0.0.1:8001")
+    parser.add_argument(
+        "--signing-key",
+        type=Path,
+        help="with --url: the shop's signing key (SHOP_DATA_DIR/signing-key.pem), to show "
+        "an expired token refused; without it that case is skipped",
+    )
     args = parser.parse_args(argv)
-    if args.url:
-        rows = asyncio.run(Demo(args.url.rstrip("/"), args.payments).run())
-    else:
-        with tempfile.TemporaryDirectory() as data, servers(Path(data)) as (shop, payments):
-            print(f"started a shop at {shop} (payments at {payments})\n", flush=True)
-            rows = asyncio.run(Demo(shop, payments, data_dir=Path(data)).run())
+    try:
+        if args.url:
+            demo = Demo(args.url.rstrip("/"), args.payments, signing_key=args.signing_key)
+            rows = asyncio.run(demo.run())
+        else:
+            with tempfile.TemporaryDirectory() as data, servers(Path(data)) as (shop, payments):
+                print(f"started a shop at {shop} (payments at {payments})\n", flush=True)
+                rows = asyncio.run(Demo(shop, payments, data_dir=Path(data)).run())
+    except Misconfigured as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
     print(render(rows))
-    return 0 if all(row.ok for row in rows) else 1
+    return 0 if all(row.ok for row in rows if row.skipped is None) else 1
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 from resilient.breaker.core import State
 from resilient.errors import ConfigurationError
 from resilient.events import (
+    BackendDataLost,
     BackendFailed,
     BreakerStateChanged,
+    CacheEntryInvalid,
     CacheHit,
     CacheLockWait,
     CacheMiss,
@@ -36,6 +38,7 @@ from resilient.events import (
     KeySetFetchFailed,
     LeaseLost,
     RateLimited,
+    ResultNotStored,
     RetryBudgetExhausted,
     RetryGaveUp,
     RetryScheduled,
@@ -120,6 +123,20 @@ IDEMPOTENCY_LEASES_LOST: Final = Metric(
     "{lease}",
     ("block", "operation"),
     "Claims on an idempotency key that ran out before their owner finished.",
+)
+IDEMPOTENCY_NOT_STORED: Final = Metric(
+    "idempotency.not_stored",
+    "counter",
+    "{request}",
+    ("block", "outcome"),
+    "Guarded calls that ran but whose result could not be stored: answered 503 or raised.",
+)
+BACKEND_DATA_LOST: Final = Metric(
+    "backend.data_lost",
+    "counter",
+    "{loss}",
+    ("block",),
+    "Times a block found that its backend had lost its records (Redis restarted empty).",
 )
 BREAKER_TRANSITIONS: Final = Metric(
     "breaker.transitions",
@@ -215,6 +232,13 @@ CACHE_LOCK_WAITS: Final = Metric(
     (),
     "Misses that waited for another process loading the same key.",
 )
+CACHE_INVALID_ENTRIES: Final = Metric(
+    "cache.invalid_entries",
+    "counter",
+    "{entry}",
+    ("reason",),
+    "Entries that could not be read (header or body): treated as misses and overwritten.",
+)
 JWKS_FETCHES: Final = Metric(
     "jwks.fetches", "counter", "{fetch}", ("url",), "Key sets fetched and cached."
 )
@@ -241,6 +265,8 @@ METRICS: Final = (
     BACKEND_ERRORS,
     IDEMPOTENCY_DUPLICATES,
     IDEMPOTENCY_LEASES_LOST,
+    IDEMPOTENCY_NOT_STORED,
+    BACKEND_DATA_LOST,
     BREAKER_TRANSITIONS,
     BREAKER_STATE,
     BREAKER_REJECTED,
@@ -254,6 +280,7 @@ METRICS: Final = (
     CACHE_STALE_SERVED,
     CACHE_REFRESHES,
     CACHE_LOCK_WAITS,
+    CACHE_INVALID_ENTRIES,
     JWKS_FETCHES,
     JWKS_FETCH_FAILURES,
     JWKS_KEYS,
@@ -320,6 +347,16 @@ def _conflict(event: IdempotencyConflict) -> Measurements:
 @_maps(LeaseLost)
 def _lease_lost(event: LeaseLost) -> Measurements:
     return (Measurement(IDEMPOTENCY_LEASES_LOST, (event.block, event.operation)),)
+
+
+@_maps(ResultNotStored)
+def _not_stored(event: ResultNotStored) -> Measurements:
+    return (Measurement(IDEMPOTENCY_NOT_STORED, (event.block, event.outcome)),)
+
+
+@_maps(BackendDataLost)
+def _data_lost(event: BackendDataLost) -> Measurements:
+    return (Measurement(BACKEND_DATA_LOST, (event.block,)),)
 
 
 @_maps(BreakerStateChanged)
@@ -411,6 +448,11 @@ def _cache_refreshed(event: CacheRefreshed) -> Measurements:
 @_maps(CacheLockWait)
 def _cache_lock_wait(event: CacheLockWait) -> Measurements:
     return (Measurement(CACHE_LOCK_WAITS, ()),)
+
+
+@_maps(CacheEntryInvalid)
+def _cache_entry_invalid(event: CacheEntryInvalid) -> Measurements:
+    return (Measurement(CACHE_INVALID_ENTRIES, (event.reason,)),)
 
 
 @_maps(KeySetFetched)

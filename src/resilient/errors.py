@@ -10,7 +10,8 @@
     ├── CircuitOpenError                         a circuit breaker rejected the call
     ├── IdempotencyError                         an idempotent call could not run
     │   ├── IdempotencyConflict                  ... its key is in progress elsewhere
-    │   └── IdempotencyMismatch                  ... its key was used for another request
+    │   ├── IdempotencyMismatch                  ... its key was used for another request
+    │   └── ResultNotStored                      ... it ran, but its result could not be stored
     ├── KeySetUnavailable                        no usable JWKS: fetch failed, nothing stale
     ├── Forbidden                                a valid token lacks a scope, role or group
     └── InvalidToken                             a bearer token was refused
@@ -63,6 +64,7 @@ __all__ = [
     "NotYetValid",
     "RateLimitExceeded",
     "ResilienceError",
+    "ResultNotStored",
     "UnknownKey",
     "WrongTokenUse",
 ]
@@ -144,6 +146,19 @@ class IdempotencyConflict(IdempotencyError):
 
 class IdempotencyMismatch(IdempotencyError):
     """The key was first used for a different request (another fingerprint)."""
+
+
+class ResultNotStored(IdempotencyError):
+    """The call ran, but its result could not be stored before its lease ran out.
+
+    The store failed (or the lease was lost) through every retry, so nothing records
+    that the call ran: a later call with the key may run it again. ``retry_after`` is how
+    many seconds to wait before trying again.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class KeySetUnavailable(ResilienceError):

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 __all__ = [
+    "BackendDataLost",
     "BackendFailed",
     "BreakerStateChanged",
+    "CacheEntryInvalid",
     "CacheHit",
     "CacheLockWait",
     "CacheMiss",
@@ -36,6 +38,7 @@ __all__ = [
     "LoggingObserver",
     "Observer",
     "RateLimited",
+    "ResultNotStored",
     "RetryBudgetExhausted",
     "RetryGaveUp",
     "RetryScheduled",
@@ -101,6 +104,33 @@ class LeaseLost(Event):
     level: ClassVar[int] = logging.WARNING
     key: str
     operation: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultNotStored(Event):
+    """A guarded call ran, but its result could not be stored while its lease lasted.
+
+    Nothing records that it ran, so a later duplicate may run it again: the caller is
+    never told it succeeded. ``outcome`` says what it was told instead: ``"answered 503"``
+    (the middleware) or ``"raised"`` (``@idempotent``:
+    :class:`~resilient.errors.ResultNotStored`).
+    """
+
+    level: ClassVar[int] = logging.ERROR
+    key: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendDataLost(Event):
+    """The backend lost the block's records: Redis restarted empty, or was flushed.
+
+    Requests made before the loss may run again when they are retried. New claims are
+    refused for ``quarantine`` seconds (0: none, they run as soon as the loss is seen).
+    """
+
+    level: ClassVar[int] = logging.ERROR
+    quarantine: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +213,21 @@ class RetryBudgetExhausted(Event):
     level: ClassVar[int] = logging.WARNING
     name: str
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntryInvalid(Event):
+    """The entry stored for ``key`` could not be read: treated as a miss and overwritten.
+
+    ``reason``: ``"header"`` (not an entry of this cache: another writer, another version)
+    or ``"body"`` (the serializer could not read the value: a pickle, a truncated value,
+    bytes that are not UTF-8 JSON). Each read that meets the entry reports it: on Redis,
+    the lookup and then the claim of the load that overwrites it.
+    """
+
+    level: ClassVar[int] = logging.WARNING
+    key: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

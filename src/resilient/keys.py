@@ -592,6 +592,9 @@ class _ByUser(KeyFunc):
             if value is not None:
                 identity = str(value)
                 if identity:
+                    if not identity.isascii():
+                        # A lone surrogate cannot be a Redis key: spelled as its escape.
+                        identity = identity.encode("utf-8", "backslashreplace").decode("utf-8")
                     return f"user:{identity}"
         return None
 

@@ -323,8 +323,12 @@ async def test_an_es256_signature_with_a_high_s_is_refused(
     raw = JWTValidatorTools.signature(token)
     r, s = raw[:32], int.from_bytes(raw[32:], "big")
     high = r + (P256_ORDER - s).to_bytes(32, "big")  # the same signature, malleated
-    with pytest.raises(BadSignature):
+    with pytest.raises(BadSignature) as refused:
         await validator.validate(_with_signature(token, high))
+    # Not "invalid": a genuine signature from an issuer that does not normalize S looks
+    # just like this, so the message names the cause and the switch that accepts it.
+    assert "high S" in str(refused.value)
+    assert "reject_high_s=False" in str(refused.value)
 
 
 async def test_an_es256_signature_with_r_and_s_zero_is_refused(
@@ -514,3 +518,28 @@ async def test_a_time_claim_too_large_for_a_float_is_refused_not_a_crash(
     with pytest.raises(MissingClaim, match=repr(claim)):
         await validator.validate(issuer.mint({claim: -(10**309)}))
     assert await validator.validate(issuer.mint({"exp": 10**300}))
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"sub": "\ud800alice"}, {"groups": ["staff", "\udfff"]}, {"ext": {"\udc80": 1}}],
+    ids=["in a string", "in a list", "in a key"],
+)
+async def test_claims_holding_a_lone_surrogate_are_refused(
+    validator: JWTValidator, issuer: LocalIssuer, claims: dict[str, object]
+) -> None:
+    # JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text can hold: I-JSON
+    # (RFC 7493) forbids it, and letting it into the claims breaks every consumer that
+    # encodes them (a JSON response, a Redis key). The signature is the issuer's own.
+    with pytest.raises(MalformedToken) as refused:
+        await validator.validate(issuer.mint(claims))
+    assert "surrogate" in str(refused.value)
+
+
+async def test_claims_that_only_look_like_a_surrogate_are_accepted(
+    validator: JWTValidator, issuer: LocalIssuer
+) -> None:
+    # A pair of surrogates is one character; an escaped backslash before "ud800" is text.
+    looks = {"sub": "\U0001f600 \\ud800", "groups": ["\\uDFFF"], "ext": {"\\udc80": [1]}}
+    claims = await validator.validate(issuer.mint(looks))
+    assert {name: claims[name] for name in looks} == looks

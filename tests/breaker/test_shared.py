@@ -45,8 +45,15 @@ def make(backend: RedisBackend, clock: FakeClock, **options: Any) -> CircuitBrea
 
 
 def store(breaker: CircuitBreaker) -> SharedBreakerStore:
-    assert breaker._shared is not None
-    return breaker._shared
+    shared = breaker.shared_store
+    assert shared is not None
+    return shared
+
+
+async def evalsha_calls(client: Any) -> int:
+    """How many EVALSHA commands the server has run."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 async def trip(breaker: CircuitBreaker) -> None:
@@ -68,7 +75,13 @@ async def test_an_open_on_one_instance_opens_the_others_and_one_probes(
     two_backends: tuple[RedisBackend, RedisBackend],
 ) -> None:
     clock = FakeClock()
-    a, b = (make(backend, clock) for backend in two_backends)
+    client = two_backends[0].client
+    before = await evalsha_calls(client)
+    a, b = (make(backend, clock, half_open_calls=2) for backend in two_backends)
+    for _ in range(500):  # bounded: each background task reads once as it starts
+        if await evalsha_calls(client) >= before + 2:
+            break
+        await asyncio.sleep(0.01)
     await trip(a)
     await store(a).sync_now()  # publishes the opening
     assert await b.call(ok) == "ok"  # b has not synced yet: it still decides alone
@@ -78,11 +91,12 @@ async def test_an_open_on_one_instance_opens_the_others_and_one_probes(
         await b.call(ok)
 
     clock.advance(10)  # the open period is over, for both
-    await store(b).sync_now()  # b syncs first: b is elected to probe
-    await store(a).sync_now()  # a is told to wait for b's probe
+    await store(b).sync_now()
+    await store(a).sync_now()
+    assert await b.call(ok) == "ok"  # b's call claims the probe lease: probe 1 of 2
     with pytest.raises(CircuitOpenError):
-        await a.call(ok)
-    assert await b.call(ok) == "ok"  # the probe succeeds: b closes, and publishes it
+        await a.call(ok)  # a is told to wait for b's probes
+    assert await b.call(ok) == "ok"  # the probes succeed: b closes, and publishes it
     assert state(b) is State.CLOSED
     await store(b).sync_now()
     await store(a).sync_now()

@@ -402,6 +402,55 @@ async def test_users_see_their_own_orders_and_admins_everyones(harness: Harness)
     assert [o["id"] for o in by_admin.json()["orders"]] == [placed.json()["id"]]
 
 
+async def test_an_order_is_at_its_location_for_its_owner_and_admins(harness: Harness) -> None:
+    alice_h, bob_h, admin_h = [await harness.login(*user) for user in (ALICE, BOB, ADMIN)]
+    set_stock(harness, 9, 5)
+    async with harness.client() as client:
+        placed = await client.post(
+            "/api/orders",
+            json={"items": [{"product_id": 9, "quantity": 2}]},
+            headers={**alice_h, "Idempotency-Key": "a-1"},
+        )
+        location = placed.headers["location"]
+        mine = await client.get(location, headers=alice_h)
+        by_admin = await client.get(location, headers=admin_h)
+        by_bob = await client.get(location, headers=bob_h)
+        anonymous = await client.get(location)
+        missing = await client.get("/api/orders/999999", headers=alice_h)
+        not_a_number = await client.get("/api/orders/first", headers=alice_h)
+    assert placed.status_code == 201
+    assert location == f"/api/orders/{placed.json()['id']}"
+    assert mine.status_code == 200
+    assert {k: mine.json()[k] for k in placed.json()} == placed.json()
+    assert by_admin.json() == mine.json()
+    assert is_problem(by_bob, 403)
+    assert 'error="insufficient_scope"' in by_bob.headers["www-authenticate"]
+    assert is_problem(anonymous, 401)
+    assert is_problem(missing, 404)
+    assert is_problem(not_a_number, 404)
+
+
+async def test_refusals_carry_the_realm_as_the_auth_docs_show(harness: Harness) -> None:
+    bob = await harness.login(*BOB)
+    alice_id = "1"
+    async with harness.client() as client:
+        anonymous = await client.post(
+            "/api/orders", json={"items": []}, headers={"Idempotency-Key": "k"}
+        )
+        anonymous_list = await client.get(f"/api/users/{alice_id}/orders")
+        price = await client.put("/api/products/7", json={"price_cents": 1}, headers=bob)
+        others = await client.get(f"/api/users/{alice_id}/orders", headers=bob)
+    for response in (anonymous, anonymous_list):
+        assert is_problem(response, 401)
+        assert response.headers["www-authenticate"] == 'Bearer realm="api"'
+    for response in (price, others):
+        assert is_problem(response, 403)
+        assert response.headers["www-authenticate"] == (
+            'Bearer realm="api", error="insufficient_scope", '
+            'error_description="the token does not grant role:admin"'
+        )
+
+
 # -- the whole API ----------------------------------------------------------------------
 
 
@@ -478,6 +527,35 @@ async def test_an_external_issuer_is_one_setting_away(make_shop: ShopFactory) ->
     assert admin.status_code == 200
     assert is_problem(id_token, 401)
     assert is_problem(other_app, 401)
+
+
+@pytest.mark.parametrize("redis_url", ["memory"], indirect=True)
+async def test_an_external_token_that_names_no_user_is_refused(make_shop: ShopFactory) -> None:
+    # A machine's token (client credentials) has no `sub`; one whose `sub` is not a string
+    # names no user either. Neither may place or read orders, and neither is a 500.
+    with LocalIssuer(algorithms=("RS256",)) as pool:
+        harness = await make_shop(
+            own_jwks=False, oidc_issuer=pool.issuer, oidc_client_id="shop-web"
+        )
+        now = int(harness.clock.time())
+        base = {"aud": None, "token_use": "access", "client_id": "shop-web", "iat": now,
+                "exp": now + 300, "scope": "orders:write orders:read"}  # fmt: skip
+        order = {"items": [{"product_id": 1, "quantity": 1}]}
+        responses = []
+        async with harness.client() as client:
+            for sub in (None, 42, ""):  # None: no sub claim at all
+                bearer = {"Authorization": f"Bearer {pool.mint({**base, 'sub': sub})}"}
+                responses.append(
+                    await client.post(
+                        "/api/orders", json=order, headers={**bearer, "Idempotency-Key": "m"}
+                    )
+                )
+                responses.append(await client.get("/api/users/1/orders", headers=bearer))
+                responses.append(await client.get("/api/orders/1", headers=bearer))
+    for response in responses:
+        assert response.status_code in {401, 403}, response.text
+        assert is_problem(response, response.status_code)
+        assert response.headers["www-authenticate"].startswith('Bearer realm="api", error=')
 
 
 # -- Redis outages ------------------------------------------------------------------------

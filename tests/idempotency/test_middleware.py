@@ -8,7 +8,9 @@ import pytest
 import redis.asyncio
 
 from resilient import MemoryBackend, RedisBackend
+from resilient.errors import BackendError
 from resilient.events import BackendFailed, IdempotencyConflict, IdempotencyReplayed, LeaseLost
+from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency import IdempotencyMiddleware, parse_key
 from resilient.idempotency.keeper import store_for
 from resilient.idempotency.middleware import default_scope_key
@@ -269,10 +271,13 @@ async def test_a_lost_lease_is_reported_and_never_overwrites_the_new_owner(shop:
         replay = await client.post("/api/slow", headers=KEY)
     assert shop.runs == {"slow": 2}
     assert [(e.operation) for e in recorder.of(LeaseLost)] == ["complete"]
-    assert one.status_code == two.status_code == 201
-    # Both finished; the stored response is the one of the owner that held the lease.
-    stored = {one.json()["slow"], two.json()["slow"]} - {replay.json()["slow"]}
-    assert len(stored) == 1
+    # The first could not store its response: it is refused rather than told of a success.
+    assert one.status_code == 503
+    assert one.headers["idempotency-stored"] == "false"
+    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert two.status_code == 201
+    # The stored response is the one of the owner that held the lease.
+    assert replay.json() == two.json()
     assert replay.headers["idempotent-replayed"] == "true"
 
 
@@ -361,6 +366,7 @@ def test_configuration_errors_are_clear() -> None:
         ({"ttl": 0}, "ttl must be"),
         ({"lease": -1}, "lease must be"),
         ({"wait": float("nan")}, "wait must be"),
+        ({"quarantine": -1}, "quarantine must be"),
         ({"methods": []}, "methods must"),
         ({"max_body": -1}, "max_body must"),
         ({"on_backend_error": "maybe"}, "on_backend_error"),
@@ -492,14 +498,14 @@ async def test_the_default_heartbeat_renews_on_the_event_loop_s_timers(shop: Sho
     assert shop.runs == {"slow": 1}
 
 
-async def test_redis_stopping_mid_request_still_answers_and_reports(
+async def test_redis_stopping_mid_request_never_completes_the_response(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     recorder = Recorder()
     shop.gate.clear()
     async with RedisBackend(client) as backend:
-        app = middleware(shop, backend, observer=recorder)
+        app = middleware(shop, backend, observer=recorder, lease=0.5)
         async with client_for(app) as http:
             first = asyncio.create_task(http.post("/api/slow", headers=KEY))
             await shop.entered.wait()
@@ -508,10 +514,15 @@ async def test_redis_stopping_mid_request_still_answers_and_reports(
             response = await first
             retry = await http.post("/api/slow", headers=KEY)
     await client.aclose()
-    assert response.status_code == 201  # the client still gets its answer
+    assert response.status_code == 503  # the handler's 201 never reaches the client
+    assert response.headers["idempotency-stored"] == "false"
     assert retry.status_code == 503  # and the retry is refused, not run unguarded
     assert shop.runs == {"slow": 1}
-    assert [e.outcome for e in recorder.of(BackendFailed)] == ["result not stored", "answered 503"]
+    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    outcomes = sorted(e.outcome for e in recorder.of(BackendFailed))
+    # The heartbeat could not renew the lease meanwhile either.
+    renewals = outcomes.count("lease not extended")
+    assert outcomes == ["answered 503", *["lease not extended"] * renewals, "result not stored"]
 
 
 async def test_a_decoding_client_still_replays_bytes(shop: Shop, redis_server: RedisServer) -> None:
@@ -534,3 +545,102 @@ async def test_a_decoding_cluster_client_is_refused_up_front(redis_cluster: Any)
     with pytest.raises(ConfigurationError, match="decode_responses=False"):
         IdempotencyMiddleware(Shop().app, RedisBackend(client))
     await client.aclose()
+
+
+async def test_complete_is_retried_with_backoff_while_the_heartbeat_keeps_the_lease(
+    shop: Shop,
+) -> None:
+    clock, recorder = FakeClock(), Recorder()
+    inner = store_for(MemoryBackend())
+    completes: list[float] = []
+    extends: list[float] = []
+    waits: list[float] = []
+
+    class StalledStore:
+        """A user-supplied store whose writes of results fail; its leases still renew."""
+
+        async def claim(self, *args: Any) -> Any:
+            return await inner.claim(*args)
+
+        async def complete(self, *args: Any) -> bool:
+            completes.append(clock.monotonic())
+            raise BackendError("writes are stalled")
+
+        async def release(self, *args: Any) -> bool:
+            return await inner.release(*args)
+
+        async def extend(self, *args: Any) -> bool:
+            extends.append(clock.monotonic())
+            return await inner.extend(*args)
+
+    tick = asyncio.Condition()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if seconds != 1.0:  # a backoff: time passes
+            clock.advance(seconds)
+            async with tick:
+                tick.notify_all()
+            await asyncio.sleep(0)  # the heartbeat's turn
+            return
+        target = clock.monotonic() + seconds  # the heartbeat: waits for the backoffs' time
+        async with tick:
+            await tick.wait_for(lambda: clock.monotonic() >= target)
+
+    app = middleware(shop, StalledStore(), clock=clock, lease=3.0, sleep=sleep, observer=recorder)
+    async with client_for(app) as client:
+        response = await client.post("/api/stream?size=3", headers=KEY)
+    assert response.status_code == 503
+    assert response.headers["idempotency-stored"] == "false"
+    backoff = [w for w in waits if w != 1.0]  # the heartbeat sleeps a third of the lease
+    assert backoff[:5] == [0.05, 0.1, 0.2, 0.4, 0.5]
+    assert max(backoff) == 0.5
+    assert len(completes) == len(backoff) + 1
+    assert completes[-1] - completes[0] <= 3.0  # bounded by the lease
+    assert any(completes[0] < t < completes[-1] for t in extends)  # the lease was kept
+    assert [e.outcome for e in recorder.of(BackendFailed)] == ["result not stored"]
+    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert shop.runs == {"stream": 1}
+
+
+async def test_a_renewal_in_flight_when_the_response_is_stored_is_no_lost_lease(
+    shop: Shop,
+) -> None:
+    inner = store_for(MemoryBackend())
+    recorder = Recorder()
+    renewing, answer = asyncio.Event(), asyncio.Event()
+
+    class SlowRenewals:
+        """A user-supplied store whose lease renewals take their time to answer."""
+
+        async def claim(self, *args: Any) -> Any:
+            return await inner.claim(*args)
+
+        async def complete(self, *args: Any) -> bool:
+            return await inner.complete(*args)
+
+        async def release(self, *args: Any) -> bool:
+            return await inner.release(*args)
+
+        async def extend(self, *args: Any) -> bool:
+            renewing.set()
+            await answer.wait()
+            return await inner.extend(*args)  # the record is completed by now: False
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    app = middleware(shop, SlowRenewals(), sleep=sleep, observer=recorder)
+    shop.gate.clear()
+    async with client_for(app) as client:
+        first = asyncio.create_task(client.post("/api/slow", headers=KEY))
+        await renewing.wait()  # a renewal is in flight while the handler ends
+        shop.gate.set()
+        response = await first
+        answer.set()  # the renewal answers after the response was stored
+        for _ in range(5):
+            await asyncio.sleep(0)
+        replay = await client.post("/api/slow", headers=KEY)
+    assert response.status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert recorder.of(LeaseLost) == []

@@ -73,10 +73,13 @@ class Model:
         return record
 
     def complete(self, key: str, owner: str, payload: bytes, ttl: int, now: int) -> bool:
+        done = self.live(key, now)
+        if done is not None and done.completed and done.owner == owner:
+            return True  # repeated by its owner: nothing changes
         record = self.owned(key, owner, now)
         if record is None:
             return False
-        self.records[key] = Record(True, record.fingerprint, "", now + ttl, payload)
+        self.records[key] = Record(True, record.fingerprint, owner, now + ttl, payload)
         return True
 
     def release(self, key: str, owner: str, now: int) -> bool:

@@ -36,6 +36,7 @@ REAL_VALUES: dict[tuple[str, str], object] = {
     ("RetryGaveUp", "reason"): "attempts",
     ("StaleServed", "reason"): "revalidating",
     ("CacheRefreshed", "reason"): "early",
+    ("CacheEntryInvalid", "reason"): "body",
 }
 
 

@@ -4,6 +4,13 @@ The sliding window keeps every window's count forever; the token bucket keeps it
 as an exact fraction. Durations are found by searching time for the first millisecond at
 which a predicate holds, not by formula. The production code (Python core and Lua) must
 agree with this model exactly.
+
+The block period: a denial by a policy with ``block_for`` denies everything for that long,
+and nothing can be taken meanwhile (``remaining`` is 0). A block at least as long as the
+policy's window outlives every unit counted before it, so they are forgotten: when the
+block ends the key starts afresh, and the block's ``retry_after`` is the block, exactly,
+whatever the phase of the window (the sliding window's two fixed windows would otherwise
+still weigh units the block outlived).
 """
 
 from __future__ import annotations
@@ -48,12 +55,21 @@ class WindowModel:
     def allows(self, now: int, cost: int) -> bool:
         return now >= self.blocked_until and self.fits(now, cost)
 
+    def outlived_by(self, block: int) -> bool:
+        """Whether a block of *block* ms outlives every unit counted before it."""
+        return block >= self.window
+
+    def forget(self) -> None:
+        self.counts.clear()
+
     def outcome(self, now: int, cost: int, taken: int) -> Outcome:
         horizon = 2 * self.window + self.block + 1
         allowed = self.allows(now, cost)
         remaining = (
             self.limit * self.window - self.weighted(now) - taken * self.window
         ) // self.window
+        if now < self.blocked_until:
+            remaining = 0
         if taken:
             self.counts[now // self.window] += taken
         reset = first_ms(
@@ -87,11 +103,18 @@ class BucketModel:
     def allows(self, now: int, cost: int) -> bool:
         return now >= self.blocked_until and self.level(now) >= cost
 
+    def outlived_by(self, block: int) -> bool:
+        """Whether a block of *block* ms outlives every unit counted before it."""
+        return block * self.rate >= self.burst * self.period  # the time to refill from empty
+
+    def forget(self) -> None:
+        self.tokens = Fraction(-1)
+
     def outcome(self, now: int, cost: int, taken: int) -> Outcome:
         horizon = (self.burst + cost) * self.period + self.block + 1
         allowed = self.allows(now, cost)
         level = self.level(now) - taken
-        remaining = int(level // 1)
+        remaining = 0 if now < self.blocked_until else int(level // 1)
         full_at = first_ms(
             lambda t: level + Fraction(t * self.rate, self.period) >= self.burst, horizon
         )
@@ -132,9 +155,7 @@ def model_check(models: Sequence[Model], now: int, cost: int, *, consume: bool) 
         for i, m in enumerate(models):
             if not m.allows(now, cost) and m.block and now >= m.blocked_until:
                 m.blocked_until = now + m.block
-                o = outcomes[i]
-                outcomes[i] = o._replace(
-                    retry_after_ms=max(o.retry_after_ms, m.block),
-                    reset_after_ms=max(o.reset_after_ms, m.block),
-                )
+                if m.outlived_by(m.block):
+                    m.forget()
+                outcomes[i] = m.outcome(now, cost, 0)
     return outcomes

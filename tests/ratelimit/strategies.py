@@ -15,7 +15,9 @@ periods = st.sampled_from([1, 3, 7, 100, 1000, 60_000])  # milliseconds
 def policies(draw: st.DrawFn) -> Policy:
     limit = draw(st.integers(1, 6))
     rate = Rate(limit, draw(periods) / 1000)
-    block = draw(st.sampled_from([0, 0, 0, 0.005, 2.5]))
+    # Blocks shorter than the window, as long, and longer: the block's end then falls in
+    # the next window or the one after, whose weighting it must not see.
+    block = draw(st.sampled_from([0, 0, 0, 0.005, 2.5, rate.period, 1.5 * rate.period]))
     if draw(st.booleans()):
         return SlidingWindow(rate, block_for=block)
     return TokenBucket(rate, burst=draw(st.integers(1, 6)), block_for=block)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from resilient import ConfigurationError, Rate, SlidingWindow, TokenBucket
 from resilient.ratelimit.core import Outcome, Policy, State, combine, evaluate
@@ -179,3 +180,50 @@ def test_decisions_never_report_negative_or_infinite_durations(
         for i, write in zip(step.which, writes, strict=True):
             if write is not None:
                 states[i] = write.state
+
+
+WINDOW_START = 1_800_000_000_000 - 1_800_000_000_000 % 900_000  # a 15-minute boundary
+
+
+@given(
+    phase=st.integers(0, 899_999),
+    gap=st.integers(0, 120_000),
+    block=st.sampled_from([900, 901, 1000, 1800, 3600]),
+    during=st.lists(st.integers(1, 900_000), max_size=4),
+)
+def test_a_block_as_long_as_the_window_lasts_exactly_that_long_at_any_phase(
+    phase: int, gap: int, block: int, during: list[int]
+) -> None:
+    # The shop's login rule. Its block used to be max(block, the window's own wait), and
+    # the window's wait depends on where in its fixed window the count falls: 900 s on a
+    # clock that starts late in a window, up to 1,080 s on one that starts early.
+    policy = SlidingWindow("5/15minutes", block_for=block)
+    state: State | None = None
+    now = WINDOW_START + phase
+    for _ in range(20):  # hits until the first denial
+        [outcome], [write] = evaluate([policy], [state], now, 1)
+        if write is not None:
+            state = write.state
+        if not outcome.allowed:
+            break
+        now += gap
+    assert outcome == Outcome(False, 0, block * 1000, block * 1000)
+    end = now + block * 1000
+    for elapsed in sorted(during):  # hits while blocked: the wait counts down, exactly
+        if now + elapsed >= end:
+            break
+        [outcome], [write] = evaluate([policy], [state], now + elapsed, 1)
+        assert outcome == Outcome(False, 0, end - now - elapsed, end - now - elapsed)
+        assert write is None  # a hit during the block neither counts nor extends it
+    [outcome], [write] = evaluate([policy], [state], end, 1)
+    assert outcome.allowed
+    assert outcome.remaining == 4  # the block outlived every hit counted before it
+
+
+def test_a_block_shorter_than_the_window_keeps_the_windows_count() -> None:
+    # A short block must never make a policy more lenient than the window alone.
+    policy = SlidingWindow("2/minute", block_for=10)
+    outcomes = _run(policy, [(0, 1), (0, 1), (0, 1), (10_000, 1), (60_000, 1), (90_000, 1)])
+    assert [o.allowed for o in outcomes] == [True, True, False, False, False, True]
+    assert outcomes[2] == Outcome(False, 0, 120_000, 90_000)
+    assert outcomes[3].retry_after_ms == 80_000

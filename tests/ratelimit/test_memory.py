@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilient import ConfigurationError, MemoryBackend, RateLimiter, SlidingWindow, TokenBucket
 from resilient.ratelimit.memory import MemoryRateLimitStore
@@ -80,3 +83,89 @@ def test_threads_admit_exactly_the_limit() -> None:
 def test_max_keys_is_validated() -> None:
     with pytest.raises(ConfigurationError, match="max_keys"):
         MemoryBackend(max_keys=0)
+
+
+class Unscannable(dict[str, Any]):
+    """A dict that counts the walks through it: making room must not walk the entries."""
+
+    walks = 0
+
+    def __iter__(self) -> Any:
+        type(self).walks += 1
+        return super().__iter__()
+
+    def items(self) -> Any:
+        type(self).walks += 1
+        return super().items()
+
+    def keys(self) -> Any:
+        type(self).walks += 1
+        return super().keys()
+
+    def values(self) -> Any:
+        type(self).walks += 1
+        return super().values()
+
+
+async def test_a_full_store_makes_room_without_walking_its_entries() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(max_keys=1_000)
+    limiter = RateLimiter(backend, clock=clock)
+    store = store_of(backend)
+    store._data = Unscannable()
+    Unscannable.walks = 0
+    policy = TokenBucket("5/minute")
+    for i in range(5_000):  # all unique: the hostile case; some keys hit again
+        await limiter.hit(f"k{i}", policy)
+        await limiter.hit(f"k{i // 2}", policy, TokenBucket("100/day"))
+        clock.advance(0.001)
+    assert Unscannable.walks == 0
+    assert len(store) == 1_000
+    assert len(store._expiries) <= 2 * 1_000 + 64
+
+
+async def test_below_the_bound_churn_never_walks_the_entries_either() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(max_keys=1_000_000)
+    limiter = RateLimiter(backend, clock=clock)
+    store = store_of(backend)
+    for i in range(5_000):
+        await limiter.hit(f"kept{i}", TokenBucket("1/day"))
+    store._data = Unscannable(store._data)
+    Unscannable.walks = 0
+    policy = TokenBucket("5/second")
+    for i in range(20_000):  # keys that come and go: reset (after a login, say)
+        await limiter.hit(f"k{i}", policy)
+        await limiter.reset(f"k{i}", policy)
+        clock.advance(0.001)
+    assert Unscannable.walks == 0
+    assert len(store._expiries) <= 5_000 + 4
+
+
+POLICIES = [TokenBucket("2/second"), SlidingWindow("3/minute"), TokenBucket("1/hour")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hits=st.lists(
+        st.tuples(st.integers(0, 12), st.integers(0, 2), st.integers(0, 3_000)), max_size=60
+    ),
+    max_keys=st.integers(1, 6),
+)
+async def test_a_new_key_evicts_the_entry_that_expires_first(
+    hits: list[tuple[int, int, int]], max_keys: int
+) -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(max_keys=max_keys)
+    limiter = RateLimiter(backend, clock=clock)
+    store = store_of(backend)
+    for key, policy, elapsed in hits:
+        clock.advance(elapsed / 1000)
+        before = {name: expires for name, (_, expires) in store._data.items()}
+        await limiter.hit(f"k{key}", POLICIES[policy])
+        after = set(store._data)
+        gone = set(before) - after
+        assert len(after) <= max_keys
+        if gone:  # a new key came in: the one that expires first made room for it
+            assert len(gone) == 1
+            assert gone == {min(before, key=lambda name: (before[name], name))}

@@ -248,6 +248,32 @@ async def test_block_period_outlasts_the_window(clock: FakeClock, limiter: RateL
         assert (await client.post("/api/login")).status_code == 200
 
 
+@pytest.mark.parametrize("phase", [0, 10, 500])
+@pytest.mark.parametrize("deny_cache", [0, 100])
+async def test_a_login_block_answers_retry_after_900_wherever_the_window_stands(
+    phase: int, deny_cache: int
+) -> None:
+    # The README's brute-force story: five guesses, then 429 with Retry-After 900, on a
+    # clock that starts anywhere in a 15-minute window (early, it used to say up to 1,080).
+    clock = FakeClock(start=1_800_000_000 - 1_800_000_000 % 900 + phase)
+    limiter = RateLimiter(clock=clock, deny_cache=deny_cache)
+    rule = Rule(SlidingWindow("5/15minutes", block_for=900), path="/api/login")
+    app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[rule])
+    async with client_for(app) as client:
+        guesses = [(await client.post("/api/login")).status_code for _ in range(5)]
+        blocked = await client.post("/api/login")
+        clock.advance(300)
+        still = await client.post("/api/login")
+        clock.advance(600)
+        after = await client.post("/api/login")
+    assert guesses == [200] * 5
+    assert (blocked.status_code, blocked.headers["retry-after"]) == (429, "900")
+    assert blocked.headers["ratelimit"] == '"5/15minutes";r=0;t=900'
+    assert (still.status_code, still.headers["retry-after"]) == (429, "600")
+    assert after.status_code == 200
+    assert after.headers["ratelimit"].startswith('"5/15minutes";r=4;')  # a fresh quota
+
+
 async def test_retry_after_passes_with_the_clock(clock: FakeClock, limiter: RateLimiter) -> None:
     app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("1/minute"))])
     async with client_for(app) as client:

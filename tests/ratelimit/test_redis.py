@@ -19,7 +19,7 @@ from resilient import (
     TokenBucket,
 )
 from resilient.events import BackendFailed, Event
-from resilient.testing import RedisCluster, RedisServer
+from resilient.testing import FakeClock, RedisCluster, RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -162,6 +162,43 @@ async def test_any_exception_escaping_the_client_is_a_backend_failure(
             await backend.guard("waiting", cancelled())
 
 
+# A 15-minute boundary, and moments after it: early in the window the sliding window's
+# own wait (up to 1,080 s for 5/15minutes) used to outlast the 900 s block.
+_BOUNDARY = 1_800_000_000 - 1_800_000_000 % 900
+
+
+@pytest.mark.parametrize("phase", [0, 10, 100, 179, 180, 500, 899])
+async def test_four_workers_on_one_redis_block_a_login_for_exactly_900_s(
+    redis_server: RedisServer, phase: int
+) -> None:
+    # The shop: four workers, each with its own client and deny cache, one Redis, the
+    # login rule; the attempts reach the workers in turn, a second apart.
+    clock = FakeClock(start=_BOUNDARY + phase)
+    clients = [redis.asyncio.Redis.from_url(redis_server.url) for _ in range(4)]
+    await clients[0].flushall()
+    backends = [RedisBackend(client, prefix="shop") for client in clients]
+    workers = [RateLimiter(b, clock=clock, deny_cache=10_000) for b in backends]
+    login = SlidingWindow("5/15minutes", block_for=900)
+    try:
+        admitted = [(await workers[i % 4].hit("login:alice", login)).allowed for i in range(5)]
+        assert admitted == [True] * 5
+        clock.advance(1)
+        blocked = await workers[1].hit("login:alice", login)
+        assert (blocked.allowed, blocked.retry_after, blocked.reset_after) == (False, 900, 900)
+        for i, wait in enumerate([1, 7, 100, 333, 458]):  # hits during the block, everywhere
+            clock.advance(wait)
+            again = await workers[i % 4].hit("login:alice", login)
+            assert not again.allowed
+            assert again.retry_after == 900 - (clock.time() - (_BOUNDARY + phase + 1))
+        clock.advance(1)  # the block's end: every worker admits, with a fresh quota
+        after = [await worker.hit("login:alice", login) for worker in workers]
+        assert [d.remaining for d in after if d.allowed] == [4, 3, 2, 1]
+    finally:
+        for backend, client in zip(backends, clients, strict=True):
+            await backend.aclose()
+            await client.aclose()
+
+
 def _hammer(url: str, cluster: bool, start: Any, hits: int, out: Any) -> None:
     async def main() -> int:
         client: Any = (
@@ -207,6 +244,44 @@ def test_several_processes_admit_exactly_the_limit_on_a_cluster(
     redis_cluster: RedisCluster,
 ) -> None:
     assert _run_processes(redis_cluster.url, cluster=True) == 120
+
+
+def _guess(url: str, start: Any, out: Any) -> None:
+    async def main() -> list[float | None]:
+        client = redis.asyncio.Redis.from_url(url)
+        backend = RedisBackend(client, prefix="shop")
+        limiter = RateLimiter(backend, deny_cache=10_000, on_backend_error="closed")
+        login = SlidingWindow("1/second", block_for=1)
+        await client.ping()
+        start.wait()
+        decisions = [await limiter.hit("login:alice", login) for _ in range(10)]
+        await backend.aclose()
+        await client.aclose()
+        return [None if d.allowed else d.retry_after for d in decisions]
+
+    out.put(asyncio.run(main()))
+
+
+@pytest.mark.slow
+def test_four_processes_on_redis_time_block_for_exactly_the_block(
+    redis_server: RedisServer,
+) -> None:
+    # Four real workers, each with its deny cache, on Redis TIME: one unit a second,
+    # blocked for a second. The denial that starts the block used to answer 1 s plus
+    # what was left of Redis's current second; now every worker's wait is at most 1 s.
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Event(), context.Queue()
+    workers = [context.Process(target=_guess, args=(redis_server.url, start, out)) for _ in "1234"]
+    for worker in workers:
+        worker.start()
+    start.set()
+    answers = [a for _ in workers for a in out.get(timeout=60)]
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    waits = [a for a in answers if a is not None]
+    assert len(waits) == len(answers) - 1  # one admitted, in all
+    assert max(waits) == 1.0
 
 
 def test_hash_tags_escape_braces_and_stay_distinct() -> None:

@@ -114,6 +114,9 @@ _B64_VALUES: Final = {
 # ones; of 4n+3 characters, 4 bits of data and 2 unused. Unused bits must be zero.
 _UNUSED_BITS: Final = {2: 0b1111, 3: 0b11}
 _KID = re.compile(r"[\x21-\x7e]{1,128}")
+# A JSON escape that may spell a surrogate (\uD800 to \uDFFF): the only way a lone one,
+# which no UTF-8 text can hold, gets into a parsed token.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _IGNORED_HEADERS: Final = ("jku", "x5u", "jwk", "x5c")
 
 
@@ -157,7 +160,27 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         raise MalformedToken from None
     if not isinstance(value, dict):
         raise MalformedToken
+    if _SURROGATE_ESCAPE.search(raw) is not None and _holds_lone_surrogate(value):
+        # I-JSON (RFC 7493) forbids them; let in, they break whatever encodes the claims
+        # (a JSON response, a log line, a Redis key), far from here.
+        msg = "the token's JSON holds a lone surrogate (\\uD800-\\uDFFF), which I-JSON forbids"
+        raise MalformedToken(msg)
     return value
+
+
+def _holds_lone_surrogate(value: object) -> bool:
+    """Whether *value*, parsed JSON, holds a string (or a key) that is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_holds_lone_surrogate(k) or _holds_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_lone_surrogate(item) for item in value)
+    return False
 
 
 def _media_type(typ: str) -> str:
@@ -360,7 +383,12 @@ class _Validation(Generic[_S]):
         if not (0 < r < order and 0 < s < order):
             raise BadSignature
         if self.reject_high_s and s > order // 2:
-            raise BadSignature
+            # Maybe genuine: some issuers do not normalize S. Say so, and what accepts it.
+            msg = (
+                "the token's ECDSA signature has a high S value (a malleable spelling); "
+                "validate with reject_high_s=False to accept issuers that do not normalize S"
+            )
+            raise BadSignature(msg)
 
     def _check_claims(self, claims: dict[str, Any]) -> None:  # noqa: PLR0912
         for name in self.required_claims:

@@ -16,9 +16,12 @@ _T = TypeVar("_T")
 class MemoryBackend:
     """Keep state in this process's memory: the embedded default.
 
-    Each block's store holds at most *max_keys* keys: expired keys are dropped first, then
-    the least recently written ones. State is not shared with other processes; use
-    :class:`~resilient.RedisBackend` when several workers must agree.
+    Each block's store holds at most *max_keys* keys; a new key in a full store evicts one,
+    in O(1) or O(log n) (never a walk of every key). Which one is each store's choice:
+    the rate-limit entry that expires first; an ended lease, else the completed
+    idempotency record closest to expiry (a running lease never: a store full of them
+    refuses new claims); the least recently used cache entry. State is not shared with
+    other processes; use :class:`~resilient.RedisBackend` when several workers must agree.
 
     >>> from resilient import RateLimiter
     >>> limiter = RateLimiter(MemoryBackend(max_keys=50_000))

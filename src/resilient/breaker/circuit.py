@@ -16,6 +16,7 @@ from resilient.breaker.core import (
     FAILED,
     SLOW,
     BreakerCore,
+    Shared,
     State,
     Transition,
     make_config,
@@ -64,10 +65,11 @@ class CircuitBreaker:
     ``lambda r: r.status_code >= 500``).
 
     With *backend* (a :class:`~resilient.RedisBackend`), instances share transitions:
-    one that opens the circuit opens it for all within *sync_interval* seconds, and one
-    instance at a time is elected to probe (see :mod:`resilient.breaker.redis`). Calls are
-    still counted locally, so a successful call costs no Redis command, and each instance
-    goes on deciding alone while Redis is unreachable.
+    one that opens the circuit opens it for all within *sync_interval* seconds, and once
+    the open period is over, the probes go to one instance at a time, the first with a
+    call, which claims the probe lease (see :mod:`resilient.breaker.redis`). Calls are
+    still counted locally, so a successful call through a closed circuit costs no Redis
+    command, and each instance goes on deciding alone while Redis is unreachable.
 
     No lock is held while the protected call runs; the success path of a closed breaker
     takes none at all once its count window is full of successes.
@@ -166,6 +168,7 @@ class CircuitBreaker:
                 self._shared.register(self, sync_interval)
             except ValueError as exc:
                 raise ConfigurationError(str(exc)) from None
+            self._core.shared = True
             self._shared.ensure_running()
 
     # --- state ------------------------------------------------------------------------
@@ -189,6 +192,38 @@ class CircuitBreaker:
             "failure_rate": failures / calls if calls else 0.0,
             "slow_call_rate": slows / calls if calls else 0.0,
         }
+
+    @property
+    def shared_store(self) -> SharedBreakerStore | None:
+        """The store this breaker shares its state through, or ``None`` (not shared)."""
+        return self._shared
+
+    @property
+    def probing(self) -> bool:
+        """Whether a probe admitted by this instance is in flight (it keeps its lease)."""
+        return self._core.probing
+
+    def wants_lease(self) -> bool:
+        """Whether a call now would probe, but this instance does not hold the lease."""
+        return self._core.wants_lease(self.clock.monotonic())
+
+    def apply_shared(
+        self,
+        view: Shared,
+        seconds: float,
+        now: float,
+        *,
+        newer: bool = False,
+        recheck: float = float("inf"),
+    ) -> None:
+        """Follow the shared state, read at monotonic *now*.
+
+        See :meth:`BreakerCore.apply_shared`; a transition it causes is reported, not
+        published again.
+        """
+        with self._lock:
+            transition = self._core.apply_shared(view, seconds, now, newer=newer, recheck=recheck)
+        self._report(transition, publish=False)
 
     def force_open(self) -> None:
         """Reject every call until :meth:`reset` or :meth:`force_closed`."""
@@ -216,7 +251,7 @@ class CircuitBreaker:
     def _report(self, transition: Transition | None, *, publish: bool = True) -> None:
         if transition is not None:
             if publish and self._shared is not None:
-                self._shared.transitioned(self, transition)
+                self._shared.transitioned(self, transition, self._core.open_for)
             old, new, reason = transition
             emit(
                 self.observer,
@@ -226,23 +261,70 @@ class CircuitBreaker:
     # --- admission and outcomes ---------------------------------------------------------
 
     def _admit(self) -> int:
-        """Admit a call or raise :class:`CircuitOpenError`; return its generation."""
+        """Admit a call or raise :class:`CircuitOpenError`; return its generation.
+
+        A call that would probe a shared circuit without the probe lease claims it first:
+        from a worker thread, waiting for the event loop's round trip; on the loop's own
+        thread it cannot wait, so it is rejected and the sync task claims the lease for
+        the next call. :meth:`_admit_async` claims it on the call path.
+        """
         core = self._core
         generation = core.generation  # read first: a transition after it voids the call
-        if self._shared is not None:
-            self._shared.ensure_running()
+        shared = self._shared
+        if shared is not None:
+            shared.ensure_running()
         if core.state is _CLOSED:
             return generation
+        admitted, wants_lease = self._try_admit()
+        if (
+            admitted is None
+            and wants_lease
+            and shared is not None
+            and shared.claim_from_thread(self)
+        ):
+            admitted, _ = self._try_admit()
+        if admitted is None:
+            self._reject()
+        return admitted  # type: ignore[return-value]
+
+    async def _admit_async(self) -> int:
+        """:meth:`_admit`, claiming a shared circuit's probe lease now (one round trip)."""
+        core = self._core
+        generation = core.generation
+        shared = self._shared
+        if shared is not None:
+            shared.ensure_running()
+        if core.state is _CLOSED:
+            return generation
+        admitted, wants_lease = self._try_admit()
+        if admitted is None and wants_lease and shared is not None:
+            await shared.claim(self)
+            admitted, _ = self._try_admit()
+        if admitted is None:
+            self._reject()
+        return admitted  # type: ignore[return-value]
+
+    def _try_admit(self) -> tuple[int | None, bool]:
+        """Admit a call if the core does.
+
+        Return its generation (or ``None``), and whether the call would probe but the
+        probe lease must be claimed first.
+        """
+        core = self._core
         now = self.clock.monotonic()
         with self._lock:
             admitted, transition = core.admit(now)
-            retry_after = core.retry_after(now) if admitted is None else 0.0
+            wants_lease = admitted is None and core.wants_lease(now)
         self._report(transition)
-        if admitted is None:
-            emit(self.observer, CallRejected("breaker", self.name, retry_after))
-            msg = f"circuit {self.name!r} is {core.state.value}; retry in {retry_after:.3f}s"
-            raise CircuitOpenError(msg, breaker=self.name, retry_after=retry_after)
-        return admitted
+        return admitted, wants_lease
+
+    def _reject(self) -> None:
+        core = self._core
+        with self._lock:
+            retry_after = core.retry_after(self.clock.monotonic())
+        emit(self.observer, CallRejected("breaker", self.name, retry_after))
+        msg = f"circuit {self.name!r} is {core.state.value}; retry in {retry_after:.3f}s"
+        raise CircuitOpenError(msg, breaker=self.name, retry_after=retry_after)
 
     def _succeeded(self, generation: int, start: float, result: object) -> None:
         flags = 0
@@ -382,7 +464,8 @@ class CircuitBreaker:
         kwargs: dict[str, Any],
     ) -> _R:
         try:
-            generation = self._admit()
+            # Closed: the plain admission, without a coroutine of its own.
+            generation = self._admit() if self._core.state is _CLOSED else await self._admit_async()
         except CircuitOpenError:
             if self.fallback is None:
                 raise
@@ -417,7 +500,9 @@ class CircuitBreaker:
             self._raised(generation, start, exc)
 
     async def __aenter__(self) -> CircuitBreaker:
-        return self.__enter__()
+        generation = self._admit() if self._core.state is _CLOSED else await self._admit_async()
+        self._entered.set((*self._entered.get(), (generation, self._start())))
+        return self
 
     async def __aexit__(
         self,

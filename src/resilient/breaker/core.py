@@ -21,6 +21,11 @@
 * ``FORCED_OPEN`` rejects and ``DISABLED`` admits everything, recording nothing, until
   :meth:`BreakerCore.reset`.
 
+Shared between instances (:mod:`resilient.breaker.redis`), an open circuit whose time is
+up half-opens only on the instance that holds the *probe lease*, and only while it holds
+it: the instance claims the lease when a call arrives (:meth:`BreakerCore.wants_lease`),
+and the store tells the core what the shared state says (:meth:`BreakerCore.apply_shared`).
+
 Every transition starts a new *generation*. An admission returns the generation it was
 made in, and an outcome counts only in that generation, so a call that started before the
 circuit opened cannot count against the probes that follow.
@@ -41,6 +46,7 @@ __all__ = [
     "BreakerConfig",
     "BreakerCore",
     "CountWindow",
+    "Shared",
     "State",
     "TimeWindow",
 ]
@@ -59,6 +65,23 @@ class State(enum.Enum):
     HALF_OPEN = "half_open"
     FORCED_OPEN = "forced_open"
     DISABLED = "disabled"
+
+
+class Shared(enum.Enum):
+    """What the shared state says of a circuit, as one instance reads it."""
+
+    CLOSED = "c"
+    """Closed for every instance."""
+    OPEN = "o"
+    """Open for every instance, for the seconds given."""
+    WAIT = "w"
+    """Another instance holds the probe lease, for the seconds given."""
+    LEASED = "p"
+    """This instance holds the probe lease, for the seconds given."""
+    FREE = "f"
+    """The open period is over and nobody holds the lease: the next call may claim it."""
+    UNREACHABLE = "u"
+    """The shared state cannot be read: the instance decides alone."""
 
 
 class BreakerConfig(NamedTuple):
@@ -249,15 +272,15 @@ class BreakerCore:
         "_failure_rate",
         "_slow_rate",
         "config",
-        "gated",
         "generation",
+        "lease_until",
         "open_for",
         "open_until",
         "probe_calls",
         "probe_failures",
-        "probe_granted",
         "probe_slows",
         "probes_out",
+        "shared",
         "state",
         "trips",
         "window",
@@ -275,10 +298,11 @@ class BreakerCore:
         self.open_until = 0.0
         self.open_for = config.open_for
         self.trips = 0  # reopenings since the last close
-        # Shared state: while *gated*, an open circuit whose time is up waits for
-        # *probe_granted* (this instance elected as the prober) before it half-opens.
-        self.gated = False
-        self.probe_granted = False
+        # Shared state: while *shared*, an open circuit whose time is up half-opens, and
+        # a half-open one admits probes, only until *lease_until* (this instance holds
+        # the probe lease until then).
+        self.shared = False
+        self.lease_until = -math.inf
         self.probes_out = self.probe_calls = self.probe_failures = self.probe_slows = 0
 
     def _new_window(self) -> CountWindow | TimeWindow:
@@ -302,16 +326,67 @@ class BreakerCore:
             return self.generation, None
         transition = None
         if state is State.OPEN:
-            if now < self.open_until or (self.gated and not self.probe_granted):
+            if now < self.open_until or (self.shared and now >= self.lease_until):
                 return None, None
-            self.probe_granted = False
             transition = self._move(State.HALF_OPEN, "open_for elapsed")
-        elif state is State.FORCED_OPEN:
-            return None, None
+        elif state is State.FORCED_OPEN or (self.shared and now >= self.lease_until):
+            return None, None  # forced open, or half-open without the probe lease
         if self.probes_out >= self.config.half_open_calls:
             return None, transition
         self.probes_out += 1
         return self.generation, transition
+
+    def wants_lease(self, now: float) -> bool:
+        """Whether a call now would probe, but this instance does not hold the lease."""
+        state = self.state
+        return (
+            self.shared
+            and now >= self.lease_until
+            and (state is State.HALF_OPEN or (state is State.OPEN and now >= self.open_until))
+        )
+
+    @property
+    def probing(self) -> bool:
+        """Whether a probe admitted by this instance is in flight."""
+        return self.state is State.HALF_OPEN and self.probes_out > self.probe_calls
+
+    def apply_shared(
+        self,
+        view: Shared,
+        seconds: float,
+        now: float,
+        *,
+        newer: bool = False,
+        recheck: float = math.inf,
+    ) -> Transition | None:
+        """Follow what the shared state says (read at *now*); return the transition.
+
+        *seconds* go with *view* (how long the circuit stays open, or the lease runs);
+        *newer* says whether the shared state changed since this instance last read it;
+        while another instance probes, this one reads the state again after *recheck*
+        seconds at most.
+        """
+        if view is Shared.UNREACHABLE:
+            self.shared = False  # no lease without the shared state: decide alone
+            return None
+        self.shared = True
+        state = self.state
+        if state is State.FORCED_OPEN or state is State.DISABLED:
+            return None  # manual states stay local
+        transition = None
+        if view is Shared.CLOSED:
+            if newer and (state is State.OPEN or state is State.HALF_OPEN):
+                transition = self._close("closed by another instance")
+        elif view is Shared.LEASED or view is Shared.FREE:
+            self.lease_until = now + seconds if view is Shared.LEASED else -math.inf
+            if state is State.OPEN:
+                self.open_until = min(self.open_until, now)
+            elif state is State.CLOSED and view is Shared.FREE:
+                transition = self.open_at(now, 0.0, "opened by another instance")
+        else:  # OPEN, or WAIT: another instance probes, read again within *recheck*
+            wait = min(seconds, recheck) if view is Shared.WAIT else seconds
+            transition = self.open_at(now, wait, "opened by another instance")
+        return transition
 
     def release(self, generation: int) -> None:
         """Give back a probe admitted in *generation* that recorded no outcome."""
@@ -365,13 +440,14 @@ class BreakerCore:
                 self.config.max_open_for,
             )
         self.open_until = now + self.open_for
-        self.probe_granted = False
+        self.lease_until = -math.inf
         return self._move(State.OPEN, reason)
 
     def _close(self, reason: str) -> Transition:
         self.trips = 0
         self.open_for = self.config.open_for
         self.window = self._new_window()
+        self.lease_until = -math.inf
         return self._move(State.CLOSED, reason)
 
     def _move(self, state: State, reason: str) -> Transition:
@@ -385,7 +461,7 @@ class BreakerCore:
         if self.state in (State.FORCED_OPEN, State.DISABLED):
             return None
         self.open_until = now + open_for
-        self.probe_granted = False
+        self.lease_until = -math.inf
         if self.state is State.OPEN:
             return None
         return self._move(State.OPEN, reason)

@@ -1,12 +1,20 @@
 """Circuit-breaker state shared through :class:`~resilient.RedisBackend`.
 
-Each instance keeps counting its own calls, so the success path never talks to Redis.
-Only transitions travel: an instance that opens a circuit publishes it (``publish.lua``)
-and, every ``sync_interval`` seconds, each instance reads the shared state of its breakers
-(``sync.lua``, one round trip per breaker). When an open period ends, the same script
-elects one instance, holding a lease, as the only one allowed to probe; its probes close
-the circuit for everyone, or open it again. If Redis is unreachable, each instance decides
-on its own until Redis is back.
+Each instance keeps counting its own calls, so the success path of a closed circuit never
+talks to Redis. Only transitions travel: an instance that opens a circuit publishes it
+(``publish.lua``) and, every ``sync_interval`` seconds, each instance reads the shared
+state of its breakers (``sync.lua``, one round trip per breaker).
+
+Once the open period is over, the probes go to one instance at a time, the one holding the
+*probe lease*, and that is an instance with a call to probe with: the first call that
+finds its circuit's open period over claims the lease (``claim.lua``, one round trip, on
+the call path; a sync call on the event loop's own thread cannot wait for it, so the
+background task claims it and the next call probes). The holder renews the lease on each
+sync only while one of its probes is in flight; a lease lasts three sync intervals, so the
+lease of an instance that died, or that received no more calls, runs out and the next
+instance with a call probes. The holder's probes close the circuit for everyone, or open
+it again. If Redis is
+unreachable, each instance decides on its own until Redis is back.
 
 The publishing and reading run in one background task per backend, started on the event
 loop of the first call through a shared breaker.
@@ -15,15 +23,17 @@ loop of the first call through a shared breaker.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import threading
 from collections import deque
+from concurrent.futures import CancelledError
 from math import ceil
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from resilient._tasks import stop
 from resilient.backends.redis import RedisBackend, Script
-from resilient.breaker.core import State, Transition
+from resilient.breaker.core import Shared, State, Transition
 from resilient.clock import SystemClock
 from resilient.errors import BackendError
 from resilient.events import BackendFailed, emit
@@ -35,7 +45,10 @@ __all__ = ["SharedBreakerStore"]
 
 _PUBLISH = Script("resilient.breaker.lua", "publish.lua", needs_now=True)
 _SYNC = Script("resilient.breaker.lua", "sync.lua", needs_now=True)
+_CLAIM = Script("resilient.breaker.lua", "claim.lua", needs_now=True)
 _KEEP_MS = 86_400_000  # a closed circuit's state is kept a day after its last change
+_LEASE_INTERVALS = 3  # a lease lasts this many sync intervals of its holder
+_VIEWS = {view.value: view for view in Shared}
 
 
 class SharedBreakerStore:
@@ -44,13 +57,16 @@ class SharedBreakerStore:
     __slots__ = (
         "_backend",
         "_breakers",
+        "_claiming",
         "_failing",
         "_lock",
         "_loop",
         "_pending",
         "_seen",
+        "_syncing",
         "_task",
         "_wake",
+        "_wanted",
         "interval",
         "token",
     )
@@ -59,13 +75,16 @@ class SharedBreakerStore:
         self._backend = backend
         self._breakers: dict[str, CircuitBreaker] = {}
         self._seen: dict[str, int] = {}
-        self._pending: deque[tuple[CircuitBreaker, str]] = deque()
+        self._pending: deque[tuple[CircuitBreaker, str, float]] = deque()
+        self._wanted: dict[str, CircuitBreaker] = {}  # leases asked for by sync calls
+        self._claiming: dict[str, asyncio.Task[None]] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._syncing: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
         self._failing = False
-        self.interval = 1.0
+        self.interval = math.inf
         self.token = secrets.token_hex(8)  # this instance, as a prober
 
     def register(self, breaker: CircuitBreaker, interval: float) -> None:
@@ -75,10 +94,14 @@ class SharedBreakerStore:
                 msg = f"another breaker named {breaker.name!r} already shares this backend"
                 raise ValueError(msg)
             self.interval = min(self.interval, interval)
-        breaker._core.gated = True
 
     def _key(self, name: str) -> str:
         return self._backend.key("cb", name, "s")
+
+    @property
+    def lease(self) -> float:
+        """Seconds a probe lease lasts: three sync intervals, renewed while a probe runs."""
+        return self.interval * _LEASE_INTERVALS
 
     @property
     def idle(self) -> bool:
@@ -98,19 +121,81 @@ class SharedBreakerStore:
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name="resilient breaker sync")
 
-    def transitioned(self, breaker: CircuitBreaker, transition: Transition) -> None:
-        """Queue a local transition for publishing (thread-safe); wake the sync task."""
+    def _wake_up(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+        self.ensure_running()
+
+    def transitioned(
+        self, breaker: CircuitBreaker, transition: Transition, open_for: float
+    ) -> None:
+        """Queue a local transition for publishing (thread-safe); wake the sync task.
+
+        *open_for* is how long the circuit stays open, for an opening.
+        """
         if transition.new is State.OPEN:
             kind = "open"
         elif transition.new is State.CLOSED and transition.old is State.HALF_OPEN:
             kind = "close"
         else:
             return  # manual states stay local
-        self._pending.append((breaker, kind))
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(wake.set)
-        self.ensure_running()
+        self._pending.append((breaker, kind, open_for))
+        self._wake_up()
+
+    def want_lease(self, breaker: CircuitBreaker) -> None:
+        """Claim *breaker*'s probe lease in the background (thread-safe): a sync call wants it."""
+        self._wanted[breaker.name] = breaker
+        self._wake_up()
+
+    def claim_from_thread(self, breaker: CircuitBreaker) -> bool:
+        """Claim *breaker*'s lease for a sync call; return whether the answer is applied.
+
+        From a thread other than the event loop's, the claim runs on the loop and this
+        thread waits for it (one round trip, at most one sync interval). On the loop's own
+        thread, or with no loop running, nothing may block: the sync task claims it for
+        the next call, and this returns ``False``.
+        """
+        loop = self._loop
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            loop = None  # called on a running loop: blocking it would stall it
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self.want_lease(breaker)
+            return False
+        future = asyncio.run_coroutine_threadsafe(self.claim(breaker), loop)
+        try:
+            future.result(timeout=self.interval)
+        except (TimeoutError, CancelledError):  # the loop is busy, or shutting down
+            future.cancel()
+            return False
+        return True
+
+    async def claim(self, breaker: CircuitBreaker) -> None:
+        """Claim *breaker*'s probe lease now, in one round trip, and apply the answer.
+
+        Concurrent claims for one breaker share one round trip. If Redis is unreachable,
+        every breaker of this store decides alone until a sync succeeds.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self.want_lease(breaker)  # another loop's calls: the sync task claims it
+            return
+        task = self._claiming.get(breaker.name)
+        if task is None:
+            task = loop.create_task(self._claim_or_fail(breaker))
+            self._claiming[breaker.name] = task
+            task.add_done_callback(lambda _: self._claiming.pop(breaker.name, None))
+        await asyncio.shield(task)
+
+    async def _claim_or_fail(self, breaker: CircuitBreaker) -> None:
+        try:
+            await self._claim(breaker)
+        except BackendError as exc:
+            self._failed(exc, "claim")
 
     async def _run(self) -> None:
         wake = self._wake
@@ -125,27 +210,41 @@ class SharedBreakerStore:
             wake.clear()
 
     async def sync_now(self) -> None:
-        """Publish pending transitions, then read every shared breaker's state, now."""
+        """Publish, claim the leases sync calls asked for, and read every state, now.
+
+        Publishes the pending transitions first, then claims, then reads each shared
+        breaker's state (renewing its lease while one of its probes is in flight).
+        """
+        if self._syncing is None:
+            self._syncing = asyncio.Lock()
+        async with self._syncing:  # one at a time: a sync by hand waits for the task's
+            await self._sync_all()
+
+    async def _sync_all(self) -> None:
         try:
             while self._pending:
-                breaker, kind = self._pending.popleft()
-                await self._publish(breaker, kind)
+                breaker, kind, open_for = self._pending.popleft()
+                await self._publish(breaker, kind, open_for)
+            while self._wanted:
+                _, breaker = self._wanted.popitem()
+                if breaker.wants_lease():
+                    await self._claim(breaker)
             for breaker in list(self._breakers.values()):
                 await self._sync(breaker)
         except BackendError as exc:
-            if not self._failing:
-                emit(
-                    next(iter(self._breakers.values())).observer if self._breakers else None,
-                    BackendFailed("breaker", "sync", exc, "deciding locally"),
-                )
-            self._failing = True
-            for breaker in self._breakers.values():
-                breaker._core.gated = False  # no election without Redis: decide locally
+            self._failed(exc, "sync")
             return
-        if self._failing:
-            self._failing = False
-            for breaker in self._breakers.values():
-                breaker._core.gated = True
+        self._failing = False
+
+    def _failed(self, exc: BackendError, operation: str) -> None:
+        if not self._failing:
+            emit(
+                next(iter(self._breakers.values())).observer if self._breakers else None,
+                BackendFailed("breaker", operation, exc, "deciding locally"),
+            )
+        self._failing = True
+        for breaker in list(self._breakers.values()):
+            breaker.apply_shared(Shared.UNREACHABLE, 0.0, breaker.clock.monotonic())
 
     @staticmethod
     def _now(breaker: CircuitBreaker) -> str | int:
@@ -153,9 +252,8 @@ class SharedBreakerStore:
         clock = breaker.clock
         return "r" if isinstance(clock, SystemClock) else int(clock.time() * 1000)
 
-    async def _publish(self, breaker: CircuitBreaker, kind: str) -> None:
-        core = breaker._core
-        open_for_ms = max(1, ceil(core.open_for * 1000))
+    async def _publish(self, breaker: CircuitBreaker, kind: str, open_for: float) -> None:
+        open_for_ms = max(1, ceil(open_for * 1000))
         reply = await self._backend.run_script(
             _PUBLISH,
             [self._key(breaker.name)],
@@ -163,33 +261,38 @@ class SharedBreakerStore:
         )
         self._seen[breaker.name] = int(reply[0])
 
-    async def _sync(self, breaker: CircuitBreaker) -> None:
-        core = breaker._core
-        lease_ms = max(1, ceil(max(core.open_for, self.interval * 3) * 1000))
+    def _lease_ms(self) -> int:
+        return max(1, ceil(self.lease * 1000))
+
+    async def _claim(self, breaker: CircuitBreaker) -> None:
+        now = breaker.clock.monotonic()  # before the round trip: the lease ends no later here
+        seen = self._seen.get(breaker.name, 0)
         reply = await self._backend.run_script(
-            _SYNC, [self._key(breaker.name)], (self._now(breaker), self.token, lease_ms)
+            _CLAIM,
+            [self._key(breaker.name)],
+            (self._now(breaker), self.token, self._lease_ms(), seen, _KEEP_MS),
         )
+        self._apply(breaker, reply, now)
+
+    async def _sync(self, breaker: CircuitBreaker) -> None:
+        now = breaker.clock.monotonic()
+        renew = "1" if breaker.probing else "0"
+        reply = await self._backend.run_script(
+            _SYNC,
+            [self._key(breaker.name)],
+            (self._now(breaker), self.token, self._lease_ms(), renew),
+        )
+        self._apply(breaker, reply, now)
+
+    def _apply(self, breaker: CircuitBreaker, reply: Any, now: float) -> None:
         kind, generation, ms = reply[0], int(reply[1]), int(reply[2])
         if isinstance(kind, bytes):
             kind = kind.decode()
         seen = self._seen.get(breaker.name, 0)
         self._seen[breaker.name] = max(seen, generation)
-        now = breaker.clock.monotonic()
-        transition = None
-        with breaker._lock:
-            state = core.state
-            if kind == "c":
-                if generation > seen and state in (State.OPEN, State.HALF_OPEN):
-                    transition = core.force(State.CLOSED, "closed by another instance")
-            elif kind in ("o", "w"):
-                if state in (State.CLOSED, State.HALF_OPEN, State.OPEN):
-                    wait = ms / 1000 if kind == "o" else min(ms / 1000, self.interval)
-                    transition = core.open_at(now, wait, "opened by another instance")
-            elif kind == "p" and state in (State.CLOSED, State.OPEN):
-                transition = core.open_at(now, 0.0, "elected to probe")
-                core.probe_granted = True
-        if transition is not None:
-            breaker._report(transition, publish=False)
+        breaker.apply_shared(
+            _VIEWS[str(kind)], ms / 1000, now, newer=generation > seen, recheck=self.interval
+        )
 
     async def aclose(self) -> None:
         """Stop the sync task."""

@@ -16,6 +16,7 @@ from resilient.backends.redis import RedisBackend
 from resilient.cache.core import (
     MISSING,
     Entry,
+    InvalidEntry,
     JSONSerializer,
     Serializer,
     jittered_ttl,
@@ -27,6 +28,7 @@ from resilient.clock import Clock, SystemClock
 from resilient.errors import BackendError, ConfigurationError
 from resilient.events import (
     BackendFailed,
+    CacheEntryInvalid,
     CacheHit,
     CacheLockWait,
     CacheMiss,
@@ -45,6 +47,7 @@ __all__ = ["Cache"]
 
 _T = TypeVar("_T")
 _DEFAULT_OBSERVER = LoggingObserver()
+_INVALID: Any = object()  # what _value returns for an entry it cannot read
 
 
 class _LoaderFailed(Exception):
@@ -69,7 +72,10 @@ class Cache:
     stale for up to *stale_while_revalidate* seconds while one background load refreshes
     it, and for up to *stale_if_error* seconds when the loader fails. ``None`` results
     are cached only with *negative_ttl* (for "not found"). Values are stored with
-    *serializer* (JSON by default; nothing is ever unpickled).
+    *serializer* (JSON by default; nothing is ever unpickled). An entry that cannot be
+    read (another writer's bytes, a truncated value, a header of another version) is a
+    miss: it is never served, even stale, the loader runs and overwrites it, and a
+    :class:`~resilient.events.CacheEntryInvalid` event says so.
 
     On a :class:`~resilient.RedisBackend`, one process loads a key for all of them: the
     others wait, up to *max_wait* seconds, to be woken when the value is written (no
@@ -180,11 +186,33 @@ class Cache:
     # --- plain operations ---------------------------------------------------------------
 
     async def get(self, key: str) -> Any:
-        """Return *key*'s fresh value, or :data:`~resilient.cache.MISSING`."""
-        entry = await self._entry_of(key, self.clock.time())
+        """Return *key*'s fresh value, or :data:`~resilient.cache.MISSING`.
+
+        An entry that cannot be read is missing (and a ``CacheEntryInvalid`` says so).
+        """
+        try:
+            entry = await self._entry_of(key, self.clock.time())
+        except InvalidEntry as exc:
+            self._invalid(key, exc)
+            return MISSING
         if entry is None or not entry.fresh(self.clock.time()):
             return MISSING
-        return self.serializer.loads(entry.data)
+        value = self._value(key, entry)
+        return MISSING if value is _INVALID else value
+
+    def _value(self, key: str, entry: Entry) -> Any:
+        """Return *entry*'s value, or ``_INVALID`` (reported) if the serializer cannot read it."""
+        try:
+            return self.serializer.loads(entry.data)
+        except Exception as exc:  # any serializer's failure: another writer's bytes
+            self._invalid(key, InvalidEntry("body", repr(exc)))
+            return _INVALID
+
+    def _invalid(self, key: str, error: InvalidEntry) -> None:
+        """Report an unreadable entry of *key*; never serve it again from this process."""
+        if self._l1 is not None:
+            self._l1.drop(key)
+        emit(self.observer, CacheEntryInvalid("cache", key, error.reason))
 
     async def _entry_of(self, key: str, now: float) -> Entry | None:
         l1 = self._l1
@@ -266,23 +294,30 @@ class Cache:
         except BackendError as exc:
             emit(self.observer, BackendFailed("cache", "get", exc, "loaded directly"))
             entry = None
+        except InvalidEntry as exc:
+            self._invalid(key, exc)
+            entry = None
+        value = _INVALID
         if entry is not None:
-            if entry.fresh(now):
+            value = self._value(key, entry)
+            if value is _INVALID:
+                entry = None
+            elif entry.fresh(now):
                 if should_refresh_early(entry, now, self.beta, self.rng):
                     self._background(key, loader, ttl, tags, "early")
                 emit(self.observer, CacheHit("cache", key))
-                return self.serializer.loads(entry.data)
-            if now < entry.expires_at + self.stale_while_revalidate:
+                return value
+            elif now < entry.expires_at + self.stale_while_revalidate:
                 self._background(key, loader, ttl, tags, "stale")
                 emit(self.observer, StaleServed("cache", key, "revalidating"))
-                return self.serializer.loads(entry.data)
+                return value
         emit(self.observer, CacheMiss("cache", key))
         try:
             return await self._flight(key, loader, ttl, tags)
         except Exception:
             if entry is not None and now < entry.expires_at + self.stale_if_error:
                 emit(self.observer, StaleServed("cache", key, "error"))
-                return self.serializer.loads(entry.data)
+                return value
             raise
 
     def get_or_load_sync(
@@ -305,25 +340,33 @@ class Cache:
             raise ConfigurationError(msg)
         now = self.clock.time()
         entry = store.get_now(key, now)
+        unreadable: Entry | None = None
         if entry is not None and entry.fresh(now):
-            emit(self.observer, CacheHit("cache", key))
-            return self.serializer.loads(entry.data)  # type: ignore[no-any-return]
+            value = self._value(key, entry)
+            if value is not _INVALID:
+                emit(self.observer, CacheHit("cache", key))
+                return value  # type: ignore[no-any-return]
+            unreadable, entry = entry, None
         with self._sync_lock:
             lock = self._sync_flights.setdefault(key, threading.Lock())
         with lock:  # one loader per key; the others wait here, then find its value
             now = self.clock.time()
             again = store.get_now(key, now)
-            if again is not None and again.fresh(now):
-                emit(self.observer, CacheHit("cache", key))
-                return self.serializer.loads(again.data)  # type: ignore[no-any-return]
+            if again is not None and again.fresh(now) and again is not unreadable:
+                value = self._value(key, again)
+                if value is not _INVALID:
+                    emit(self.observer, CacheHit("cache", key))
+                    return value  # type: ignore[no-any-return]
             emit(self.observer, CacheMiss("cache", key))
             started = self.clock.monotonic()
             try:
                 value = loader()
             except Exception:
                 if entry is not None and now < entry.expires_at + self.stale_if_error:
-                    emit(self.observer, StaleServed("cache", key, "error"))
-                    return self.serializer.loads(entry.data)  # type: ignore[no-any-return]
+                    stale = self._value(key, entry)
+                    if stale is not _INVALID:
+                        emit(self.observer, StaleServed("cache", key, "error"))
+                        return stale  # type: ignore[no-any-return]
                 raise
             fresh = self._entry(value, ttl, delta=self.clock.monotonic() - started)
             if fresh is not None:
@@ -412,10 +455,23 @@ class Cache:
         token = secrets.token_hex(8)
         lease_ms = math.ceil(self.lock_lease * 1000)
         deadline = loop.time() + self.max_wait
+        over_value = False
         while True:
-            kind, found = await store.claim(key, self.clock.time(), token, lease_ms)
-            if kind == "v" and found is not None:
-                return self.serializer.loads(found.data)
+            try:
+                kind, found = await store.claim(
+                    key, self.clock.time(), token, lease_ms, over_value=over_value
+                )
+            except InvalidEntry as exc:
+                self._invalid(key, exc)
+                over_value = True  # claim the load over it, as for a miss
+                continue
+            over_value = False
+            if kind == "v":
+                value = self._value(key, found)
+                if value is _INVALID:
+                    over_value = True
+                    continue
+                return value
             if kind == "o":
                 return await self._load_owned(store, key, token, loader=loader, ttl=ttl, tags=tags)
             left = deadline - loop.time()

@@ -24,6 +24,7 @@ from resilient.errors import ConfigurationError
 __all__ = [
     "MISSING",
     "Entry",
+    "InvalidEntry",
     "JSONSerializer",
     "Serializer",
     "jittered_ttl",
@@ -62,6 +63,19 @@ class Entry:
     def servable(self, now: float) -> bool:
         """Whether the entry may be served at all, if only as stale."""
         return now < self.stale_until
+
+
+class InvalidEntry(Exception):
+    """Raised by a store for a value it holds under a key but cannot read as an entry.
+
+    ``reason`` is ``"header"`` (not an entry of this cache) or ``"body"`` (the serializer
+    cannot read its value). :class:`~resilient.Cache` treats it as a miss: the loader runs,
+    the entry is overwritten, and a :class:`~resilient.events.CacheEntryInvalid` says so.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 def should_refresh_early(entry: Entry, now: float, beta: float, rng: random.Random) -> bool:
@@ -105,11 +119,20 @@ class JSONSerializer:
             raise TypeError(msg) from exc
 
     def loads(self, data: bytes, /) -> Any:
-        """Return the value of JSON *data*."""
-        return json.loads(data)
+        """Return the value of JSON *data*; :class:`ValueError` if it is not what ``dumps`` writes.
+
+        Strict: UTF-8 only (never guessed from the bytes) and no ``NaN`` or ``Infinity``,
+        which ``dumps`` refuses to write.
+        """
+        return json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constant)
 
     def __repr__(self) -> str:
         return "JSONSerializer()"
+
+
+def _no_constant(name: str) -> Any:
+    msg = f"{name} is not JSON"
+    raise ValueError(msg)
 
 
 def validate_seconds(name: str, value: float, *, allow_zero: bool = True) -> float:

@@ -18,6 +18,10 @@ class MemoryCacheStore:
     Tags are invalidated by bumping a version: an entry remembers the versions of its tags
     when it was set, and one whose tag moved on is gone. Invalidation is O(tags), whatever
     the number of entries.
+
+    A new key in a full store evicts the least recently used entry (read or written), in
+    O(1): no scan for expired entries. Those are dropped when read, and otherwise age out
+    of the LRU order like any entry nobody reads.
     """
 
     __slots__ = ("_entries", "_lock", "_tags", "max_keys")
@@ -60,7 +64,7 @@ class MemoryCacheStore:
             self._entries[key] = entry
             self._entries.move_to_end(key)
             if len(self._entries) > self.max_keys:
-                self._evict(now)
+                self._entries.popitem(last=False)  # the least recently used
 
     async def delete(self, key: str) -> None:
         """Forget *key*."""
@@ -72,13 +76,6 @@ class MemoryCacheStore:
         with self._lock:
             for tag in tags:
                 self._tags[tag] = self._tags.get(tag, 0) + 1
-
-    def _evict(self, now: float) -> None:
-        entries = self._entries
-        for key in [k for k, e in entries.items() if not e.servable(now)]:
-            del entries[key]
-        while len(entries) > self.max_keys:
-            entries.popitem(last=False)  # the least recently used
 
     def __repr__(self) -> str:
         return f"MemoryCacheStore({len(self._entries)} entries, max_keys={self.max_keys})"

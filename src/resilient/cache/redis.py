@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from resilient.backends.redis import RedisBackend, Script
-from resilient.cache.core import Entry
+from resilient.cache.core import Entry, InvalidEntry
 from resilient.errors import BackendError
 
 __all__ = ["RedisCacheStore"]
@@ -39,7 +39,7 @@ def pack(entry: Entry) -> bytes:
 
 
 def unpack(raw: bytes) -> Entry | None:
-    """Return the entry *raw* holds, or ``None`` if it is not one."""
+    """Return the entry *raw* holds, or ``None`` if it is not one (bad header)."""
     parts = raw.split(b"|", 4)
     if len(parts) != 5 or parts[0] != b"v1":
         return None
@@ -48,6 +48,16 @@ def unpack(raw: bytes) -> Entry | None:
     except ValueError:
         return None
     return Entry(parts[4], expires, stale, delta)
+
+
+def _read(raw: Any) -> Entry:
+    if isinstance(raw, str):  # a client that decodes: a cache needs bytes
+        raw = raw.encode("utf-8", "surrogateescape")
+    entry = unpack(bytes(raw))
+    if entry is None:
+        msg = f"not a cache entry: {bytes(raw[:16])!r}"
+        raise InvalidEntry("header", msg)
+    return entry
 
 
 class RedisCacheStore:
@@ -74,12 +84,10 @@ class RedisCacheStore:
         raw: Any = await self._backend.guard(
             "reading a cached value", client.get(self.keys(key)[0])
         )
-        if isinstance(raw, str):  # a client that decodes: a cache needs bytes
-            raw = raw.encode("utf-8", "surrogateescape")
-        entry = None if raw is None else unpack(bytes(raw))
-        if entry is None or not entry.servable(now):
+        if raw is None:
             return None
-        return entry
+        entry = _read(raw)
+        return entry if entry.servable(now) else None
 
     async def set(self, key: str, entry: Entry, tags: Iterable[str], now: float) -> None:
         """Store *entry* under *key* (no lock involved), and file it under *tags*."""
@@ -115,14 +123,22 @@ class RedisCacheStore:
 
     # --- loading across processes -------------------------------------------------------
 
-    async def claim(self, key: str, now: float, token: str, lease_ms: int) -> tuple[str, Any]:
-        """Claim the load of *key*: ``("v", entry)``, ``("o", None)`` or ``("w", ttl_ms)``."""
+    async def claim(
+        self, key: str, now: float, token: str, lease_ms: int, *, over_value: bool = False
+    ) -> tuple[str, Any]:
+        """Claim the load of *key*: ``("v", entry)``, ``("o", None)`` or ``("w", ttl_ms)``.
+
+        Raises :class:`~resilient.cache.core.InvalidEntry` when the value there looks fresh
+        but is not an entry; claim again *over_value* to load over it.
+        """
         reply = await self._backend.run_script(
-            _CLAIM, self.keys(key), (math.floor(now * 1000), token, lease_ms)
+            _CLAIM,
+            self.keys(key),
+            (math.floor(now * 1000), token, lease_ms, "1" if over_value else "0"),
         )
         kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if kind == "v":
-            return kind, unpack(bytes(reply[1]))
+            return kind, _read(reply[1])
         if kind == "w":
             return kind, int(reply[1])
         return kind, None

@@ -11,6 +11,8 @@ A record goes ``ABSENT -> IN_PROGRESS -> COMPLETED``, or back to ``ABSENT``::
   payload) or ``MISMATCH`` when the fingerprint differs from the one the record was made with.
 * ``complete``, ``release`` and ``extend`` succeed only for the owner of a live lease: a
   caller whose lease ran out can never overwrite, free or prolong a newer owner's record.
+  ``complete`` repeated by the owner that completed the record reports success and
+  changes nothing: a caller whose reply was lost (a timeout) can try again safely.
 
 Every operation is atomic: a lock in process, one Lua script on Redis. Times are integer
 milliseconds; ``now_ms=None`` means the store's own clock (Redis ``TIME``, shared by every
@@ -50,11 +52,17 @@ class ClaimStatus(enum.Enum):
 
 
 class Claim(NamedTuple):
-    """The answer to a claim: its status, the stored payload, the lease time left."""
+    """The answer to a claim: its status, the stored payload, the lease time left.
+
+    ``data_lost`` is set by a store that can tell it lost its records since this process
+    last asked (Redis restarted empty, or flushed): keys claimed before may be claimed
+    again, as if new.
+    """
 
     status: ClaimStatus
     payload: bytes | None = None
     retry_after_ms: int = 0
+    data_lost: bool = False
 
 
 class IdempotencyStore(Protocol):

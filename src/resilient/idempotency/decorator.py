@@ -19,9 +19,11 @@ from resilient.errors import (
     IdempotencyConflict,
     IdempotencyError,
     IdempotencyMismatch,
+    ResultNotStored,
 )
 from resilient.events import BackendFailed, IdempotencyReplayed, Observer, emit
 from resilient.events import IdempotencyConflict as ConflictEvent
+from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency.core import ClaimStatus, IdempotencyStore, validate_seconds
 from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
 
@@ -44,6 +46,9 @@ def idempotent(
     clock: Clock | None = None,
     observer: Observer | None = DEFAULT_OBSERVER,
     sleep: Sleep | None = None,
+    quarantine: float = 0.0,
+    replicas: int = 0,
+    replica_timeout: float = 0.1,
 ) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Coroutine[Any, Any, Any]]]:
     """Run the decorated ``async def`` once per *key*; a duplicate gets the stored result.
 
@@ -57,10 +62,18 @@ def idempotent(
 
     A call whose key is still in progress raises :class:`~resilient.IdempotencyConflict`
     (with ``retry_after``), or with *wait* > 0 waits up to *wait* seconds for the result.
-    An exception from the function releases the key, so a retry runs it again. When the
+    An exception from the function releases the key, so a retry runs it again. Storing the
+    result is retried for up to one lease (the lease renewed meanwhile); a result that
+    still cannot be stored raises :class:`~resilient.errors.ResultNotStored` (with
+    ``retry_after``) instead of returning: nothing records that the function ran. When the
     backend fails, ``"closed"`` (the default) raises
     :class:`~resilient.BackendUnavailable` without running the function; ``"open"`` runs
     it unguarded. Keys are scoped by *name* (default: the function's qualified name).
+    When the store is found to have lost its records (Redis restarted empty), a
+    :class:`~resilient.events.BackendDataLost` event is emitted and, with *quarantine* >
+    0, calls raise :class:`~resilient.BackendUnavailable` for that many seconds.
+    With *replicas* > 0 (a standalone Redis with replicas), a result is stored only once
+    that many replicas have it (Redis ``WAIT``, up to *replica_timeout* seconds per try).
 
     >>> from resilient import MemoryBackend
     >>> @idempotent("charge:{event_id}", backend=MemoryBackend())
@@ -78,6 +91,9 @@ def idempotent(
         backend_retry_after=backend_retry_after,
         observer=observer,
         sleep=sleep,
+        quarantine=quarantine,
+        replicas=replicas,
+        replica_timeout=replica_timeout,
     )
 
     def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, Any]]:
@@ -94,6 +110,7 @@ def idempotent(
                 msg = f"the idempotency key must be a non-empty string, got {given!r}"
                 raise ConfigurationError(msg)
             scoped = f"fn\x1f{scope}\x1f{given}"
+            _check_quarantine(keeper, scope)
             try:
                 if wait > 0:
                     claim, owner = await keeper.wait(scoped, "", wait)
@@ -106,6 +123,8 @@ def idempotent(
                 emit(observer, BackendFailed("idempotent", "claim", exc, "raised"))
                 msg = f"the idempotency store is unavailable; {scope} was not run: {exc}"
                 raise BackendUnavailable(msg, retry_after=keeper.backend_retry_after) from exc
+            if claim.data_lost:
+                _check_quarantine(keeper, scope)
             status = claim.status
             if status is ClaimStatus.COMPLETED:
                 emit(observer, IdempotencyReplayed("idempotent", scoped))
@@ -124,6 +143,16 @@ def idempotent(
     return decorate
 
 
+def _check_quarantine(keeper: Keeper, scope: str) -> None:
+    left = keeper.quarantine_left()
+    if left > 0:
+        msg = (
+            f"the idempotency store lost its records; {scope} was not run: calls are "
+            f"refused for {left:.1f} s more"
+        )
+        raise BackendUnavailable(msg, retry_after=left)
+
+
 async def _run_once(
     keeper: Keeper, scope: str, scoped: str, owner: str, call: Awaitable[Any]
 ) -> Any:
@@ -134,15 +163,24 @@ async def _run_once(
         heartbeat.cancel()
         await keeper.release(scoped, owner)
         raise
-    heartbeat.cancel()
     try:
         payload = json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
+        heartbeat.cancel()
         await keeper.release(scoped, owner)
         msg = (
             f"{scope} returned a {type(result).__name__}, which JSON cannot encode: "
             "an idempotent function must return JSON-serialisable data"
         )
         raise IdempotencyError(msg) from exc
-    await keeper.complete(scoped, owner, payload)
+    try:  # the heartbeat keeps the lease while complete is retried
+        stored = await keeper.complete(scoped, owner, payload, heartbeat)
+    finally:
+        heartbeat.cancel()
+    if not stored:
+        # Nothing records that the function ran: returning would pass for a success that
+        # a later call with the key (once the lease runs out) may run again.
+        emit(keeper.observer, NotStoredEvent("idempotent", scoped, "raised"))
+        msg = f"{scope} ran, but its result could not be stored for its idempotency key"
+        raise ResultNotStored(msg, retry_after=keeper.backend_retry_after)
     return json.loads(payload)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from math import ceil
 from typing import Literal
@@ -12,7 +14,14 @@ from resilient.backends.memory import MemoryBackend
 from resilient.backends.redis import RedisBackend
 from resilient.clock import Clock
 from resilient.errors import BackendError, ConfigurationError
-from resilient.events import BackendFailed, LeaseLost, LoggingObserver, Observer, emit
+from resilient.events import (
+    BackendDataLost,
+    BackendFailed,
+    LeaseLost,
+    LoggingObserver,
+    Observer,
+    emit,
+)
 from resilient.idempotency.core import Claim, ClaimStatus, IdempotencyStore, validate_seconds
 
 __all__ = ["Heartbeat", "Keeper", "store_for"]
@@ -20,6 +29,9 @@ __all__ = ["Heartbeat", "Keeper", "store_for"]
 DEFAULT_OBSERVER = LoggingObserver()
 
 Sleep = Callable[[float], Awaitable[None]]
+
+_FIRST_RETRY = 0.05
+_MAX_RETRY_WAIT = 0.5
 
 
 def store_for(backend: MemoryBackend | RedisBackend | IdempotencyStore) -> IdempotencyStore:
@@ -40,10 +52,43 @@ def store_for(backend: MemoryBackend | RedisBackend | IdempotencyStore) -> Idemp
     raise ConfigurationError(msg)
 
 
+StoreComplete = Callable[[str, str, bytes, int, int | None], Awaitable[bool]]
+
+
+def _waiting_complete(
+    backend: MemoryBackend | RedisBackend | IdempotencyStore | None,
+    replicas: int,
+    replica_timeout: float,
+) -> StoreComplete:
+    """Return the Redis store's ``complete`` that WAITs for *replicas* (validated here)."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        msg = f"replicas must be an integer >= 0, not {replicas!r}"
+        raise ConfigurationError(msg)
+    if not isinstance(backend, RedisBackend) or backend.is_cluster:
+        # WAIT counts the replicas of the server its own connection talks to.
+        msg = "replicas= needs a RedisBackend on a standalone Redis (a master with replicas)"
+        raise ConfigurationError(msg)
+    timeout = validate_seconds("replica_timeout", replica_timeout)
+    if backend.timeout is not None and timeout >= backend.timeout:
+        msg = (
+            f"replica_timeout ({timeout} s) must be shorter than the backend's timeout "
+            f"({backend.timeout} s), or every WAIT that runs its course times out"
+        )
+        raise ConfigurationError(msg)
+    from resilient.idempotency.redis import RedisIdempotencyStore  # noqa: PLC0415
+
+    store = backend.store("idempotency", RedisIdempotencyStore)
+    return functools.partial(
+        store.complete, replicas=replicas, replica_timeout_ms=max(1, ceil(timeout * 1000))
+    )
+
+
 class Keeper:
     """Claims keys on a store for one owner at a time, and keeps their leases alive."""
 
     __slots__ = (
+        "_quarantine_until",
+        "_store_complete",
         "backend_retry_after",
         "block",
         "clock",
@@ -51,6 +96,7 @@ class Keeper:
         "lease_ms",
         "observer",
         "on_backend_error",
+        "quarantine",
         "sleep",
         "store",
         "ttl",
@@ -69,6 +115,9 @@ class Keeper:
         backend_retry_after: float,
         observer: Observer | None,
         sleep: Sleep | None,
+        quarantine: float = 0.0,
+        replicas: int = 0,
+        replica_timeout: float = 0.1,
     ) -> None:
         if on_backend_error not in ("open", "closed"):
             msg = f"on_backend_error must be 'open' or 'closed', not {on_backend_error!r}"
@@ -76,9 +125,14 @@ class Keeper:
         self.ttl = validate_seconds("ttl", ttl)
         self.lease = validate_seconds("lease", lease)
         self.backend_retry_after = validate_seconds("backend_retry_after", backend_retry_after)
+        self.quarantine = validate_seconds("quarantine", quarantine, allow_zero=True)
+        self._quarantine_until = float("-inf")
         self.ttl_ms = max(1, ceil(self.ttl * 1000))
         self.lease_ms = max(1, ceil(self.lease * 1000))
         self.store = store_for(MemoryBackend() if backend is None else backend)
+        self._store_complete: StoreComplete = self.store.complete
+        if replicas != 0:
+            self._store_complete = _waiting_complete(backend, replicas, replica_timeout)
         self.block = block
         self.clock = clock
         self.on_backend_error = on_backend_error
@@ -97,7 +151,22 @@ class Keeper:
         """
         owner = secrets.token_hex(16)
         claim = await self.store.claim(key, fingerprint, owner, self.lease_ms, self.now_ms())
+        if claim.data_lost:
+            emit(self.observer, BackendDataLost(self.block, self.quarantine))
+            if self.quarantine > 0:
+                self._quarantine_until = self.monotonic() + self.quarantine
+                if claim.status is ClaimStatus.CLAIMED:  # refused, like every claim now
+                    await self.release(key, owner)
         return claim, owner
+
+    def quarantine_left(self) -> float:
+        """Return how many seconds new claims are still refused for (0.0: none).
+
+        A quarantine starts when a claim finds that the store lost its records, if
+        *quarantine* is set: for that long, the callers refuse guarded requests rather
+        than run them while the duplicates of requests in flight at the loss may arrive.
+        """
+        return max(0.0, self._quarantine_until - self.monotonic())
 
     async def wait(self, key: str, fingerprint: str, seconds: float) -> tuple[Claim, str]:
         """Claim *key*, waiting up to *seconds* while another owner holds it.
@@ -116,16 +185,42 @@ class Keeper:
             await asyncio.sleep(min(interval, left, claim.retry_after_ms / 1000 or interval))
             interval = min(interval * 2, 0.2)
 
-    async def complete(self, key: str, owner: str, payload: bytes) -> bool:
-        """Store *payload* for *key*; report (and return False) when that fails."""
-        try:
-            stored = await self.store.complete(key, owner, payload, self.ttl_ms, self.now_ms())
-        except BackendError as exc:
-            emit(self.observer, BackendFailed(self.block, "complete", exc, "result not stored"))
-            return False
-        if not stored:
-            emit(self.observer, LeaseLost(self.block, key, "complete"))
-        return stored
+    def monotonic(self) -> float:
+        """Return the injected clock's monotonic time, or the system's."""
+        clock = self.clock
+        return time.monotonic() if clock is None else clock.monotonic()
+
+    async def complete(self, key: str, owner: str, payload: bytes, heartbeat: Heartbeat) -> bool:
+        """Store *payload* for *key*, retrying while the lease lasts; return whether it is stored.
+
+        A failed attempt is tried again after 50 ms, then after doubling waits capped at
+        500 ms, while *heartbeat* keeps the lease alive, until the lease (as last renewed,
+        and at most one lease from the first attempt) runs out. The store itself refuses a
+        late attempt (the lease ended; another owner may hold the key), so retrying can
+        never store a result twice. A store's ``complete`` reports success when repeated
+        for an owner whose record it already completed (see :mod:`.core`), so an attempt
+        whose reply was lost is not mistaken for a lost lease.
+        """
+        sleep = self.sleep or asyncio.sleep
+        give_up_at = self.monotonic() + self.lease
+        delay = _FIRST_RETRY
+        while True:
+            try:
+                stored = await self._store_complete(key, owner, payload, self.ttl_ms, self.now_ms())
+            except BackendError as exc:
+                left = min(heartbeat.lease_end, give_up_at) - self.monotonic()
+                if left <= 0:
+                    emit(
+                        self.observer,
+                        BackendFailed(self.block, "complete", exc, "result not stored"),
+                    )
+                    return False
+                await sleep(min(delay, left))
+                delay = min(delay * 2, _MAX_RETRY_WAIT)
+                continue
+            if not stored:
+                emit(self.observer, LeaseLost(self.block, key, "complete"))
+            return stored
 
     async def release(self, key: str, owner: str) -> None:
         """Release *key*, whatever happens to the caller meanwhile (shielded)."""
@@ -144,27 +239,38 @@ class Keeper:
         """Start renewing *owner*'s lease on *key* every third of the lease; cancel when done."""
         return Heartbeat(self, key, owner)
 
-    async def beat(self, key: str, owner: str) -> bool:
-        """Renew the lease once; return whether to go on (the lease is still ours)."""
+    async def beat(self, key: str, owner: str) -> bool | None:
+        """Renew the lease once: ``True`` renewed, ``None`` the store failed, ``False`` lost."""
         try:
             extended = await self.store.extend(key, owner, self.lease_ms, self.now_ms())
         except BackendError as exc:
             emit(self.observer, BackendFailed(self.block, "extend", exc, "lease not extended"))
-            return True
-        if not extended:
-            emit(self.observer, LeaseLost(self.block, key, "extend"))
+            return None
         return extended
 
 
 class Heartbeat:
-    """Renews a lease every third of it until cancelled.
+    """Renews a lease every third of it until cancelled; knows when the lease ends.
 
     Most requests end long before their first renewal, so it starts as a timer on the
     event loop, cheaper than a task, and makes a task only when a renewal is due. With an
     injected *sleep* (tests), it is a task looping on that sleep instead.
+
+    ``lease_end`` is the keeper's monotonic time at which the lease runs out as far as
+    this process knows: one lease after the claim, or after the last renewal was sent.
     """
 
-    __slots__ = ("_handle", "_interval", "_keeper", "_key", "_owner", "_stopped", "_task")
+    __slots__ = (
+        "_beating",
+        "_handle",
+        "_interval",
+        "_keeper",
+        "_key",
+        "_owner",
+        "_stopped",
+        "_task",
+        "lease_end",
+    )
 
     def __init__(self, keeper: Keeper, key: str, owner: str) -> None:
         self._keeper = keeper
@@ -172,8 +278,10 @@ class Heartbeat:
         self._owner = owner
         self._interval = keeper.lease / 3
         self._stopped = False
+        self._beating = False
         self._task: asyncio.Task[None] | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self.lease_end = keeper.monotonic() + keeper.lease
         loop = asyncio.get_running_loop()
         if keeper.sleep is None:
             self._handle = loop.call_later(self._interval, self._due)
@@ -184,20 +292,39 @@ class Heartbeat:
         self._handle = None
         self._task = asyncio.get_running_loop().create_task(self._renew())
 
+    async def _beat(self) -> bool:
+        keeper = self._keeper
+        sent = keeper.monotonic()
+        self._beating = True
+        try:
+            extended = await keeper.beat(self._key, self._owner)
+        finally:
+            self._beating = False
+        if extended:
+            self.lease_end = sent + keeper.lease
+        elif extended is False and not self._stopped:
+            # Not when stopped: the owner completed or released the record meanwhile.
+            emit(keeper.observer, LeaseLost(keeper.block, self._key, "extend"))
+        return extended is not False and not self._stopped
+
     async def _renew(self) -> None:
-        if await self._keeper.beat(self._key, self._owner) and not self._stopped:
+        if await self._beat():
             self._handle = asyncio.get_running_loop().call_later(self._interval, self._due)
 
     async def _loop(self, sleep: Sleep) -> None:
         while True:
             await sleep(self._interval)
-            if not await self._keeper.beat(self._key, self._owner):
+            if not await self._beat():
                 return
 
     def cancel(self) -> None:
-        """Stop renewing."""
+        """Stop renewing.
+
+        A renewal already sent is left to finish (cancelling it would drop the backend's
+        connection mid-reply); it renews no further.
+        """
         self._stopped = True
         if self._handle is not None:
             self._handle.cancel()
-        if self._task is not None:
+        if self._task is not None and not self._beating:
             self._task.cancel()

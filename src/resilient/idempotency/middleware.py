@@ -27,6 +27,7 @@ from resilient.events import (
     Observer,
     emit,
 )
+from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency.core import (
     ClaimStatus,
     IdempotencyStore,
@@ -87,9 +88,17 @@ def parse_key(raw: bytes) -> str | None:
 
 
 def fingerprint_request(scope: Scope, body: bytes) -> str:
-    """Return the default request fingerprint: a SHA-256 of method, path, query string and body."""
+    """Return the default request fingerprint: a SHA-256 of method, path, query string and body.
+
+    Any path is accepted, even one no server decodes from the wire (a lone surrogate such
+    as U+D800): ``surrogatepass`` spells every code point, so two paths never
+    share a fingerprint, and a path that is valid UTF-8 is hashed as its UTF-8 bytes.
+    """
     digest = hashlib.sha256()
-    for part in (scope["method"].encode(), scope["path"].encode("utf-8", "surrogateescape")):
+    for part in (
+        scope["method"].encode("utf-8", "surrogatepass"),
+        scope["path"].encode("utf-8", "surrogatepass"),
+    ):
         digest.update(part)
         digest.update(b"\x00")
     digest.update(scope.get("query_string", b""))
@@ -101,11 +110,18 @@ def fingerprint_request(scope: Scope, body: bytes) -> str:
 def default_scope_key(scope: Scope, key: str) -> str:
     """Return the default scope of a key: the authenticated user (if any), the method, the path.
 
-    So the same key sent by two users, or to two routes, names two records.
+    So the same key sent by two users, or to two routes, names two records. The result is
+    always valid UTF-8, which every store can keep: a lone surrogate in the path (which
+    no server decodes from the wire, but a scope may hold) is spelled as its escape.
     """
     user = _user_key(scope) or ""
     path = scope.get("root_path", "") + scope["path"]
-    return f"{user}\x1f{scope['method']}\x1f{path}\x1f{key}"
+    scoped = f"{user}\x1f{scope['method']}\x1f{path}\x1f{key}"
+    if not scoped.isascii():
+        # Such a path may then name the same record as one spelling the escape: the
+        # fingerprint, which keeps the surrogate, tells them apart (422, never a replay).
+        scoped = scoped.encode("utf-8", "backslashreplace").decode("utf-8")
+    return scoped
 
 
 class _TooLarge(Exception):
@@ -123,7 +139,11 @@ class IdempotencyMiddleware:
     runs; its response is stored for *ttl* seconds unless its status is 500 or more, it is
     larger than *max_body* bytes, or the handler raised: those release the key and carry
     ``Idempotency-Stored: false``. ``Set-Cookie`` and ``Authorization`` fields are never
-    stored nor replayed. The end of the response reaches the client only once it is stored.
+    stored nor replayed. A response reaches the client only once it is stored.
+    Storing it is retried (with backoff, the lease renewed meanwhile) for up to one lease;
+    if it still fails, the client never sees a success that a retry could run again: it
+    gets ``503`` with ``Retry-After`` and ``Idempotency-Stored: false`` instead (nothing of
+    a storable response goes out before it is stored, not even its status).
 
     A duplicate gets the stored response with ``Idempotent-Replayed: true``; while the
     first is still running, ``409`` with ``Retry-After`` (or, with *wait* > 0, it waits up
@@ -136,8 +156,21 @@ class IdempotencyMiddleware:
     runs the request unguarded and reports the failure to the *observer*. Request bodies
     over *max_request_body* bytes get ``413``.
 
+    On a standalone Redis the middleware notices when Redis lost its records (restarted
+    empty, or flushed) and emits :class:`~resilient.events.BackendDataLost`. With
+    *quarantine* > 0 it then refuses guarded requests (``503`` with ``Retry-After``) for
+    that many seconds, rather than run duplicates of requests that were in flight when
+    the records vanished; :attr:`quarantine_left` says so to a readiness probe. The
+    default, 0, keeps serving: a quarantine is an outage of every keyed request, and no
+    length of it brings the lost records back (see the durability section of the docs).
+    With *replicas* > 0 (a standalone Redis with replicas), a response is stored only once
+    that many replicas have its record (Redis ``WAIT``, up to *replica_timeout* seconds
+    per try): a record a client was answered from survives the master's failover.
+
     >>> from starlette.applications import Starlette
     >>> app = IdempotencyMiddleware(Starlette(), required=["/api/orders"])
+    >>> app.quarantine_left
+    0.0
     """
 
     __slots__ = (
@@ -176,6 +209,9 @@ class IdempotencyMiddleware:
         clock: Clock | None = None,
         observer: Observer | None = DEFAULT_OBSERVER,
         sleep: Sleep | None = None,
+        quarantine: float = 0.0,
+        replicas: int = 0,
+        replica_timeout: float = 0.1,
     ) -> None:
         if isinstance(methods, str):
             methods = [methods]
@@ -215,6 +251,9 @@ class IdempotencyMiddleware:
             backend_retry_after=backend_retry_after,
             observer=observer,
             sleep=sleep,
+            quarantine=quarantine,
+            replicas=replicas,
+            replica_timeout=replica_timeout,
         )
 
     def _is_required(self, path: str) -> bool:
@@ -263,6 +302,9 @@ class IdempotencyMiddleware:
         self, scope: Scope, receive: Receive, send: Send, key: str, body: bytes
     ) -> None:
         keeper = self._keeper
+        if keeper.quarantine_left() > 0:
+            await self._refuse_in_quarantine(send)
+            return
         fingerprint = "" if self.fingerprint is None else self.fingerprint(scope, body)
         scoped = self.scope_key(scope, key)
         try:
@@ -283,6 +325,9 @@ class IdempotencyMiddleware:
                 "The idempotency store is unavailable; the request was not run.",
                 headers=[(b"retry-after", retry_after)],
             )
+            return
+        if claim.data_lost and keeper.quarantine_left() > 0:
+            await self._refuse_in_quarantine(send)
             return
         status = claim.status
         if status is ClaimStatus.CLAIMED:
@@ -305,6 +350,25 @@ class IdempotencyMiddleware:
                 422,
                 "This idempotency key was already used for a different request.",
             )
+
+    @property
+    def quarantine_left(self) -> float:
+        """Seconds for which guarded requests are still refused after a loss of records.
+
+        0.0 unless *quarantine* is set and a claim found that the backend had lost its
+        records (Redis restarted empty): a readiness signal, e.g. for a ``/readyz``.
+        """
+        return self._keeper.quarantine_left()
+
+    async def _refuse_in_quarantine(self, send: Send) -> None:
+        retry_after = str(max(1, ceil(self._keeper.quarantine_left()))).encode()
+        await send_problem(
+            send,
+            503,
+            "The idempotency store lost its records; requests with an idempotency key are "
+            "refused for a while, then run again.",
+            headers=[(b"retry-after", retry_after)],
+        )
 
     async def _replay(self, send: Send, scoped: str, payload: bytes) -> None:
         try:
@@ -336,16 +400,50 @@ class IdempotencyMiddleware:
             heartbeat.cancel()
             await keeper.release(scoped, owner)
             raise
-        heartbeat.cancel()
-        if capture.storable and capture.finished:
-            response = StoredResponse(
-                capture.status, capture.stored_headers(), b"".join(capture.chunks)
-            )
-            stored = await keeper.complete(scoped, owner, encode_response(response))
-        else:
+        if not (capture.storable and capture.finished):
+            heartbeat.cancel()
             await keeper.release(scoped, owner)
-            stored = False
-        await capture.flush(stored)
+            await capture.flush(stored=False)
+            return
+        response = StoredResponse(
+            capture.status, capture.stored_headers(), b"".join(capture.chunks)
+        )
+        try:  # the heartbeat keeps the lease while complete is retried
+            stored = await keeper.complete(scoped, owner, encode_response(response), heartbeat)
+        finally:
+            heartbeat.cancel()
+        if stored:
+            await capture.flush(stored=True)
+            return
+        await self._withhold(send, scoped)
+
+    async def _withhold(self, send: Send, scoped: str) -> None:
+        """Answer ``503`` for a response that ran but could not be stored.
+
+        The handler ran, but nothing records it: a success reaching the client would let
+        a later retry (once the lease runs out) run it again. Nothing of the response has
+        gone out (:class:`_Capture` holds a storable response whole, its start included),
+        so the client gets a plain, retryable ``503`` instead.
+
+        Holding the start is what makes that possible. Were the start sent as the handler
+        sent it, the only way left to fail the request would be to end the connection
+        before the body: uvicorn does so both when the application raises and when it
+        returns without finishing the response (it logs an error either way), but only
+        raising is a failure every ASGI server and test client honours (httpx's
+        ``ASGITransport`` asserts on the other, Starlette's ``TestClient`` takes the
+        truncated body for the whole), and the exception would reach every outer
+        middleware as a server error. The client would see a broken connection: no
+        status, no ``Retry-After``.
+        """
+        retry_after = ceil(self._keeper.backend_retry_after)
+        emit(self.observer, NotStoredEvent("idempotency", scoped, "answered 503"))
+        await send_problem(
+            send,
+            503,
+            "The request ran, but its response could not be stored for its idempotency key; "
+            "a retry may run it again.",
+            headers=[(b"retry-after", str(retry_after).encode()), _STORED_FALSE],
+        )
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -376,18 +474,22 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 
 
 class _Capture:
-    """Pass a response through while keeping a copy of it, and hold back its end.
+    """Hold a response back, keeping a copy of it, until it is stored.
 
-    The end of the response (or, without a ``content-length``, the whole response, up to
-    *max_body*) is held until :meth:`flush`, so that the client sees it complete only once
-    it is stored.
+    A response that may be stored (a status under 500, a body of at most *max_body*
+    bytes) is held whole, its start included, until :meth:`flush`: the client sees
+    nothing of it before it is stored, so if it cannot be, the middleware can still
+    answer ``503`` instead. The copy is kept to be stored anyway, so holding the start
+    costs no memory, and no time either: the end waits for the store in any case. A
+    response known not to be storable (a 5xx, a ``content-length`` over *max_body*) goes
+    through at once, as does one that outgrows *max_body* as it streams, from then on;
+    both are marked ``Idempotency-Stored: false``.
     """
 
     __slots__ = (
         "chunks",
         "finished",
         "headers",
-        "held_end",
         "held_start",
         "max_body",
         "send_downstream",
@@ -406,7 +508,6 @@ class _Capture:
         self.storable = True
         self.finished = False
         self.held_start: Message | None = None
-        self.held_end: Message | None = None
 
     def stored_headers(self) -> list[tuple[bytes, bytes]]:
         return [(n, v) for n, v in self.headers if n.lower() not in _NEVER_STORED]
@@ -419,11 +520,9 @@ class _Capture:
             length = _content_length(headers)
             if status >= 500 or (length is not None and length > self.max_body):
                 self.storable = False
-                message = {**message, "headers": [*headers, _STORED_FALSE]}
-            elif length is None:
-                self.held_start = message  # until we know whether the body fits
+                await self.send_downstream({**message, "headers": [*headers, _STORED_FALSE]})
                 return
-            await self.send_downstream(message)
+            self.held_start = message  # until the response is stored
             return
         if kind != "http.response.body" or not self.storable:
             if self.storable:  # trailers or an extension: not a response we can replay
@@ -437,12 +536,8 @@ class _Capture:
             await self.send_downstream(message)
             return
         self.chunks.append(chunk)
-        if message.get("more_body", False):
-            if self.held_start is None:
-                await self.send_downstream(message)
-            return
-        self.finished = True
-        self.held_end = message
+        if not message.get("more_body", False):
+            self.finished = True
 
     async def _give_up(self) -> None:
         """Stop keeping a copy; send what was held back, marked as not stored."""
@@ -460,18 +555,15 @@ class _Capture:
     async def flush(self, stored: bool) -> None:
         """Send what was held back; mark the response as not stored unless *stored*."""
         start, self.held_start = self.held_start, None
-        end, self.held_end = self.held_end, None
-        if start is not None:
-            headers = self.headers if stored else [*self.headers, _STORED_FALSE]
-            await self.send_downstream({**start, "headers": headers})
-            body = b"".join(self.chunks)
-            more = end is None  # the handler returned without finishing its response
-            await self.send_downstream(
-                {"type": "http.response.body", "body": body, "more_body": more}
-            )
+        if start is None:  # nothing held: it went through as it came
             return
-        if end is not None:
-            await self.send_downstream(end)
+        headers = self.headers if stored else [*self.headers, _STORED_FALSE]
+        await self.send_downstream({**start, "headers": headers})
+        # more_body when the handler returned without finishing its response.
+        body = b"".join(self.chunks)
+        await self.send_downstream(
+            {"type": "http.response.body", "body": body, "more_body": not self.finished}
+        )
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 from resilient.backends.redis import RedisBackend, Script
-from resilient.errors import ConfigurationError
+from resilient.errors import BackendError, ConfigurationError
 from resilient.idempotency.core import Claim, ClaimStatus
 
 __all__ = ["RedisIdempotencyStore"]
@@ -22,9 +23,18 @@ class RedisIdempotencyStore:
 
     The Redis key is ``prefix:idem:{digest}:r``, where *digest* is a SHA-256 of the scoped
     key: bounded in length, free of the caller's identity, and spread over cluster slots.
+
+    On a standalone server, each claim also reads a *marker*, ``prefix:idem:{marker}:m``:
+    one key without a TTL, made by the first claim, whose random value names the data it
+    came with. Redis restarted without its data (or flushed) has no marker: the next
+    claim makes a new one, and every store that had seen the old value learns, on its
+    next claim, that the records were lost (:attr:`Claim.data_lost`). A restart that
+    kept its data (an append-only file) keeps the marker: no alarm. On Redis Cluster a
+    script reaches only its own key's slot, so there is no marker: a lost node is not
+    noticed (its replica, promoted, has the records it was sent).
     """
 
-    __slots__ = ("_backend",)
+    __slots__ = ("_backend", "_marker", "_marker_key", "_new_marker")
 
     def __init__(self, backend: RedisBackend) -> None:
         if backend.is_cluster and getattr(backend.client.get_encoder(), "decode_responses", False):
@@ -36,6 +46,9 @@ class RedisIdempotencyStore:
             )
             raise ConfigurationError(msg)
         self._backend = backend
+        self._marker_key = None if backend.is_cluster else backend.key("idem", "marker", "m")
+        self._marker = b""  # the marker's value last seen; none yet
+        self._new_marker = secrets.token_hex(8)  # what this store gives a missing marker
 
     def _key(self, key: str) -> str:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
@@ -46,27 +59,88 @@ class RedisIdempotencyStore:
     ) -> Claim:
         """Take *key* for *owner*, or report what holds it (see :mod:`.core`)."""
         now = "r" if now_ms is None else now_ms
-        reply = await self._backend.run_script(
-            _CLAIM, [self._key(key)], (now, fingerprint, owner, lease_ms)
-        )
+        marker_key = self._marker_key
+        if marker_key is None:
+            reply = await self._backend.run_script(
+                _CLAIM, [self._key(key)], (now, fingerprint, owner, lease_ms)
+            )
+        else:
+            reply = await self._backend.run_script(
+                _CLAIM,
+                [self._key(key), marker_key],
+                (now, fingerprint, owner, lease_ms, self._marker, self._new_marker),
+            )
+        lost = False
+        if len(reply) > 2 and bytes(reply[2]) != self._marker:  # not the marker last seen
+            lost = self._marker != b""  # (the first sight of one is no loss)
+            self._marker = bytes(reply[2])
+            # Never give a later missing marker a value some store may have seen already.
+            self._new_marker = secrets.token_hex(8)
         kind = reply[0]
         if kind == b"n":
-            return Claim(ClaimStatus.CLAIMED)
+            return Claim(ClaimStatus.CLAIMED, data_lost=lost)
         if kind == b"p":
-            return Claim(ClaimStatus.IN_PROGRESS, retry_after_ms=int(reply[1]))
+            return Claim(ClaimStatus.IN_PROGRESS, retry_after_ms=int(reply[1]), data_lost=lost)
         if kind == b"c":
-            return Claim(ClaimStatus.COMPLETED, bytes(reply[1]))
-        return Claim(ClaimStatus.MISMATCH)
+            return Claim(ClaimStatus.COMPLETED, bytes(reply[1]), data_lost=lost)
+        return Claim(ClaimStatus.MISMATCH, data_lost=lost)
 
     async def complete(
-        self, key: str, owner: str, payload: bytes, ttl_ms: int, now_ms: int | None
+        self,
+        key: str,
+        owner: str,
+        payload: bytes,
+        ttl_ms: int,
+        now_ms: int | None,
+        *,
+        replicas: int = 0,
+        replica_timeout_ms: int = 0,
     ) -> bool:
-        """Store *payload* for *ttl_ms* if *owner* holds a live lease on *key*."""
+        """Store *payload* for *ttl_ms* if *owner* holds a live lease on *key*.
+
+        With *replicas*, Redis ``WAIT`` follows the script on the same connection, in the
+        same round trip: the result counts as stored only once *replicas* replicas have
+        it. Fewer within *replica_timeout_ms* raises :class:`BackendError` (the record is
+        on the master, but would not survive its failover); the caller retries, and a
+        repeated ``complete`` by the owner is a success that waits again.
+        """
         now = "r" if now_ms is None else now_ms
-        reply = await self._backend.run_script(
-            _COMPLETE, [self._key(key)], (now, owner, ttl_ms, payload)
+        keys, args = [self._key(key)], (now, owner, ttl_ms, payload)
+        if replicas <= 0:
+            reply = await self._backend.run_script(_COMPLETE, keys, args)
+            return bool(reply == 1)
+        reply, acked = await self._backend.guard(
+            "complete.lua + WAIT", self._complete_and_wait(keys, args, replicas, replica_timeout_ms)
         )
+        if reply == 1 and acked < replicas:
+            msg = (
+                f"the result reached {acked} of {replicas} replicas within "
+                f"{replica_timeout_ms} ms (Redis WAIT)"
+            )
+            raise BackendError(msg)
         return bool(reply == 1)
+
+    async def _complete_and_wait(
+        self, keys: list[str], args: tuple[str | int | bytes, ...], replicas: int, timeout_ms: int
+    ) -> tuple[int, int]:
+        # A connection of the client's pool, not the backend's own channel: WAIT blocks
+        # its connection, which must not hold up every other block's scripts meanwhile.
+        from redis.exceptions import NoScriptError  # noqa: PLC0415 (redis is optional)
+
+        client = self._backend.client
+        for command, script in (("EVALSHA", _COMPLETE.sha), ("EVAL", _COMPLETE.source)):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.execute_command(command, script, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", replicas, timeout_ms)
+                stored, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(stored, NoScriptError) and command == "EVALSHA":
+                continue  # loaded by the EVAL
+            for reply in (stored, acked):
+                if isinstance(reply, Exception):
+                    raise reply
+            return int(stored), int(acked)
+        msg = "unreachable: EVAL never answers NOSCRIPT"  # pragma: no cover
+        raise AssertionError(msg)  # pragma: no cover
 
     async def release(self, key: str, owner: str, now_ms: int | None) -> bool:
         """Delete *key* if *owner* holds a live lease on it."""

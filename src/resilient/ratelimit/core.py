@@ -18,7 +18,13 @@ bit-for-bit the same values. Two algorithms:
   ``(updated at, debt, 0, blocked until)``.
 
 ``blocked until`` implements the optional block period: once a policy with ``block_for``
-denies, it keeps denying until the period ends, whatever the counts say.
+denies, it keeps denying until the period ends, whatever the counts say, and nothing can
+be taken meanwhile (``remaining`` is 0). A block at least as long as the policy's window
+outlives every unit counted before it, so the block forgets them: its ``retry_after`` is
+the block, exactly, and the key starts afresh when it ends. (The sliding window would
+otherwise still weigh its previous fixed window and answer a longer wait, up to twice its
+period, depending on where the fixed windows of the clock in use happen to start.) A
+shorter block keeps the counts: the window's own wait, if longer, still applies.
 """
 
 from __future__ import annotations
@@ -338,6 +344,7 @@ def _sliding_window(  # noqa: PLR0912 (one branch per case of the algorithm)
     if blocked > now:
         retry = max(retry, blocked - now)
         reset = max(reset, blocked - now)
+        remaining = 0
     return allowed, remaining, reset, retry, (index, current + taken, previous, blocked), reset
 
 
@@ -370,6 +377,7 @@ def _token_bucket(policy: Policy, state: State | None, now: int, cost: int) -> _
     if blocked > now:
         retry = max(retry, blocked - now)
         reset = max(reset, blocked - now)
+        remaining = 0
     elif retry < 0:
         retry = 0
     return False, remaining, reset, retry, (now, debt, 0, blocked), reset
@@ -430,11 +438,19 @@ def evaluate(
             outcome = uncharged._replace(retry_after_ms=0)
             writes.append(None)
         elif consume and policy.block_ms and new_state[3] <= now_ms:
-            blocked_state = (*new_state[:3], now_ms + policy.block_ms)
-            retry = max(result.retry_after_ms, policy.block_ms)
-            reset = max(result.reset_after_ms, policy.block_ms)
-            outcome = result._replace(retry_after_ms=retry, reset_after_ms=reset)
-            writes.append(Write(blocked_state, reset))
+            block = policy.block_ms
+            if policy.kind == 1 and block >= policy.period_ms:
+                # The block outlives every unit counted: forget them, so that it lasts
+                # exactly its length, wherever in its fixed window the count fell. (A
+                # token bucket's debt is paid off within its window: nothing to forget.)
+                blocked_state = (new_state[0], 0, 0, now_ms + block)
+                outcome = _new(Outcome, (False, 0, block, block))
+            else:
+                blocked_state = (*new_state[:3], now_ms + block)
+                retry = max(result.retry_after_ms, block)
+                reset = max(result.reset_after_ms, block)
+                outcome = _new(Outcome, (False, 0, reset, retry))
+            writes.append(Write(blocked_state, outcome.reset_after_ms))
         else:
             writes.append(None)
         outcomes.append(outcome)

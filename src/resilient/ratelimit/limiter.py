@@ -84,7 +84,8 @@ class RateLimiter:
 
     *deny_cache* > 0 keeps up to that many recent denials in process: until its
     ``retry_after`` passes, a denied key is denied again without asking the backend,
-    which keeps a key under attack from costing a Redis round trip per request.
+    which keeps a key under attack from costing a Redis round trip per request. Every
+    denial, from the cache or the backend, emits one :class:`~resilient.events.RateLimited`.
 
     >>> from resilient import RateLimiter, SlidingWindow
     >>> limiter = RateLimiter()
@@ -174,6 +175,8 @@ class RateLimiter:
         if self._deny_cache_size and consume:
             cached = self._cached_denial(key, policies)
             if cached is not None:
+                # A denial all the same: counted like one the store answered.
+                self._report_denial(key, cached)
                 return cached
         now_ms = self._now_ms()
         if self._check_now is not None:
@@ -230,12 +233,16 @@ class RateLimiter:
         else:
             decision = combine(policies, outcomes)
         if not decision.allowed and consume:
-            if self.observer is not None:
-                event = RateLimited("ratelimit", key, decision.policy.name, decision.retry_after)
-                emit(self.observer, event)
+            self._report_denial(key, decision)
             if self._deny_cache_size:
                 self._remember_denial(key, policies, decision)
         return decision
+
+    def _report_denial(self, key: str, decision: Decision) -> None:
+        """Emit the one :class:`RateLimited` event of a denial, whoever answered it."""
+        if self.observer is not None:
+            event = RateLimited("ratelimit", key, decision.policy.name, decision.retry_after)
+            emit(self.observer, event)
 
     def _on_failure(self, exc: BackendError, policies: tuple[Policy, ...]) -> Decision:
         self._backend_failed("check", exc)

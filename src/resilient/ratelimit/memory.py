@@ -29,16 +29,24 @@ class MemoryRateLimitStore:
     """Rate-limit state in a dict, bounded by the backend's ``max_keys``.
 
     Every check runs under one lock and never awaits inside it, so it is atomic for
-    coroutines and threads alike. Entries expire when their state stops mattering; when
-    the store is full, expired entries go first, then those closest to expiring, down to
-    90% of the bound so that the sweep is paid once per many inserts.
+    coroutines and threads alike. Entries expire when their state stops mattering; a new
+    key in a full store evicts the entry closest to expiring (an expired one first, as it
+    is the closest): it matters least, while a key serving a long block period is kept
+    the longest.
+
+    Eviction costs O(log n) and the hit of a known key nothing more: keys are filed in a
+    heap by expiry when they are created, and a later write, which only moves an expiry
+    later, is not filed again. An entry reaching the top of the heap with an expiry that
+    moved on is filed again then, so the top is always the entry that expires first.
     """
 
-    __slots__ = ("_data", "_lock", "max_keys")
+    __slots__ = ("_data", "_expiries", "_lock", "max_keys")
 
     def __init__(self, backend: MemoryBackend) -> None:
         self.max_keys = backend.max_keys
         self._data: dict[str, tuple[State, int]] = {}
+        # (expiry, name) for every entry, with an expiry <= the entry's own.
+        self._expiries: list[tuple[int, str]] = []
         self._lock = threading.Lock()
 
     async def check(
@@ -77,9 +85,10 @@ class MemoryRateLimitStore:
             outcomes, writes = evaluate(policies, states, now_ms, cost, consume=consume)
             for name, entry, write in zip(names, entries, writes, strict=True):
                 if write is not None:
-                    if entry is None and len(data) >= self.max_keys:
-                        self._make_room(now_ms)
-                    data[name] = (write.state, now_ms + write.ttl_ms)
+                    expires = now_ms + write.ttl_ms
+                    if entry is None or expires < entry[1]:
+                        self._file(name, expires, now_ms, new=entry is None)
+                    data[name] = (write.state, expires)
         return outcomes
 
     def _hit_named(
@@ -107,9 +116,10 @@ class MemoryRateLimitStore:
             if not result[0]:
                 return None
             if cost > 0:
-                if entry is None and len(data) >= self.max_keys:
-                    self._make_room(now_ms)
-                data[name] = (result[4], now_ms + result[5])
+                expires = now_ms + result[5]
+                if entry is None or expires < entry[1]:
+                    self._file(name, expires, now_ms, new=entry is None)
+                data[name] = (result[4], expires)
         finally:
             lock.release()
         return result
@@ -123,12 +133,35 @@ class MemoryRateLimitStore:
     def __len__(self) -> int:
         return len(self._data)
 
-    def _make_room(self, now_ms: int) -> None:
-        data = self._data
-        for name in [name for name, (_, expires) in data.items() if expires <= now_ms]:
-            del data[name]
-        excess = len(data) - self.max_keys * 9 // 10
-        if excess > 0:
-            # Forget first what would have expired first: it matters least.
-            for name, _ in heapq.nsmallest(excess, data.items(), key=lambda item: item[1][1]):
+    def _file(self, name: str, expires: int, now_ms: int, *, new: bool) -> None:
+        """File *name* by *expiry* before it is written; make room first if it is new."""
+        data, heap = self._data, self._expiries
+        if new and len(data) >= self.max_keys:
+            self._evict()
+        for _ in range(2):  # drop what cleared keys left at the top: it rarely piles up
+            if not heap:
+                break
+            first, other = heap[0]
+            entry = data.get(other)
+            if entry is not None and entry[1] >= first:
+                break
+            heapq.heappop(heap)
+        if len(heap) > 2 * len(data) + 64:  # mostly entries of cleared keys: rebuild
+            heap[:] = [(expires, name) for name, (_, expires) in data.items()]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (expires, name))
+
+    def _evict(self) -> None:
+        """Forget the entry that expires first: it matters least."""
+        data, heap = self._data, self._expiries
+        while heap:
+            expires, name = heap[0]
+            entry = data.get(name)
+            if entry is None or entry[1] < expires:
+                heapq.heappop(heap)  # cleared, or filed again earlier
+            elif entry[1] > expires:
+                heapq.heapreplace(heap, (entry[1], name))  # written since: file it again
+            else:
+                heapq.heappop(heap)
                 del data[name]
+                return

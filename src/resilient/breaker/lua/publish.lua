@@ -1,12 +1,12 @@
 -- Publish a circuit breaker's transition to every instance.
 --
 -- KEYS[1]: the shared state, a hash: s (state: "o" open, "c" closed), u (open until, ms),
---          g (generation: +1 per published transition), p (the elected prober's token),
---          pu (the prober's lease end, ms).
+--          g (generation: +1 per published transition), p (the token of the instance
+--          holding the probe lease), pu (the lease's end, ms).
 -- ARGV: now in ms (or "r" for Redis TIME), kind ("open" or "close"), open_for_ms, token,
 --       ttl_ms (how long the state is kept once nobody writes it).
 -- "open" always wins: any instance that trips opens the circuit for everyone. "close"
--- counts only from the elected prober, whose probes succeeded.
+-- counts only from the instance holding the probe lease (claim.lua), whose probes succeeded.
 -- Returns {generation, ms until the circuit may be probed (0 when closed)}.
 
 local now = now_ms(ARGV[1])

@@ -1,12 +1,13 @@
 -- Claim the right to load a key, unless a fresh value is there already.
 --
 -- KEYS: the value, the lock, the waiter count, the notify list (one hash tag).
--- ARGV: now (ms, the caller's clock, as the values' deadlines are), token, lease_ms.
+-- ARGV: now (ms, the caller's clock, as the values' deadlines are), token, lease_ms, and
+-- "1" to claim over whatever value is there (the caller found it unreadable).
 -- The value is "v1|expires_ms|stale_ms|delta_ms|data".
 -- Returns {"v", value} when a fresh value is there, {"o"} when the caller now holds the
 -- lock, {"w", lock_ttl_ms} when another holds it (the caller is counted as a waiter).
 
-local value = redis.call('GET', KEYS[1])
+local value = ARGV[4] ~= '1' and redis.call('GET', KEYS[1])
 if value then
   local expires = tonumber(string.match(value, '^v1|(%d+)|'))
   if expires and expires > tonumber(ARGV[1]) then

@@ -9,8 +9,9 @@
 -- retry_after_ms; all integers.
 --
 -- State is stored as one string of four integers, "a b c blocked_until", with a TTL after
--- which it no longer matters. Every number stays an integer below 2^53, so these doubles
--- compute exactly what Python's ints compute.
+-- which it no longer matters. A block as long as a sliding window's period or longer
+-- forgets the counts (see core.py: it then lasts exactly its length). Every number stays
+-- an integer below 2^53, so these doubles compute exactly what Python's ints compute.
 
 local function floordiv(a, b)
   local q = math.floor(a / b)
@@ -84,6 +85,7 @@ local function sliding_window(limit, window, state, now, cost)
   end
   if blocked > now then
     retry = math.max(retry, blocked - now)
+    remaining = 0
   end
   reset = math.max(reset, blocked - now)
   return allowed, remaining, reset, retry, {index, current + taken, previous, blocked}, reset
@@ -111,6 +113,9 @@ local function token_bucket(rate, capacity_tokens, unit, state, now, cost)
     debt = wanted
   end
   local remaining = math.max(0, floordiv(capacity - debt, unit))
+  if blocked > now then
+    remaining = 0
+  end
   local reset = math.max(ceildiv(debt, rate), blocked - now)
   local retry = 0
   if not allowed then
@@ -182,10 +187,19 @@ for c = 1, #ARGV do
       allowed, remaining, reset, _ = run(spec[1], spec[2], spec[3], spec[4], states[i], now, 0)
       retry = 0
     elseif consume and specs[i][5] > 0 and r[5][4] <= now then
-      local s, block = r[5], specs[i][5]
-      retry = math.max(retry, block)
-      reset = math.max(reset, block)
-      redis.call('SET', k, string.format('%d %d %d %d', s[1], s[2], s[3], now + block), 'PX', reset + margin)
+      local s, spec = r[5], specs[i]
+      local block = spec[5]
+      local b, c = s[2], s[3]
+      if spec[1] == 1 and block >= spec[4] then
+        -- The block outlives every unit counted: forget them, so that it lasts exactly
+        -- its length, wherever in its fixed window the count fell.
+        b, c, retry, reset = 0, 0, block, block
+      else
+        retry = math.max(retry, block)
+        reset = math.max(reset, block)
+      end
+      remaining = 0
+      redis.call('SET', k, string.format('%d %d %d %d', s[1], b, c, now + block), 'PX', reset + margin)
     end
     out[#out + 1] = allowed and 1 or 0
     out[#out + 1] = remaining

@@ -1,0 +1,86 @@
+"""The memory store's bound: least recently used first, in O(1)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resilient import MemoryBackend
+from resilient.cache import MISSING, Cache
+from resilient.cache.memory import MemoryCacheStore
+from resilient.testing import FakeClock
+
+
+class Unscannable(OrderedDict[str, Any]):
+    """An OrderedDict that counts the walks through it: making room must not walk it."""
+
+    walks = 0
+
+    def __iter__(self) -> Any:
+        type(self).walks += 1
+        return super().__iter__()
+
+    def items(self) -> Any:
+        type(self).walks += 1
+        return super().items()
+
+    def keys(self) -> Any:
+        type(self).walks += 1
+        return super().keys()
+
+    def values(self) -> Any:
+        type(self).walks += 1
+        return super().values()
+
+
+def store_of(cache: Cache) -> MemoryCacheStore:
+    store = cache._store
+    assert isinstance(store, MemoryCacheStore)
+    return store
+
+
+async def test_a_full_store_makes_room_without_walking_its_entries() -> None:
+    clock = FakeClock()
+    cache = Cache(MemoryBackend(max_keys=1_000), clock=clock, ttl=1.0, jitter=0.0)
+    store = store_of(cache)
+    store._entries = Unscannable()
+    Unscannable.walks = 0
+
+    async def load() -> int:
+        return 1
+
+    for i in range(5_000):  # all unique: the hostile case, with entries expiring too
+        await cache.get_or_load(f"k{i}", load)
+        clock.advance(0.01)
+    assert Unscannable.walks == 0
+    assert len(store) == 1_000
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    operations=st.lists(st.tuples(st.booleans(), st.integers(0, 9)), max_size=60),
+    max_keys=st.integers(1, 5),
+)
+async def test_the_least_recently_used_entry_makes_room(
+    operations: list[tuple[bool, int]], max_keys: int
+) -> None:
+    cache = Cache(MemoryBackend(max_keys=max_keys), clock=FakeClock(), jitter=0.0)
+    model: list[str] = []  # least recently used first
+    for write, k in operations:
+        key = f"k{k}"
+        if write:
+            await cache.set(key, k)
+            if key in model:
+                model.remove(key)
+            model.append(key)
+            del model[:-max_keys]
+        else:
+            value = await cache.get(key)
+            assert value == (k if key in model else MISSING)
+            if key in model:
+                model.remove(key)
+                model.append(key)
+        assert list(store_of(cache)._entries) == model
