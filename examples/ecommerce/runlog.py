@@ -2,9 +2,10 @@
 
 With ``SHOP_RUN_LOG`` set to a file, each run of ``POST /api/orders`` (the handler, past
 the idempotency middleware) appends one JSON line to it: the request's
-``Idempotency-Key``, the handler's status (``201``: an order paid, so a charge) and the
-process id. Lines are appended whole (``O_APPEND``, one small write each), so several
-worker processes may share the file. Unset, nothing is recorded and nothing is wrapped.
+``Idempotency-Key``, the handler's status (``201``: an order paid, so a charge), the
+process id, and when the run began and ended (``began``, ``at``: Unix time in seconds).
+Lines are appended whole (``O_APPEND``, one small write each), so several worker
+processes may share the file. Unset, nothing is recorded and nothing is wrapped.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def counted(endpoint: Endpoint, path: Path | None) -> Endpoint:
         return endpoint
 
     async def run(request: Request) -> Response:
+        began = time.time()
         status = 500  # what the client would see if the handler raised
         try:
             response = await endpoint(request)
@@ -42,6 +44,7 @@ def counted(endpoint: Endpoint, path: Path | None) -> Endpoint:
                 "key": request.headers.get("idempotency-key"),
                 "status": status,
                 "pid": os.getpid(),
+                "began": began,
                 "at": time.time(),
             }
             with path.open("a", encoding="utf-8") as log:

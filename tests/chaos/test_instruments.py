@@ -37,6 +37,8 @@ async def test_each_run_of_a_counted_handler_is_one_line(tmp_path: Path) -> None
             await client.post("/", headers={"Idempotency-Key": key})
     runs = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["key"], r["status"]) for r in runs] == [("a", 201), ("a", 201), ("bad", 422)]
+    assert all(r["began"] <= r["at"] for r in runs)  # when each run began, and ended
+    assert runs[0]["at"] <= runs[1]["began"]
 
 
 def test_without_a_log_the_handler_is_not_wrapped() -> None:
