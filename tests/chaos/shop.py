@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ PRODUCTS = 500
 # during the fault can still be stored after it, and short, since the audit waits it out.
 LEASE = 5.0
 LOGIN_IP_LIMIT = 20  # the shop's login form: 20/minute per client address
+BLOCKS = ("read", "login", "order")  # what the recovery's probe tries
 # Statuses the shop may answer under faults. 503 only as a documented refusal: a problem
 # body with Retry-After (idempotency store unavailable, payments unavailable).
 EXPECTED = frozenset({200, 201, 401, 404, 409, 422, 429, 503})
@@ -53,7 +55,8 @@ class ShopProcesses:
         workdir.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            # The library of this tree, not whichever one the interpreter has installed.
+            "PYTHONPATH": os.pathsep.join((str(ROOT / "src"), str(ROOT))),
             "REDIS_URL": redis_url,
             "SHOP_DATA_DIR": str(workdir / "data"),
             "SHOP_PRODUCTS": str(PRODUCTS),
@@ -76,6 +79,7 @@ class ShopProcesses:
             wait_until_up(f"{self.url}/healthz", timeout=60)
             self._wait_for_workers()
             self.tokens = self._login_customers()
+            self._order_on_every_worker()
         except BaseException:
             self.stop()
             raise
@@ -89,6 +93,28 @@ class ShopProcesses:
                 raise TimeoutError(msg)
             with httpx.Client(base_url=self.url) as client:  # a new connection each time
                 seen.add(client.get("/healthz").json()["process"])
+
+    def _order_on_every_worker(self) -> None:
+        """Order until each worker has run an order: a worker learns the idempotency
+        store's marker with its first claim, and one that never claimed before Redis
+        restarted empty cannot tell the loss (the library's documented limit)."""
+        deadline = time.monotonic() + 60
+        while len({run.pid for found in self.runs("warm-").values() for run in found}) < WORKERS:
+            if time.monotonic() > deadline:
+                msg = f"orders did not reach all {WORKERS} shop workers"
+                raise TimeoutError(msg)
+            n = random.randrange(len(self.tokens))
+            with httpx.Client(base_url=self.url, timeout=30) as client:  # a new connection
+                response = client.post(
+                    "/api/orders",
+                    json={"items": [{"product_id": n + 1, "quantity": 1}]},
+                    headers={
+                        "Authorization": f"Bearer {self.tokens[n]}",
+                        "Idempotency-Key": f"warm-{uuid.uuid4().hex[:16]}",
+                    },
+                )
+            if response.status_code not in (201, 409):  # 409: out of stock
+                response.raise_for_status()
 
     def _login_customers(self) -> list[str]:
         tokens = []
@@ -125,16 +151,26 @@ class ShopProcesses:
                     found.append(line.strip())
         return found
 
-    def runs(self, prefix: str) -> dict[str, list[tuple[float, int]]]:
-        """The order handler's runs for keys starting with *prefix*: key -> (time, status)."""
-        runs: dict[str, list[tuple[float, int]]] = {}
+    def log_since(self, offset: int) -> str:
+        """What the shop's processes wrote to stderr after *offset* bytes."""
+        self._stderr.flush()
+        return self.stderr_path.read_bytes()[offset:].decode(errors="replace")
+
+    def runs(self, prefix: str) -> dict[str, list[Run]]:
+        """The order handler's runs for keys starting with *prefix*, by key, in order."""
+        runs: dict[str, list[Run]] = {}
         if not self.run_log.exists():
             return runs
         for line in self.run_log.read_text().splitlines():
             entry = json.loads(line)
             key = entry.get("key") or ""
             if key.startswith(prefix):
-                runs.setdefault(key, []).append((float(entry["at"]), int(entry["status"])))
+                run = Run(
+                    float(entry["began"]), float(entry["at"]), int(entry["status"]), entry["pid"]
+                )
+                runs.setdefault(key, []).append(run)
+        for found in runs.values():
+            found.sort(key=lambda run: run.began)
         return runs
 
     def stop(self) -> None:
@@ -146,6 +182,16 @@ class ShopProcesses:
                 self.process.kill()
                 self.process.wait()
         self._stderr.close()
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the order handler, from the shop's run log (Unix times, seconds)."""
+
+    began: float
+    ended: float
+    status: int
+    pid: int
 
 
 @dataclass
@@ -193,27 +239,56 @@ class Ledger:
             counts.update(str(a.status) if a.status is not None else "error" for a in answers)
         return counts
 
-    def unexpected(self, withheld: tuple[float, float]) -> list[str]:
+    def unexpected(self, since: float) -> list[str]:
         """Answers the shop must never give: 5xx other than a documented 503, no answer.
 
-        An order that failed without an answer within *withheld* (monotonic seconds: from
-        the fault's start until its end plus the lease) is the documented outcome of a
-        response the idempotency store could not keep (its end is withheld, so that the
-        client never takes for a success what may run again): not counted here, but in
-        the handler's runs per key.
+        An order whose response the idempotency store could not keep is answered 503
+        with ``Retry-After`` and ``Idempotency-Stored: false`` (documented), so an order
+        without an answer is a failure like any other request's.
         """
         found = []
+        errors = sorted(
+            a.answered for found in self.answers.values() for a in found if a.status == 500
+        )
         for kind, answers in self.answers.items():
             for a in answers:
                 if a.status is None:
-                    if kind in ("order", "probe") and withheld[0] <= a.answered <= withheld[1]:
-                        continue
-                    found.append(f"{kind}: no answer ({a.error})")
+                    # uvicorn closes a connection after an exception escaped the app: a
+                    # request sent on it just then gets none (the 500 is the cause).
+                    after = [a.sent - at for at in errors if 0 <= a.sent - at < 0.1]
+                    cause = f"; sent {min(after):.3f} s after a 500" if after else ""
+                    found.append(
+                        f"{kind}: no answer ({a.error}), sent {a.sent - since:+.2f} s, "
+                        f"failed {a.answered - since:+.2f} s from the fault's start{cause}"
+                    )
                 elif a.status not in EXPECTED:
-                    found.append(f"{kind}: {a.status} {a.body[:200]!r}")
+                    found.append(
+                        f"{kind}: {a.status} {a.body[:200]!r}, sent {a.sent - since:+.2f} s, "
+                        f"answered {a.answered - since:+.2f} s from the fault's start"
+                    )
                 elif a.status == 503 and not _documented_503(a):
                     found.append(f"{kind}: undocumented 503 {a.body[:200]!r}")
         return found
+
+    def refusals(self) -> Counter[str]:
+        """The 503s of the run by cause (each a documented refusal, see ``cause_of_503``)."""
+        return Counter(
+            cause_of_503(a) for answers in self.answers.values() for a in answers if a.status == 503
+        )
+
+
+def cause_of_503(answer: Answer) -> str:
+    """Which documented refusal a 503 is, from its problem body and headers."""
+    body = answer.body
+    if answer.headers is not None and answer.headers.get("idempotency-stored") == "false":
+        return "response not stored"
+    if b"lost its records" in body:
+        return "quarantine"
+    if b"idempotency store is unavailable" in body:
+        return "idempotency store unavailable"
+    if b"payment" in body:
+        return "payments unavailable"
+    return "other"
 
 
 def _documented_503(answer: Answer) -> bool:
@@ -367,7 +442,7 @@ class Probe:
     read: float | None = None
     login: float | None = None
     order: float | None = None
-    rounds: int = 0
+    rounds: dict[str, int] = field(default_factory=dict)  # the tries each block took
 
     @property
     def all(self) -> float | None:
@@ -400,32 +475,80 @@ async def probe_order(load: Load) -> bool:
     return answer.status in (201, 409) and answer.limited and stored
 
 
-async def probe_latency(load: Load, rounds: int = 3) -> float:
-    """The median time a probe round (a read, a login, an order at once) takes now."""
-    times = []
+async def probe_latency(load: Load, rounds: int = 3) -> dict[str, float]:
+    """The median time each probe (a read, a login, an order, sent at once) takes now."""
+    times: dict[str, list[float]] = {block: [] for block in BLOCKS}
     for n in range(rounds):
-        started = time.monotonic()
         ip = f"10.251.{load.seed % 250}.{n + 1}"
-        await asyncio.gather(probe_read(load, n, ip), probe_login(load, ip), probe_order(load))
-        times.append(time.monotonic() - started)
-    return sorted(times)[len(times) // 2]
+
+        async def timed(block: str, probe: Awaitable[bool]) -> None:
+            started = time.monotonic()
+            await probe
+            times[block].append(time.monotonic() - started)
+
+        await asyncio.gather(
+            timed("read", probe_read(load, n, ip)),
+            timed("login", probe_login(load, ip)),
+            timed("order", probe_order(load)),
+        )
+    return {block: sorted(found)[len(found) // 2] for block, found in times.items()}
 
 
 async def probe_recovery(load: Load, fault_end: float, give_up: float = 20.0) -> Probe:
-    """Probe a read, a login and an order every 50 ms from *fault_end* until each has
-    served normally: its usual status, the rate limiter's headers (its store decided),
-    and for the order a stored response (201, or 409 out of stock). Times are seconds
-    from *fault_end* until the answer."""
+    """Probe a read, a login and an order, each every 50 ms from *fault_end* (each on its
+    own, so that a slow one does not delay the others) until it has served normally: its
+    usual status, the rate limiter's headers (its store decided), and for the order a
+    stored response (201, or 409 out of stock). Times are seconds from *fault_end* until
+    the answer."""
     probe = Probe()
-    n = 0
-    while probe.all is None and time.monotonic() - fault_end < give_up:
-        n += 1
-        probe.rounds += 1
-        ip = f"10.250.{n // 250}.{n % 250 + 1}"
-        ok = await asyncio.gather(probe_read(load, n, ip), probe_login(load, ip), probe_order(load))
-        now = time.monotonic() - fault_end
-        for name, passed in zip(("read", "login", "order"), ok, strict=True):
-            if passed and getattr(probe, name) is None:
-                setattr(probe, name, now)
-        await asyncio.sleep(0.05)
+
+    async def until_served(block: str, attempt: Callable[[int], Awaitable[bool]]) -> None:
+        n = 0
+        while time.monotonic() - fault_end < give_up:
+            n += 1
+            passed = await attempt(n)
+            if passed:
+                setattr(probe, block, time.monotonic() - fault_end)
+                probe.rounds[block] = n
+                return
+            await asyncio.sleep(0.05)
+
+    def address(n: int) -> str:
+        return f"10.250.{n // 250}.{n % 250 + 1}"
+
+    await asyncio.gather(
+        until_served("read", lambda n: probe_read(load, n, address(n))),
+        until_served("login", lambda n: probe_login(load, address(n + 1000))),
+        until_served("order", lambda n: probe_order(load)),
+    )
     return probe
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """One answer of the shop's ``GET /readyz``."""
+
+    at: float  # monotonic seconds, when answered
+    status: int | None  # None: no answer
+    idempotency: str  # its idempotency check ("quarantined for ..."), "" when absent
+
+
+async def watch_readiness(url: str, until: float, every: float = 0.1) -> list[Readiness]:
+    """Ask the shop's ``/readyz`` every *every* seconds until *until* (monotonic), each
+    time on a new connection, so that the answers come from either worker."""
+    found = []
+    while time.monotonic() < until:
+        async with httpx.AsyncClient(base_url=url, timeout=5.0) as client:
+            try:
+                response = await client.get("/readyz")
+            except httpx.HTTPError:
+                found.append(Readiness(time.monotonic(), None, ""))
+            else:
+                checks = response.json().get("checks", {})
+                found.append(
+                    Readiness(
+                        time.monotonic(), response.status_code, str(checks.get("idempotency", ""))
+                    )
+                )
+        await asyncio.sleep(every)
+    return found

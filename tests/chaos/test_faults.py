@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis
@@ -28,13 +30,18 @@ from tests.chaos.conftest import NODE_TIMEOUT
 from tests.chaos.proxy import ChaosProxy
 from tests.chaos.report import Admission, FaultReport
 from tests.chaos.shop import (
+    BLOCKS,
     LEASE,
     LOGIN_IP_LIMIT,
+    WORKERS,
     Answer,
     Load,
+    Readiness,
     ShopProcesses,
+    cause_of_503,
     probe_latency,
     probe_recovery,
+    watch_readiness,
 )
 
 pytestmark = [pytest.mark.chaos, pytest.mark.redis, pytest.mark.slow]
@@ -43,6 +50,12 @@ WARMUP = 1.0  # seconds of load before the fault
 TAIL = 1.5  # seconds of load after the blocks recovered
 ATTACK_SPAN = 2.5  # attackers start spread over this many seconds
 RECOVERY = 1.0  # seconds allowed from a fault's end until every block serves normally
+QUARANTINE = LEASE  # the shop refuses orders for one lease once it noticed a loss
+
+
+def each_block(seconds: float) -> dict[str, float]:
+    """The same recovery bound for every block the probe tries."""
+    return dict.fromkeys(BLOCKS, seconds)
 
 
 @dataclass
@@ -53,10 +66,14 @@ class Window:
     end: float
     lost_at: float | None = None  # when Redis lost its data (None: it lost nothing)
     lost_slots: list[tuple[int, int]] | None = None  # only these slots (None: all)
+    quarantine: float = 0.0  # seconds the shop refuses orders once it noticed the loss
+    ends: str = "the fault's end"  # what ends the fault, for the report
     notes: list[str] = field(default_factory=list)
 
 
 Inject = Callable[[], Awaitable[Window]]
+During = Callable[[Load, Window], Coroutine[Any, Any, None]]  # runs alongside the recovery's probe
+Audit = Callable[[Load, Window, FaultReport], None]  # a fault's own checks, after the run
 
 
 async def run_fault(
@@ -66,33 +83,44 @@ async def run_fault(
     inject: Inject,
     *,
     seed: int,
-    bound: float,
+    bounds: dict[str, float],
     records: redis.RedisCluster | None = None,
+    during: During | None = None,
+    audit: Audit | None = None,
 ) -> FaultReport:
-    """Load the shop, inject the fault, probe the recovery, audit; return the figures."""
+    """Load the shop, inject the fault, probe the recovery, audit; return the figures.
+
+    *bounds*: the recovery allowed to each block (``read``, ``login``, ``order``), in
+    seconds from the fault's end. *during*, if given, runs alongside the probe; *audit*,
+    if given, checks the fault's own promises once the run is over.
+    """
     began = time.monotonic()
     offset = shop.stderr_size()
     load = Load(shop, prefix=f"{name.split(maxsplit=1)[0].lower().strip(':')}{seed}-", seed=seed)
-    report = FaultReport(name=name, what=what, limit=LOGIN_IP_LIMIT, bound=bound)
+    report = FaultReport(name=name, what=what, limit=LOGIN_IP_LIMIT, bounds=bounds)
+    report.load = os.getloadavg()[0]  # the machine is shared: the load is part of the figures
     try:
         load.start(ATTACK_SPAN)
         await asyncio.sleep(WARMUP)
         # The probe's own latency under this load, so the recovery counts only the fault.
         baseline = await probe_latency(load)
         window = await inject()
+        report.fault = (window.end - window.start, window.ends)
+        report.quarantine = window.quarantine
+        beside = None if during is None else asyncio.create_task(during(load, window))
         probe = await probe_recovery(load, window.end)
+        if beside is not None:
+            await beside
         report.recovery = {
-            name: None if value is None else max(0.0, value - baseline)
-            for name, value in (
-                ("read", probe.read),
-                ("login", probe.login),
-                ("order", probe.order),
-            )
+            block: None if value is None else max(0.0, value - baseline[block])
+            for block, value in ((block, getattr(probe, block)) for block in BLOCKS)
         }
+        latency = ", ".join(f"{block} {baseline[block]:.2f} s" for block in BLOCKS)
+        tries = ", ".join(f"{block} {probe.rounds.get(block, 0)}" for block in BLOCKS)
         report.notes.append(
-            f"recovery: the probe's answer after the fault's end, less the probe's latency "
-            f"under the same load just before the fault ({baseline:.2f} s); "
-            f"probe rounds: {probe.rounds}"
+            f"recovery: each block's first normal answer after the fault's end, less that "
+            f"probe's own latency under the same load just before the fault ({latency}); "
+            f"tries: {tries}"
         )
         await asyncio.sleep(TAIL)
         await load.stop()
@@ -108,16 +136,23 @@ async def run_fault(
         kind: Counter("error" if a.status is None else str(a.status) for a in answers)
         for kind, answers in ledger.answers.items()
     }
-    withheld = (window.start, window.end + LEASE + 1.0)
-    report.failures += [f"5xx or no answer: {u}" for u in ledger.unexpected(withheld)]
+    report.refusals = ledger.refusals()
+    report.failures += [f"5xx or no answer: {u}" for u in ledger.unexpected(window.start)]
     report.failures += [f"traceback on stderr: {t}" for t in shop.tracebacks_since(offset)]
     audit_runs(shop, load, window, report)
     audit_admissions(load, window, report)
     if records is not None:
         report.failures += check_record_names(load, window, records)
-    if any(value is None or value > bound for value in report.recovery.values()):
-        slow = {k: None if v is None else round(v, 2) for k, v in report.recovery.items()}
-        report.failures.append(f"recovery over {bound:g} s: {slow}")
+    if audit is not None:
+        audit(load, window, report)
+    slow = {
+        block: None if value is None else round(value, 2)
+        for block, value in report.recovery.items()
+        if value is None or value > bounds[block]
+    }
+    if slow:
+        allowed = {block: bounds[block] for block in slow}
+        report.failures.append(f"recovery over its bound: {slow}, allowed {allowed}")
     report.seconds = time.monotonic() - began
     return report
 
@@ -153,33 +188,79 @@ def check_record_names(load: Load, window: Window, client: redis.RedisCluster) -
 
 def audit_runs(shop: ShopProcesses, load: Load, window: Window, report: FaultReport) -> None:
     """Count the handler's runs per key: exactly one that ended below 500 (a 5xx releases
-    the key, so the client may run it again); two only where Redis lost the first record."""
+    the key, so the client may run it again); two only where Redis lost the first run's
+    record (the run began before the loss, on a lost slot) and, after a loss the shop
+    noticed, the second began after its quarantine. No run may begin in the quarantine."""
     runs = shop.runs(load.ledger.prefix)
-    lost_at_wall = None
-    if window.lost_at is not None:
-        lost_at_wall = time.time() - (time.monotonic() - window.lost_at)
+    offset = time.time() - time.monotonic()  # monotonic to Unix time
+    start = window.start + offset
+    lost_at = None if window.lost_at is None else window.lost_at + offset
+    quarantined = (window.end + offset, window.end + window.quarantine + offset)
+    if window.quarantine and lost_at is not None:
+        # Each worker's quarantine starts at its first claim after the restart, so no
+        # claim can begin a run from the restart until one quarantine after it.
+        for key, found in runs.items():
+            for run in found:
+                if quarantined[0] <= run.began < quarantined[1]:
+                    report.failures.append(
+                        f"ran during the quarantine: {key} began "
+                        f"{run.began - quarantined[0]:+.2f} s after the restart "
+                        f"(status {run.status}, process {run.pid})"
+                    )
+        every = shop.runs("")  # the warm-up's orders too
+        seen = {run.pid for found in every.values() for run in found if run.began < lost_at}
+        report.notes.append(
+            f"shop processes that had claimed a key before the loss (so could notice it): "
+            f"{len(seen)} of {WORKERS}"
+        )
     report.keys = len(load.ledger.orders)
+    running: Counter[str] = Counter()  # what the clients of runs the loss cut got
     for key, entry in load.ledger.orders.items():
-        stored = [(at, status) for at, status in runs.get(key, []) if status < 500]
+        stored = [run for run in runs.get(key, []) if run.status < 500]
         report.runs[len(stored)] += 1
         if len(stored) == 1:
             continue
-        if len(stored) == 2 and lost_at_wall is not None and stored[0][0] < lost_at_wall:
-            slot = record_slot(shop.users[entry.user], key)
-            if window.lost_slots is None or any(a <= slot <= b for a, b in window.lost_slots):
+        first, *others = stored
+        if (
+            len(others) == 1
+            and lost_at is not None
+            and first.began < lost_at
+            and (not window.quarantine or others[0].began >= quarantined[1])
+            and on_lost_slot(shop, load, key, window)
+        ):
+            # The record of a run that began before the loss went with Redis: completed
+            # (its client answered) or still running (its complete found nothing).
+            if first.ended < lost_at:
                 report.lost.append(key)
-                continue
-        start_wall = time.time() - (time.monotonic() - window.start)
-        when = [f"{status} at {at - start_wall:+.2f} s" for at, status in runs.get(key, [])]
+            else:
+                report.lost_running.append(key)
+                running[describe(entry.answers[0])] += 1
+            continue
+        when = [
+            f"{run.status} {run.began - start:+.2f}..{run.ended - start:+.2f} s"
+            for run in runs.get(key, [])
+        ]
         where = ""
         if window.lost_slots is not None:
             slot = record_slot(shop.users[entry.user], key)
-            on = any(a <= slot <= b for a, b in window.lost_slots)
+            on = on_lost_slot(shop, load, key, window)
             where = f"; record in slot {slot}, {'on' if on else 'off'} the lost master"
         report.failures.append(
             f"handler runs per key not 1: {key} ran {len(stored)} times (runs {when} from "
             f"the fault's start{where}); answers {[describe(a) for a in entry.answers]}"
         )
+    if running:
+        report.notes.append(
+            f"keys whose first run was cut by the loss: their first answer {dict(running)}"
+        )
+
+
+def on_lost_slot(shop: ShopProcesses, load: Load, key: str, window: Window) -> bool:
+    """Whether *key*'s record was on what Redis lost (every slot, or the lost master's)."""
+    if window.lost_slots is None:
+        return True
+    slot = record_slot(shop.users[load.ledger.orders[key].user], key)
+    return any(first <= slot <= last for first, last in window.lost_slots)
 
 
 def describe(answer: Answer) -> str:
@@ -251,24 +332,122 @@ async def test_kill_9_and_restart_empty(
     reports: list[FaultReport],
 ) -> None:
     server, _, _ = standalone(redis_behind_proxy)
+    readiness: list[Readiness] = []
+    resent: list[tuple[str, Answer]] = []
 
     async def inject() -> Window:
         start = time.monotonic()
         await asyncio.to_thread(server.kill)
         await asyncio.sleep(1.0)
         await asyncio.to_thread(server.start)
-        return Window(start, time.monotonic(), lost_at=start, notes=["Redis down for 1 s"])
+        return Window(
+            start,
+            time.monotonic(),
+            lost_at=start,
+            quarantine=QUARANTINE,
+            ends="killed until restarted",
+            notes=["Redis down for 1 s"],
+        )
 
+    async def during(load: Load, window: Window) -> None:
+        """Watch /readyz through the quarantine and past it; early in the quarantine, send
+        again every key answered before the crash, whose record Redis lost."""
+        watch = asyncio.create_task(
+            watch_readiness(shop.url, window.end + window.quarantine + RECOVERY + 1.0)
+        )
+        await asyncio.sleep(0.3)
+        done = [
+            key
+            for key, entry in list(load.ledger.orders.items())
+            if any(a.status == 201 and a.answered < window.start for a in entry.answers)
+        ]
+        semaphore = asyncio.Semaphore(16)
+
+        async def resend(key: str) -> None:
+            async with semaphore:
+                answer = await load.order(key, load.ledger.orders[key], kind="resend, quarantine")
+                resent.append((key, answer))
+
+        await asyncio.gather(*(resend(key) for key in done))
+        readiness.extend(await watch)
+
+    offset = shop.stderr_size()
     report = await run_fault(
         shop,
         "kill -9, restart empty",
         "Redis killed with `SIGKILL` and started again 1 s later on the same port, empty "
-        "(no persistence): every record, count and cached entry is gone.",
+        "(no persistence): every record, count and cached entry is gone. The shop "
+        f"quarantines orders for one lease ({QUARANTINE:g} s in the suite) once it notices.",
         inject,
         seed=1,
-        bound=RECOVERY,
+        bounds={"read": RECOVERY, "login": RECOVERY, "order": QUARANTINE + RECOVERY},
+        during=during,
+        audit=lambda load, window, report: audit_loss_noticed(
+            load, window, report, log=shop.log_since(offset), readiness=readiness, resent=resent
+        ),
     )
     check(report, reports)
+
+
+def audit_loss_noticed(
+    load: Load,
+    window: Window,
+    report: FaultReport,
+    *,
+    log: str,
+    readiness: list[Readiness],
+    resent: list[tuple[str, Answer]],
+) -> None:
+    """The loss was noticed and said: by every worker in the log (``BackendDataLost``),
+    on ``/readyz`` (503, an idempotency check) during the quarantine and not after it;
+    and each key resent in the quarantine was refused (503), not run."""
+    events = log.count("BackendDataLost(")
+    if events != WORKERS:
+        report.failures.append(
+            f"loss not noticed: {events} BackendDataLost events in the shop's log, "
+            f"not one per worker ({WORKERS})"
+        )
+    restart = window.end
+    quarantined = [r for r in readiness if r.status == 503 and r.idempotency]
+    past = [r for r in readiness if r.at > restart + window.quarantine + RECOVERY]
+    if not quarantined:
+        report.failures.append("loss not noticed: /readyz never reported the quarantine")
+    if not past or any(r.status != 200 or r.idempotency for r in past):
+        report.failures.append(
+            f"/readyz not ready after the quarantine: "
+            f"{[(round(r.at - restart, 2), r.status, r.idempotency) for r in past][:5]}"
+        )
+    if quarantined:
+        report.notes.append(
+            f"/readyz: 503 with `{quarantined[0].idempotency}` from "
+            f"{quarantined[0].at - restart:+.2f} s to {quarantined[-1].at - restart:+.2f} s "
+            f"after the restart ({len(quarantined)} of {len(readiness)} answers), ready "
+            f"again after it; {events} `BackendDataLost` events in the shop's log"
+        )
+    refused = [a for _, a in resent if a.status == 503]
+    for key, answer in resent:
+        if answer.status != 503:
+            report.failures.append(
+                f"resent in the quarantine, not refused: {key} answered {describe(answer)}"
+            )
+    causes = dict(Counter(cause_of_503(a) for a in refused))
+    report.notes.append(
+        f"every key answered before the crash, sent again 0.3 s after the restart: "
+        f"{len(refused)} of {len(resent)} refused (503, by cause: {causes})"
+    )
+    orders = [
+        a
+        for kind in ("order", "probe", "resend, quarantine")
+        for a in load.ledger.answers.get(kind, [])
+        if a.status == 503 and cause_of_503(a) == "quarantine"
+    ]
+    if orders:
+        first = min(a.answered for a in orders) - restart
+        last = max(a.answered for a in orders) - restart
+        report.notes.append(
+            f"orders refused by the quarantine: {len(orders)}, answered from {first:+.2f} s "
+            f"to {last:+.2f} s after the restart"
+        )
 
 
 async def test_script_flush(
@@ -292,7 +471,7 @@ async def test_script_flush(
         "(as after a restart or a failover to a fresh replica), the data stays.",
         inject,
         seed=2,
-        bound=RECOVERY,
+        bounds=each_block(RECOVERY),
     )
     client.close()
     check(report, reports)
@@ -323,7 +502,7 @@ def pause(mode: str, seed: int) -> Callable[..., Awaitable[None]]:
             ),
             inject,
             seed=seed,
-            bound=RECOVERY,
+            bounds=each_block(RECOVERY),
         )
         client.close()
         check(report, reports)
@@ -356,7 +535,7 @@ async def test_proxy_latency(
         "each way for 2 s (300 ms a round trip, under the shop's 0.5 s Redis timeout).",
         inject,
         seed=5,
-        bound=RECOVERY,
+        bounds=each_block(RECOVERY),
     )
     check(report, reports)
 
@@ -383,7 +562,7 @@ async def test_proxy_drops_connections(
         "every 0.25 s for 2 s.",
         inject,
         seed=6,
-        bound=RECOVERY,
+        bounds=each_block(RECOVERY),
     )
     check(report, reports)
 
@@ -408,9 +587,11 @@ async def test_cluster_master_killed_replica_promoted(
             time.monotonic(),
             lost_at=start,
             lost_slots=slots,
+            ends="killed until its replica promoted",
             notes=[
                 f"killed the master of slots {slots}; its replica was promoted "
-                f"{promoted:.2f} s later (detection and election; the fault's end)"
+                f"{promoted:.2f} s later (Redis's own failover: the node timeout, then an "
+                f"election); recovery is counted from the promotion"
             ],
         )
 
@@ -419,10 +600,11 @@ async def test_cluster_master_killed_replica_promoted(
         "Cluster: master killed",
         "On a 6-node Redis Cluster (3 masters, 3 replicas, `cluster-node-timeout` "
         f"{NODE_TIMEOUT * 1000:.0f} ms) one master is killed with `SIGKILL`; its replica is "
-        "promoted. The fault ends when the cluster serves every slot again.",
+        "promoted. The fault ends when the cluster serves every slot again (the "
+        "promotion); recovery is counted from there, allowed 1 s plus the node timeout.",
         inject,
         seed=7,
-        bound=RECOVERY + NODE_TIMEOUT,
+        bounds=each_block(RECOVERY + NODE_TIMEOUT),
         records=client,
     )
     client.close()
