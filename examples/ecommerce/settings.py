@@ -11,7 +11,7 @@
   (none).
 * ``SHOP_BREAKER_OPEN_FOR``: seconds the payments circuit stays open (``10``).
 * ``SHOP_IDEMPOTENCY_LEASE``: seconds an order's idempotency key stays claimed by a run
-  that stopped renewing it (``30``).
+  that stopped renewing it, and orders are refused after Redis lost its records (``30``).
 * ``SHOP_RUN_LOG``: a file where each run of the order handler is recorded (unset: none;
   see ``runlog.py``).
 * ``OIDC_ISSUER``: accept the access tokens of an external issuer instead of the shop's
