@@ -437,8 +437,8 @@ def audit_loss_noticed(
     )
     orders = [
         a
-        for kind in ("order", "probe", "resend, quarantine")
-        for a in load.ledger.answers.get(kind, [])
+        for answers in load.ledger.answers.values()
+        for a in answers
         if a.status == 503 and cause_of_503(a) == "quarantine"
     ]
     if orders:
@@ -448,6 +448,17 @@ def audit_loss_noticed(
             f"orders refused by the quarantine: {len(orders)}, answered from {first:+.2f} s "
             f"to {last:+.2f} s after the restart"
         )
+        # Orders serve normally once no worker refuses them: each worker's quarantine
+        # starts with its own first claim after the restart, so one that claims late
+        # refuses late, whatever the probe (served by either worker) saw.
+        served = report.recovery.get("order")
+        if served is not None and last > served:
+            report.recovery["order"] = last
+            report.notes.append(
+                f"orders: the probe's was served {served:.2f} s after the restart, but a "
+                f"worker refused orders by its quarantine until {last:+.2f} s: the orders' "
+                f"recovery is counted to that last refusal"
+            )
 
 
 async def test_script_flush(
