@@ -148,9 +148,18 @@ class _Channel:
     client's settings but no socket timeout (the backend bounds each call with one
     ``asyncio.timeout`` instead) and sends each command on it under a lock; callers are
     few, since the coalescers batch everything else. A failure other than an error
-    reply drops the connection. A connection that worked before and fails to send
-    (Redis restarted, say) is replaced and the command sent once more, as redis-py's own
-    retry would.
+    reply drops the connection.
+
+    A command is sent at most once. Redis runs a script as soon as its bytes arrive, so
+    once they may have left, a broken connection may have lost only the reply: sending
+    again would run the script twice (a hit charged twice, a claim that finds itself in
+    progress). The failure goes to the caller, and so to the block's policy. A kept
+    connection that went stale while idle (Redis restarted, or closed it) is found
+    *before* sending, as redis-py's pool does when it hands out a connection: a
+    non-blocking check that the idle connection has nothing to read and is not at its
+    end; a stale one is replaced and the command sent on the new one, so the first call
+    after a restart succeeds. The check sees what the event loop has already learnt of
+    the socket: a connection that breaks in the instant before the send fails that call.
     """
 
     __slots__ = ("_connection", "_kwargs", "_lock", "_pool", "_reply_errors", "_stale_errors")
@@ -178,28 +187,49 @@ class _Channel:
         return float(timeout) if timeout else None
 
     async def execute(self, *args: str | int | bytes) -> Any:
+        """Send one command, once, and return its reply."""
         async with self._lock:
-            reused = self._connection is not None
+            connection = await self._ready()
             try:
-                return await self._execute(args)
-            except self._stale_errors:
-                if not reused:
-                    raise
-            return await self._execute(args)
+                await connection.send_packed_command(_pack(args), False)
+                return await connection.read_response()
+            except self._reply_errors:
+                raise  # an error reply was read whole: the connection is still in step
+            except BaseException:
+                await self._drop(connection)
+                raise
 
-    async def _execute(self, args: tuple[str | int | bytes, ...]) -> Any:
+    async def _ready(self) -> Any:
+        """Return a connection that is connected and idle, replacing a stale one."""
         connection = self._connection
-        if connection is None:
-            connection = self._connection = self._pool.connection_class(**self._kwargs)
+        if connection is not None:
+            if connection.is_connected and not await self._stale(connection):
+                return connection
+            await self._drop(connection)
+        connection = self._new_connection()
         try:
-            await connection.send_packed_command(_pack(args), False)
-            return await connection.read_response()
-        except self._reply_errors:
-            raise  # an error reply was read whole: the connection is still in step
+            await connection.connect()
         except BaseException:
-            self._connection = None
             await asyncio.shield(connection.disconnect())
             raise
+        self._connection = connection
+        return connection
+
+    def _new_connection(self) -> Any:
+        return self._pool.connection_class(**self._kwargs)
+
+    async def _stale(self, connection: Any) -> bool:
+        """Whether an idle connection is closed, reset or holds bytes nobody asked for."""
+        # can_read() since redis-py 8, can_read_destructive() before it (deprecated since).
+        check = getattr(connection, "can_read", None) or connection.can_read_destructive
+        try:
+            return bool(await check())
+        except (*self._stale_errors, OSError):
+            return True
+
+    async def _drop(self, connection: Any) -> None:
+        self._connection = None
+        await asyncio.shield(connection.disconnect())
 
     async def aclose(self) -> None:
         async with self._lock:

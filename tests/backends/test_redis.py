@@ -1,0 +1,110 @@
+"""The Redis backend's own connection: a command whose reply may be lost is never resent.
+
+Redis runs a script as soon as its bytes arrive; a connection that breaks afterwards loses
+only the reply. Sending the command again would run the script twice (a rate-limit hit
+charged twice, a claim that finds itself in progress), so the failure goes to the block's
+policy instead. A connection found stale before sending (Redis restarted, or closed it
+while idle) is replaced first, and the command sent once, without an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+
+from resilient import BackendError, RateLimiter, RedisBackend, SlidingWindow
+from resilient.events import BackendFailed, Event
+from resilient.idempotency.core import ClaimStatus
+from resilient.idempotency.redis import RedisIdempotencyStore
+from resilient.testing import RedisServer
+from tests.backends.proxy import ReplyLosingProxy
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def proxy(
+    redis_client: redis.asyncio.Redis, redis_server: RedisServer
+) -> AsyncIterator[ReplyLosingProxy]:
+    """A proxy to the session's (flushed) server."""
+    async with ReplyLosingProxy(redis_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+async def proxied(proxy: ReplyLosingProxy) -> AsyncIterator[RedisBackend]:
+    """A backend whose client reaches Redis through the proxy."""
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port)
+    async with RedisBackend(client) as backend:
+        yield backend
+    await client.aclose()
+
+
+async def test_a_hit_whose_reply_is_lost_is_charged_once_and_reported(
+    proxy: ReplyLosingProxy, proxied: RedisBackend
+) -> None:
+    events: list[Event] = []
+    limiter = RateLimiter(proxied, observer=events.append)
+    policy = SlidingWindow("20/hour")
+    assert (await limiter.hit("warm-up", policy)).allowed  # the connection is now reused
+    proxy.lose_next_reply()
+
+    lost = await limiter.hit("k", policy)
+
+    assert proxy.replies_lost == 1
+    assert lost.degraded  # the block's policy ("open") answered, not Redis
+    assert lost.allowed
+    [event] = events
+    assert isinstance(event, BackendFailed)
+    assert event.outcome == "admitted"
+    # Redis ran the script once: the next hit sees a count of 1.
+    assert (await limiter.peek("k", policy)).remaining == 19
+    assert (await limiter.hit("k", policy)).remaining == 18
+
+
+async def test_a_claim_whose_reply_is_lost_fails_and_its_lease_expires(
+    proxy: ReplyLosingProxy, proxied: RedisBackend
+) -> None:
+    store = RedisIdempotencyStore(proxied)
+    assert (await store.claim("warm-up", "f", "o", 5_000, 1_000)).status is ClaimStatus.CLAIMED
+    proxy.lose_next_reply()
+
+    with pytest.raises(BackendError, match=r"claim\.lua"):
+        await store.claim("k", "f", "lost-owner", 5_000, 1_000)
+
+    # The claim ran: its owner never learnt it holds the lease, so nobody renews it. A
+    # retry of the request is refused as in progress until the lease ends, then runs.
+    retried = await store.claim("k", "f", "retry", 5_000, 2_000)
+    assert retried.status is ClaimStatus.IN_PROGRESS
+    assert retried.retry_after_ms == 4_000
+    later = await store.claim("k", "f", "retry", 5_000, 6_000)
+    assert later.status is ClaimStatus.CLAIMED
+
+
+async def test_after_a_restart_the_next_call_reconnects_and_runs_once(
+    fresh_redis_server: RedisServer,
+) -> None:
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url)
+    events: list[Event] = []
+    async with RedisBackend(client) as backend:
+        limiter = RateLimiter(backend, observer=events.append)
+        policy = SlidingWindow("20/hour")
+        assert (await limiter.hit("k", policy)).remaining == 19
+        # Restarted while the app runs (its event loop sees the old connection close).
+        await asyncio.to_thread(fresh_redis_server.restart)
+
+        decision = await limiter.hit("k", policy)
+
+        assert events == []
+        assert not decision.degraded
+        assert decision.remaining == 19  # the restarted server forgot the first hit
+        stats = await client.info("commandstats")
+    await client.aclose()
+    # Once: EVALSHA, answered NOSCRIPT by the new server, then EVAL, which loads it.
+    assert (
+        stats["cmdstat_evalsha"]["calls"] + stats["cmdstat_evalsha"].get("rejected_calls", 0) == 1
+    )
+    assert stats["cmdstat_eval"]["calls"] == 1
