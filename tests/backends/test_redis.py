@@ -10,16 +10,18 @@ while idle) is replaced first, and the command sent once, without an error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from resilient import BackendError, RateLimiter, RedisBackend, SlidingWindow
 from resilient.events import BackendFailed, Event
 from resilient.idempotency.core import ClaimStatus
 from resilient.idempotency.redis import RedisIdempotencyStore
-from resilient.testing import RedisServer
+from resilient.testing import RedisCluster, RedisServer
 from tests.backends.proxy import ReplyLosingProxy
 
 pytestmark = pytest.mark.redis
@@ -108,3 +110,43 @@ async def test_after_a_restart_the_next_call_reconnects_and_runs_once(
         stats["cmdstat_evalsha"]["calls"] + stats["cmdstat_evalsha"].get("rejected_calls", 0) == 1
     )
     assert stats["cmdstat_eval"]["calls"] == 1
+
+
+@pytest.mark.cluster
+async def test_on_a_cluster_a_hit_whose_reply_is_lost_is_charged_once(
+    redis_cluster: RedisCluster, cluster_client: AsyncRedisCluster
+) -> None:
+    # redis-py's cluster client retries a command after a connection error, whether the
+    # error came while sending or while reading: the backend must not let it resend.
+    async with contextlib.AsyncExitStack() as stack:
+        proxies = {
+            port: await stack.enter_async_context(ReplyLosingProxy(port))
+            for _, port in redis_cluster.nodes
+        }
+        remap = {
+            (host, port): ("127.0.0.1", proxies[port].port) for host, port in redis_cluster.nodes
+        }
+        first = proxies[redis_cluster.nodes[0][1]]
+        client = AsyncRedisCluster(
+            host="127.0.0.1", port=first.port, address_remap=lambda a: remap.get(a, a)
+        )
+        stack.push_async_callback(client.aclose)
+        backend = await stack.enter_async_context(RedisBackend(client))
+        events: list[Event] = []
+        limiter = RateLimiter(backend, observer=events.append)
+        policy = SlidingWindow("20/hour")
+        # Another limit on the same key: its node's connection is made and in use.
+        assert (await limiter.hit("k", SlidingWindow("5/minute"))).allowed
+        node = client.get_node_from_key("{k}")
+        assert node is not None
+        [proxy] = [p for p in proxies.values() if p.port == node.port]
+        proxy.lose_next_reply()
+
+        lost = await limiter.hit("k", policy)
+
+        assert proxy.replies_lost == 1
+        assert lost.degraded
+        [event] = events
+        assert isinstance(event, BackendFailed)
+        assert (await limiter.peek("k", policy)).remaining == 19
+        assert (await limiter.hit("k", policy)).remaining == 18

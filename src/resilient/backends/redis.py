@@ -9,6 +9,13 @@ Every key a script touches carries the same ``{hash tag}``, so each call runs on
 Redis Cluster node. Exceptions of redis-py never escape: they become
 :class:`~resilient.errors.BackendError` here, once.
 
+A script call is sent at most once. Redis runs a script when its bytes arrive; a
+connection that breaks afterwards loses only the reply, and sending the call again would
+run the script twice. So a call that may have reached Redis and then failed is a backend
+failure, for the block's ``on_backend_error`` policy, never a resend: on a standalone
+server the backend's own connection checks, before sending, that a kept connection is
+still open; on a cluster each call names its node, which turns off redis-py's retry.
+
 Concurrent calls of one script on one hash slot are *coalesced*: while a call is in flight
 the next ones queue, and the queue goes out as a single script call when the first
 returns. An idle backend therefore adds no wait, and a busy one pays one round trip for a
@@ -251,6 +258,12 @@ class RedisBackend:
     client's settings, for its script calls: close it with :meth:`aclose` (or use the
     backend as an async context manager) when you close the client.
 
+    A script call is never sent twice: one whose connection fails after sending is a
+    backend failure (its reply is lost, whether or not Redis ran it). On a cluster, the
+    client's own retry is not used for scripts, so a call that meets a connection error
+    (a node restarted, a failover under way) fails too; the client refreshes its
+    topology before the next call.
+
     >>> import redis.asyncio
     >>> backend = RedisBackend(redis.asyncio.Redis(), prefix="shop")
     """
@@ -370,15 +383,34 @@ class RedisBackend:
         self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes]
     ) -> Any:
         channel = self._channel
-        if channel is None:  # a cluster: the client routes by key and follows MOVED
-            try:
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-            except self._noscript:
-                return await self.client.eval(script.source, len(keys), *keys, *args)
+        if channel is None:
+            return await self._run_on_cluster(script, keys, args)
         try:
             return await channel.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except self._noscript:
             return await channel.execute("EVAL", script.source, len(keys), *keys, *args)
+
+    async def _run_on_cluster(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes]
+    ) -> Any:
+        # The client retries a command after a connection error or a timeout, and cannot
+        # tell one raised while sending from one raised while reading the reply of a
+        # script Redis already ran: such a retry would run it twice. A command sent to
+        # nodes the caller names is not retried (MOVED, ASK and TRYAGAIN, errors replied
+        # instead of running it, are still followed), so each call names the node that
+        # serves its keys, after letting the client refresh its topology if an earlier
+        # error asked for it.
+        client: Any = self.client
+        await client.initialize()
+        node = client.get_node_from_key(keys[0])
+        try:
+            return await client.execute_command(
+                "EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node
+            )
+        except self._noscript:
+            return await client.execute_command(
+                "EVAL", script.source, len(keys), *keys, *args, target_nodes=node
+            )
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
