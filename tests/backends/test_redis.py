@@ -13,15 +13,26 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
-from resilient import BackendError, RateLimiter, RedisBackend, SlidingWindow
+from resilient import (
+    BackendError,
+    IdempotencyMiddleware,
+    RateLimiter,
+    RedisBackend,
+    SlidingWindow,
+)
 from resilient.events import BackendFailed, Event
 from resilient.idempotency.core import ClaimStatus
 from resilient.idempotency.redis import RedisIdempotencyStore
-from resilient.testing import RedisCluster, RedisServer
+from resilient.testing import FakeClock, RedisCluster, RedisServer
 from tests.backends.proxy import ReplyLosingProxy
 
 pytestmark = pytest.mark.redis
@@ -84,6 +95,39 @@ async def test_a_claim_whose_reply_is_lost_fails_and_its_lease_expires(
     assert retried.retry_after_ms == 4_000
     later = await store.claim("k", "f", "retry", 5_000, 6_000)
     assert later.status is ClaimStatus.CLAIMED
+
+
+async def test_a_request_whose_claim_reply_is_lost_runs_once_the_lease_has_ended(
+    proxy: ReplyLosingProxy, proxied: RedisBackend
+) -> None:
+    runs: list[str] = []
+
+    async def order(request: Request) -> Response:
+        runs.append(request.headers["idempotency-key"])
+        return PlainTextResponse("created", status_code=201)
+
+    clock = FakeClock()
+    events: list[Event] = []
+    shop = Starlette(routes=[Route("/orders", order, methods=["POST"])])
+    app = IdempotencyMiddleware(shop, proxied, lease=30.0, clock=clock, observer=events.append)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+        warm = await client.post("/orders", headers={"Idempotency-Key": "warm-up"})
+        assert warm.status_code == 201
+        proxy.lose_next_reply()
+
+        lost = await client.post("/orders", headers={"Idempotency-Key": "k"})
+        assert lost.status_code == 503  # the default policy: never run unguarded
+        assert [type(e) for e in events if isinstance(e, BackendFailed)] == [BackendFailed]
+        # The claim ran, with nobody to run the request or renew the lease.
+        clock.advance(29)
+        assert (await client.post("/orders", headers={"Idempotency-Key": "k"})).status_code == 409
+        clock.advance(2)
+        later = await client.post("/orders", headers={"Idempotency-Key": "k"})
+        replay = await client.post("/orders", headers={"Idempotency-Key": "k"})
+    assert proxy.replies_lost == 1
+    assert later.status_code == replay.status_code == 201
+    assert runs == ["warm-up", "k"]
 
 
 async def test_after_a_restart_the_next_call_reconnects_and_runs_once(
