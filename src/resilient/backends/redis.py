@@ -169,10 +169,9 @@ class _Channel:
     the socket: a connection that breaks in the instant before the send fails that call.
     """
 
-    __slots__ = ("_connection", "_kwargs", "_lock", "_pool", "_reply_errors", "_stale_errors")
+    __slots__ = ("_connection", "_kwargs", "_lock", "_pool", "_reply_errors")
 
     def __init__(self, client: Redis) -> None:
-        from redis.exceptions import ConnectionError as RedisConnectionError  # noqa: PLC0415
         from redis.exceptions import ResponseError  # noqa: PLC0415
 
         self._pool = client.connection_pool
@@ -185,7 +184,6 @@ class _Channel:
         self._connection: Any = None
         self._lock = asyncio.Lock()
         self._reply_errors = (ResponseError,)
-        self._stale_errors = (RedisConnectionError, ConnectionError)
 
     @property
     def socket_timeout(self) -> float | None:
@@ -227,11 +225,12 @@ class _Channel:
 
     async def _stale(self, connection: Any) -> bool:
         """Whether an idle connection is closed, reset or holds bytes nobody asked for."""
-        # can_read() since redis-py 8, can_read_destructive() before it (deprecated since).
+        # can_read() since redis-py 8, can_read_destructive() before it (deprecated since;
+        # redis-py 5.0's reports an idle connection at its end as fine: the call then fails).
         check = getattr(connection, "can_read", None) or connection.can_read_destructive
         try:
             return bool(await check())
-        except (*self._stale_errors, OSError):
+        except Exception:  # closed, reset, or not known good: nothing was sent, replace it
             return True
 
     async def _drop(self, connection: Any) -> None:
