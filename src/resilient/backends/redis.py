@@ -260,8 +260,8 @@ class RedisBackend:
     A script call is never sent twice: one whose connection fails after sending is a
     backend failure (its reply is lost, whether or not Redis ran it). On a cluster, the
     client's own retry is not used for scripts, so a call that meets a connection error
-    (a node restarted, a failover under way) fails too; the client refreshes its
-    topology before the next call.
+    or ``CLUSTERDOWN`` (a node restarted, a failover under way) fails too; the calls
+    after it use the topology the client then refreshes.
 
     >>> import redis.asyncio
     >>> backend = RedisBackend(redis.asyncio.Redis(), prefix="shop")
