@@ -192,3 +192,36 @@ async def test_on_a_cluster_a_hit_whose_reply_is_lost_is_charged_once(
         assert isinstance(event, BackendFailed)
         assert (await limiter.peek("k", policy)).remaining == 19
         assert (await limiter.hit("k", policy)).remaining == 18
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+async def test_on_a_cluster_calls_fail_into_the_policy_until_a_restarted_node_serves() -> None:
+    # Without the client's retry, a call that meets the restarted node's closed connection,
+    # then its CLUSTERDOWN while it waits to serve writes again, fails at once; none of
+    # those calls ran, and calls succeed again once the node serves.
+    with RedisCluster(masters=3) as cluster:
+        client = AsyncRedisCluster.from_url(cluster.url)
+        events: list[Event] = []
+        async with RedisBackend(client) as backend:
+            limiter = RateLimiter(backend, observer=events.append)
+            policy = SlidingWindow("1000/hour")
+            assert (await limiter.hit("k", policy)).remaining == 999
+            node = client.get_node_from_key("{k}")
+            assert node is not None
+            [server] = [s for s in cluster.servers if s.port == node.port]
+            await asyncio.to_thread(server.restart)  # without its data
+
+            failed = 0
+            for _ in range(150):  # Redis lets a restarted master serve writes after 2 s
+                decision = await limiter.hit("k", policy)
+                if not decision.degraded:
+                    break
+                failed += 1
+                await asyncio.sleep(0.1)
+        await client.aclose()
+    assert not decision.degraded
+    assert decision.remaining == 999  # the first hit went with the data, no failed call ran
+    assert failed >= 1
+    assert len(events) == failed
+    assert all(isinstance(e, BackendFailed) for e in events)
