@@ -6,6 +6,7 @@ or kills it (``kill -9``): the point is what a client of a real server sees.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -211,13 +212,21 @@ async def test_the_decorator_raises_when_the_result_cannot_be_stored(
 # -- Redis restarted empty ----------------------------------------------------------------
 
 
-def kill_and_restart_empty(server: RedisServer) -> None:
-    """``kill -9`` the server, then start it again on its port: no data survives."""
-    with redis.Redis.from_url(server.url) as admin:
-        pid = int(admin.info("server")["process_id"])
-    os.kill(pid, signal.SIGKILL)
-    server.stop()  # reaps the killed process
-    server.start()
+async def kill_and_restart_empty(server: RedisServer) -> None:
+    """``kill -9`` the server, then start it again on its port: no data survives.
+
+    In a thread, so the event loop goes on meanwhile, as a service's does: it sees its
+    connections close, and the backend replaces them before its next call.
+    """
+
+    def crash_and_start() -> None:
+        with redis.Redis.from_url(server.url) as admin:
+            pid = int(admin.info("server")["process_id"])
+        os.kill(pid, signal.SIGKILL)
+        server.stop()  # reaps the killed process
+        server.start()
+
+    await asyncio.to_thread(crash_and_start)
 
 
 async def test_a_restart_empty_is_noticed_by_every_instance(
@@ -235,7 +244,7 @@ async def test_a_restart_empty_is_noticed_by_every_instance(
             paid = await first.post("/api/orders", json={"n": 1}, headers=KEY)
             await second.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "k2"})
             assert recorder.of(BackendDataLost) == []  # a first sight is no loss
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             again = await first.post("/api/orders", json={"n": 1}, headers=KEY)
             await second.post("/api/orders", json={"n": 3}, headers={"Idempotency-Key": "k3"})
             later = await first.post(
@@ -263,7 +272,7 @@ async def test_a_quarantine_refuses_new_claims_after_a_restart_empty(
         async with client_for(app) as http:
             await http.post("/api/orders", json={"n": 1}, headers=KEY)
             assert app.quarantine_left == 0.0
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             noticed = await http.post(
                 "/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"}
             )
@@ -295,7 +304,7 @@ async def test_a_restart_that_kept_its_data_is_no_loss(shop: Shop) -> None:
             app = IdempotencyMiddleware(shop.app, backend, quarantine=30.0, observer=recorder)
             async with client_for(app) as http:
                 first = await http.post("/api/orders", json={"n": 1}, headers=KEY)
-                kill_and_restart_empty(server)  # kill -9: the append-only file keeps the data
+                await kill_and_restart_empty(server)  # kill -9: the append-only file keeps the data
                 again = await http.post("/api/orders", json={"n": 1}, headers=KEY)
         await client.aclose()
     assert again.headers["idempotent-replayed"] == "true"
@@ -317,7 +326,7 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
             return n
 
         await charge(1)
-        kill_and_restart_empty(fresh_redis_server)
+        await kill_and_restart_empty(fresh_redis_server)
         with pytest.raises(BackendUnavailable, match="lost its records") as raised:
             await charge(2)
         assert raised.value.retry_after == 5.0
