@@ -31,6 +31,7 @@ __all__ = [
     "CallSucceeded",
     "Event",
     "IdempotencyConflict",
+    "IdempotencyNotStored",
     "IdempotencyReplayed",
     "KeySetFetchFailed",
     "KeySetFetched",
@@ -38,7 +39,6 @@ __all__ = [
     "LoggingObserver",
     "Observer",
     "RateLimited",
-    "ResultNotStored",
     "RetryBudgetExhausted",
     "RetryGaveUp",
     "RetryScheduled",
@@ -107,7 +107,7 @@ class LeaseLost(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class ResultNotStored(Event):
+class IdempotencyNotStored(Event):
     """A guarded call ran, but its result could not be stored while its lease lasted.
 
     Nothing records that it ran, so a later duplicate may run it again: the caller is

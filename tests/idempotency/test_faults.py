@@ -33,8 +33,7 @@ from resilient import (
     idempotent,
 )
 from resilient.errors import ResultNotStored
-from resilient.events import BackendDataLost, BackendFailed
-from resilient.events import ResultNotStored as NotStoredEvent
+from resilient.events import BackendDataLost, BackendFailed, IdempotencyNotStored
 from resilient.testing import FakeClock, RedisServer
 from tests.idempotency.conftest import Recorder, Shop, client_for
 
@@ -136,7 +135,7 @@ def test_a_write_stall_shorter_than_the_lease_runs_the_payment_once(
     assert again.headers["idempotent-replayed"] == "true"
     assert again.content == first.content
     assert payments.runs == 1
-    assert recorder.of(NotStoredEvent) == []
+    assert recorder.of(IdempotencyNotStored) == []
 
 
 @pytest.mark.parametrize("path", ["/pay", "/pay-stream"])
@@ -159,7 +158,7 @@ def test_a_write_stall_past_the_lease_never_answers_success(
     assert response.headers["idempotency-stored"] == "false"
     assert response.headers["content-type"] == "application/problem+json"
     assert payments.runs == 1
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["answered 503"]
 
 
 async def test_the_decorator_retries_complete_through_a_short_stall(
@@ -205,7 +204,7 @@ async def test_the_decorator_raises_when_the_result_cannot_be_stored(
     await client.aclose()
     assert raised.value.retry_after > 0
     assert charged == [1]
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["raised"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["raised"]
 
 
 # -- Redis restarted empty ----------------------------------------------------------------
@@ -389,7 +388,7 @@ async def test_with_replicas_a_result_no_replica_acknowledged_is_not_a_success(
         await client.aclose()
     assert response.status_code == 503
     assert response.headers["idempotency-stored"] == "false"
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["answered 503"]
     (failed,) = recorder.of(BackendFailed)
     assert failed.outcome == "result not stored"
     assert "reached 0 of 1 replicas" in str(failed.error)

@@ -21,9 +21,14 @@ from resilient.errors import (
     IdempotencyMismatch,
     ResultNotStored,
 )
-from resilient.events import BackendFailed, IdempotencyReplayed, Observer, emit
+from resilient.events import (
+    BackendFailed,
+    IdempotencyNotStored,
+    IdempotencyReplayed,
+    Observer,
+    emit,
+)
 from resilient.events import IdempotencyConflict as ConflictEvent
-from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency.core import ClaimStatus, IdempotencyStore, validate_seconds
 from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
 
@@ -64,7 +69,7 @@ def idempotent(
     (with ``retry_after``), or with *wait* > 0 waits up to *wait* seconds for the result.
     An exception from the function releases the key, so a retry runs it again. Storing the
     result is retried for up to one lease (the lease renewed meanwhile); a result that
-    still cannot be stored raises :class:`~resilient.errors.ResultNotStored` (with
+    still cannot be stored raises :class:`~resilient.ResultNotStored` (with
     ``retry_after``) instead of returning: nothing records that the function ran. When the
     backend fails, ``"closed"`` (the default) raises
     :class:`~resilient.BackendUnavailable` without running the function; ``"open"`` runs
@@ -180,7 +185,7 @@ async def _run_once(
     if not stored:
         # Nothing records that the function ran: returning would pass for a success that
         # a later call with the key (once the lease runs out) may run again.
-        emit(keeper.observer, NotStoredEvent("idempotent", scoped, "raised"))
+        emit(keeper.observer, IdempotencyNotStored("idempotent", scoped, "raised"))
         msg = f"{scope} ran, but its result could not be stored for its idempotency key"
         raise ResultNotStored(msg, retry_after=keeper.backend_retry_after)
     return json.loads(payload)

@@ -23,11 +23,11 @@ from resilient.errors import BackendError, ConfigurationError
 from resilient.events import (
     BackendFailed,
     IdempotencyConflict,
+    IdempotencyNotStored,
     IdempotencyReplayed,
     Observer,
     emit,
 )
-from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency.core import (
     ClaimStatus,
     IdempotencyStore,
@@ -436,7 +436,7 @@ class IdempotencyMiddleware:
         status, no ``Retry-After``.
         """
         retry_after = ceil(self._keeper.backend_retry_after)
-        emit(self.observer, NotStoredEvent("idempotency", scoped, "answered 503"))
+        emit(self.observer, IdempotencyNotStored("idempotency", scoped, "answered 503"))
         await send_problem(
             send,
             503,
