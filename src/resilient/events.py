@@ -125,8 +125,10 @@ class IdempotencyNotStored(Event):
 class BackendDataLost(Event):
     """The backend lost the block's records: Redis restarted empty, or was flushed.
 
-    Requests made before the loss may run again when they are retried. New claims are
-    refused for ``quarantine`` seconds (0: none, they run as soon as the loss is seen).
+    Requests made before the loss may run again when they are retried. Emitted once per
+    loss per store, by the guard whose claim noticed it; ``quarantine`` is that guard's:
+    it refuses new claims for that many seconds (0: none). Every other guard on the
+    same backend applies its own ``quarantine`` from the same moment.
     """
 
     level: ClassVar[int] = logging.ERROR

@@ -74,9 +74,10 @@ def idempotent(
     backend fails, ``"closed"`` (the default) raises
     :class:`~resilient.BackendUnavailable` without running the function; ``"open"`` runs
     it unguarded. Keys are scoped by *name* (default: the function's qualified name).
-    When the store is found to have lost its records (Redis restarted empty), a
-    :class:`~resilient.events.BackendDataLost` event is emitted and, with *quarantine* >
-    0, calls raise :class:`~resilient.BackendUnavailable` for that many seconds.
+    When the store is found to have lost its records (Redis restarted empty), by this
+    function's claim or any other guard's on the same backend, calls raise
+    :class:`~resilient.BackendUnavailable` for *quarantine* seconds (if > 0) from that
+    moment; the guard whose claim noticed emits :class:`~resilient.events.BackendDataLost`.
     With *replicas* > 0 (a standalone Redis with replicas), a result is stored only once
     that many replicas have it (Redis ``WAIT``, up to *replica_timeout* seconds per try).
 
@@ -128,8 +129,7 @@ def idempotent(
                 emit(observer, BackendFailed("idempotent", "claim", exc, "raised"))
                 msg = f"the idempotency store is unavailable; {scope} was not run: {exc}"
                 raise BackendUnavailable(msg, retry_after=keeper.backend_retry_after) from exc
-            if claim.data_lost:
-                _check_quarantine(keeper, scope)
+            _check_quarantine(keeper, scope)  # a loss noticed since (a claimed key is released)
             status = claim.status
             if status is ClaimStatus.COMPLETED:
                 emit(observer, IdempotencyReplayed("idempotent", scoped))

@@ -156,13 +156,16 @@ class IdempotencyMiddleware:
     runs the request unguarded and reports the failure to the *observer*. Request bodies
     over *max_request_body* bytes get ``413``.
 
-    On a standalone Redis the middleware notices when Redis lost its records (restarted
-    empty, or flushed) and emits :class:`~resilient.events.BackendDataLost`. With
-    *quarantine* > 0 it then refuses guarded requests (``503`` with ``Retry-After``) for
-    that many seconds, rather than run duplicates of requests that were in flight when
-    the records vanished; :attr:`quarantine_left` says so to a readiness probe. The
-    default, 0, keeps serving: a quarantine is an outage of every keyed request, and no
-    length of it brings the lost records back (see the durability section of the docs).
+    On a standalone Redis the backend's store notices when Redis lost its records
+    (restarted empty, or flushed), through the first claim after the loss, made by this
+    middleware or by any other guard on the same backend; that claim's guard emits
+    :class:`~resilient.events.BackendDataLost`. With *quarantine* > 0 the middleware
+    then refuses guarded requests (``503`` with ``Retry-After``) for that many seconds
+    from the moment the loss was noticed, rather than run duplicates of requests that
+    were in flight when the records vanished; :attr:`quarantine_left` says so to a
+    readiness probe (on every instance sharing the backend). The default, 0, keeps
+    serving: a quarantine is an outage of every keyed request, and no length of it
+    brings the lost records back (see the durability section of the docs).
     With *replicas* > 0 (a standalone Redis with replicas), a response is stored only once
     that many replicas have its record (Redis ``WAIT``, up to *replica_timeout* seconds
     per try): a record a client was answered from survives the master's failover.
@@ -326,7 +329,7 @@ class IdempotencyMiddleware:
                 headers=[(b"retry-after", retry_after)],
             )
             return
-        if claim.data_lost and keeper.quarantine_left() > 0:
+        if keeper.quarantine_left() > 0:  # a loss noticed since (a claimed key is released)
             await self._refuse_in_quarantine(send)
             return
         status = claim.status
@@ -355,8 +358,9 @@ class IdempotencyMiddleware:
     def quarantine_left(self) -> float:
         """Seconds for which guarded requests are still refused after a loss of records.
 
-        0.0 unless *quarantine* is set and a claim found that the backend had lost its
-        records (Redis restarted empty): a readiness signal, e.g. for a ``/readyz``.
+        0.0 unless *quarantine* is set and the backend's store noticed that it had lost
+        its records (Redis restarted empty), through this middleware's claim or any other
+        guard's on the same backend: a readiness signal, e.g. for a ``/readyz``.
         """
         return self._keeper.quarantine_left()
 
