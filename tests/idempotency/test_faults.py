@@ -212,13 +212,21 @@ async def test_the_decorator_raises_when_the_result_cannot_be_stored(
 # -- Redis restarted empty ----------------------------------------------------------------
 
 
-def kill_and_restart_empty(server: RedisServer) -> None:
-    """``kill -9`` the server, then start it again on its port: no data survives."""
-    with redis.Redis.from_url(server.url) as admin:
-        pid = int(admin.info("server")["process_id"])
-    os.kill(pid, signal.SIGKILL)
-    server.stop()  # reaps the killed process
-    server.start()
+async def kill_and_restart_empty(server: RedisServer) -> None:
+    """``kill -9`` the server, then start it again on its port: no data survives.
+
+    In a thread, so the event loop goes on meanwhile, as a service's does: it sees its
+    connections close, and the backend replaces them before its next call.
+    """
+
+    def crash_and_start() -> None:
+        with redis.Redis.from_url(server.url) as admin:
+            pid = int(admin.info("server")["process_id"])
+        os.kill(pid, signal.SIGKILL)
+        server.stop()  # reaps the killed process
+        server.start()
+
+    await asyncio.to_thread(crash_and_start)
 
 
 async def test_the_store_keeps_when_it_noticed_a_loss(redis_backend: RedisBackend) -> None:
@@ -255,7 +263,7 @@ async def test_a_restart_empty_is_noticed_by_every_instance(
             paid = await first.post("/api/orders", json={"n": 1}, headers=KEY)
             await second.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "k2"})
             assert recorder.of(BackendDataLost) == []  # a first sight is no loss
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             again = await first.post("/api/orders", json={"n": 1}, headers=KEY)
             await second.post("/api/orders", json={"n": 3}, headers={"Idempotency-Key": "k3"})
             later = await first.post(
@@ -283,7 +291,7 @@ async def test_a_quarantine_refuses_new_claims_after_a_restart_empty(
         async with client_for(app) as http:
             await http.post("/api/orders", json={"n": 1}, headers=KEY)
             assert app.quarantine_left == 0.0
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             noticed = await http.post(
                 "/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"}
             )
@@ -315,7 +323,7 @@ async def test_a_restart_that_kept_its_data_is_no_loss(shop: Shop) -> None:
             app = IdempotencyMiddleware(shop.app, backend, quarantine=30.0, observer=recorder)
             async with client_for(app) as http:
                 first = await http.post("/api/orders", json={"n": 1}, headers=KEY)
-                kill_and_restart_empty(server)  # kill -9: the append-only file keeps the data
+                await kill_and_restart_empty(server)  # kill -9: the append-only file keeps the data
                 again = await http.post("/api/orders", json={"n": 1}, headers=KEY)
         await client.aclose()
     assert again.headers["idempotent-replayed"] == "true"
@@ -337,7 +345,7 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
             return n
 
         await charge(1)
-        kill_and_restart_empty(fresh_redis_server)
+        await kill_and_restart_empty(fresh_redis_server)
         with pytest.raises(BackendUnavailable, match="lost its records") as raised:
             await charge(2)
         assert raised.value.retry_after == 5.0
@@ -372,7 +380,7 @@ async def test_a_loss_noticed_once_quarantines_every_guard_on_the_backend(
         async with client_for(first) as one, client_for(second) as two:
             await one.post("/api/orders", json={"n": 1}, headers=KEY)
             await charge(1)
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             noticed = await one.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"})
             lefts = [first.quarantine_left, second.quarantine_left]
             with pytest.raises(BackendUnavailable, match="lost its records") as raised:
@@ -416,7 +424,7 @@ async def test_a_loss_the_decorator_noticed_quarantines_the_middleware_too(
 
         async with client_for(app) as http:
             await http.post("/api/orders", json={"n": 1}, headers=KEY)
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             clock.advance(1)
             assert await charge(1) == 1  # noticed here; it has no quarantine of its own
             clock.advance(2)
@@ -446,7 +454,7 @@ async def test_a_claim_in_flight_when_another_guard_notices_a_loss_is_refused(
         ]
         async with client_for(apps[0]) as one, client_for(apps[1]) as two:
             await one.post("/api/orders", json={"n": 1}, headers=KEY)
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             answers = await asyncio.gather(
                 one.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"}),
                 two.post("/api/orders", json={"n": 3}, headers={"Idempotency-Key": "c"}),
