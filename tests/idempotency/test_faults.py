@@ -229,25 +229,6 @@ async def kill_and_restart_empty(server: RedisServer) -> None:
     await asyncio.to_thread(crash_and_start)
 
 
-async def test_the_store_keeps_when_it_noticed_a_loss(redis_backend: RedisBackend) -> None:
-    memory = store_for(MemoryBackend())
-    store = store_for(redis_backend)
-    assert store_for(redis_backend) is store  # one store per backend, whoever asks
-    assert memory.data_lost_at is None
-    first = await store.claim("a", "f", "o1", 1000, 1_000)
-    assert (first.data_lost, store.data_lost_at) == (False, None)  # a first sight: no loss
-    await redis_backend.client.flushall()
-    noticed = await store.claim("b", "f", "o2", 1000, 5_000)
-    after = await store.claim("c", "f", "o3", 1000, 9_000)
-    assert (noticed.data_lost, after.data_lost) == (True, False)  # noticed once
-    assert store.data_lost_at == 5.0  # the noticing claim's clock, in seconds
-    await redis_backend.client.flushall()
-    before = time.time()
-    await store.claim("d", "f", "o4", 1000, None)  # the system's clock
-    assert store.data_lost_at is not None
-    assert before <= store.data_lost_at <= time.time()
-
-
 async def test_a_restart_empty_is_noticed_by_every_instance(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
@@ -354,6 +335,25 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
     await client.aclose()
     assert runs == [1, 2]
     assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 5.0)]
+
+
+async def test_the_store_keeps_when_it_noticed_a_loss(redis_backend: RedisBackend) -> None:
+    memory = store_for(MemoryBackend())
+    store = store_for(redis_backend)
+    assert store_for(redis_backend) is store  # one store per backend, whoever asks
+    assert memory.data_lost_at is None
+    first = await store.claim("a", "f", "o1", 1000, 1_000)
+    assert (first.data_lost, store.data_lost_at) == (False, None)  # a first sight: no loss
+    await redis_backend.client.flushall()
+    noticed = await store.claim("b", "f", "o2", 1000, 5_000)
+    after = await store.claim("c", "f", "o3", 1000, 9_000)
+    assert (noticed.data_lost, after.data_lost) == (True, False)  # noticed once
+    assert store.data_lost_at == 5.0  # the noticing claim's clock, in seconds
+    await redis_backend.client.flushall()
+    before = time.time()
+    await store.claim("d", "f", "o4", 1000, None)  # the system's clock
+    assert store.data_lost_at is not None
+    assert before <= store.data_lost_at <= time.time()
 
 
 async def test_a_loss_noticed_once_quarantines_every_guard_on_the_backend(
