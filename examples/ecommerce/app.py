@@ -415,9 +415,10 @@ class Shop:
         except OutOfStock as exc:
             self.orders.labels("out_of_stock").inc()
             return problem(409, str(exc), product_id=exc.product_id, left=exc.left)
-        # From here the stock is reserved: whatever happens, the order ends paid or
-        # cancelled (its stock given back), never pending. Nothing but the database runs
-        # between the reservation and the payment: a cache fault cannot interrupt it.
+        # From here the stock is reserved: whatever the payment step does (an answer, an
+        # error, a bug, the request cancelled), the order ends paid or cancelled with its
+        # stock given back, not pending. Nothing but the database runs between the
+        # reservation and the payment: a cache fault cannot interrupt it.
         try:
             try:
                 charged = await self.charge(order)
