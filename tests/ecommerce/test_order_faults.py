@@ -183,3 +183,28 @@ async def test_a_client_gone_during_the_payment_leaves_no_order_pending(
     stock, statuses, _ = ledger(harness)
     assert statuses == {"cancelled": 1}
     assert stock == STOCK
+
+
+@MEMORY
+async def test_a_product_read_while_an_order_is_paid_is_not_served_stale_after_it(
+    make_shop: ShopFactory,
+) -> None:
+    shop: list[Harness] = []
+
+    async def charge(request: Request) -> JSONResponse:
+        # Another customer reads the product while the order's stock is reserved ...
+        async with shop[0].client(ip="198.51.100.99") as client:
+            page = (await client.get(f"/api/products/{PRODUCT}")).json()
+        assert page["stock"] == STOCK - QUANTITY
+        return JSONResponse({"error": "declined"}, status_code=402)  # ... then it fails
+
+    harness = await make_shop(
+        payment_app=Starlette(routes=[Route("/charges", charge, methods=["POST"])])
+    )
+    shop.append(harness)
+    set_stock(harness, STOCK)
+    response = await place(harness, "declined")
+    assert response.status_code == 503
+    async with harness.client() as client:  # the stock is back, and so is the page
+        page = (await client.get(f"/api/products/{PRODUCT}")).json()
+    assert page["stock"] == STOCK
