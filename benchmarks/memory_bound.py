@@ -10,7 +10,10 @@ distribution (every key unique, as from a client that makes up keys), for:
 * ``ratelimit``: ``RateLimiter.hit`` of a new key (one token bucket);
 * ``cache``: ``Cache.get_or_load`` of a key it does not hold (the loader returns at once);
 * ``l1``: the in-process tier of a cache on Redis keeping a newly read entry (no Redis
-  is involved: the tier's ``put`` alone).
+  is involved: the tier's ``put`` alone);
+* ``breakers``: ``BreakerRegistry.get`` of a new key (bounded by its ``max_size``, not by
+  a backend), in a registry of closed breakers, and in one whose breakers are all open
+  (every host it knows is down: nothing closed to drop).
 
 Each round times a batch of new keys in the store below its bound, then a batch in the
 full store, so that the machine's drift touches both alike. Figures: the median, p99 and
@@ -48,6 +51,7 @@ class Store:
 
     new_key: NewKey
     size: Callable[[], int]
+    old_key: NewKey | None = None  # how the keys that fill it are added, if not as new ones
 
 
 def idempotency(max_keys: int) -> Store:
@@ -109,17 +113,38 @@ def l1(max_keys: int) -> Store:
     return Store(new_key, tier.__len__)
 
 
+def breakers(max_size: int, *, opened: bool = False) -> Store:
+    from resilient.breaker import BreakerRegistry, CircuitBreaker
+
+    registry = BreakerRegistry(lambda key: CircuitBreaker(key, observer=None), max_size=max_size)
+
+    async def new_key(key: str) -> None:
+        registry.get(key)
+
+    async def old_key(key: str) -> None:
+        registry.get(key).force_open()
+
+    return Store(new_key, registry.__len__, old_key if opened else None)
+
+
+def open_breakers(max_size: int) -> Store:
+    return breakers(max_size, opened=True)
+
+
 STORES: dict[str, Callable[[int], Store]] = {
     "idempotency": idempotency,
     "ratelimit": ratelimit,
     "cache": cache,
     "l1": l1,
+    "breakers": breakers,
+    "breakers (all open)": open_breakers,
 }
 
 
 async def fill(store: Store, prefix: str, count: int) -> None:
+    add = store.old_key or store.new_key
     for i in range(count):
-        await store.new_key(f"{prefix}{i}")
+        await add(f"{prefix}{i}")
 
 
 async def batch(store: Store, prefix: str, start: int, into: list[float]) -> None:
@@ -203,7 +228,8 @@ async def bench(sizes: tuple[int, ...], rounds: int) -> Section:
             "below its bound (as many keys, a larger bound), then the full one.\n"
             "- Cache: `get_or_load` of a missing key (its loader returns at once); "
             "idempotency: `claim` then `complete`; rate limit: `RateLimiter.hit`; "
-            "L1: the tier's `put`.\n"
+            "L1: the tier's `put`; breakers: `BreakerRegistry.get` (its `max_size` is the "
+            "bound), filled with closed breakers, or with breakers forced open.\n"
             "- The max is the slowest single key: a store that walked its entries to make "
             "room would show it there; so does any pause of Python's garbage collector."
         ),

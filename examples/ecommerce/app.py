@@ -16,11 +16,12 @@ key, one circuit for the payment provider.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import httpx
@@ -50,6 +51,7 @@ from resilient import (
     RateLimiter,
     RateLimitMiddleware,
     RedisBackend,
+    ResilienceError,
     ResilientTransport,
     Rule,
     SlidingWindow,
@@ -90,6 +92,26 @@ async def forbidden(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Forbidden)
     challenge = f'Bearer realm="{REALM}", error="insufficient_scope", error_description="{exc}"'
     return problem(403, str(exc), headers={"WWW-Authenticate": challenge})
+
+
+async def finish(work: Awaitable[None]) -> None:
+    """Await *work* to its end even if the caller is cancelled meanwhile (then re-raise).
+
+    An order's settlement (paid, or cancelled with its stock given back) must not stop
+    half-way because the client went away.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()
 
 
 def redis_client(url: str) -> Any:
@@ -394,8 +416,34 @@ class Shop:
         except OutOfStock as exc:
             self.orders.labels("out_of_stock").inc()
             return problem(409, str(exc), product_id=exc.product_id, left=exc.left)
-        for product_id in wanted:  # the stock changed
-            await self.cache.delete(f"product:{product_id}")
+        # From here the stock is reserved: whatever the payment step does (an answer, an
+        # error, a bug, the request cancelled), the order ends paid or cancelled with its
+        # stock given back, not pending. Nothing but the database runs between the
+        # reservation and the payment: a cache fault cannot interrupt it.
+        try:
+            try:
+                charged = await self.charge(order)
+            except BaseException:  # the request cancelled (the client went away), or a bug
+                await finish(self.db.cancel(order["id"]))
+                raise
+            if isinstance(charged, Response):  # refused: nothing was charged
+                await finish(self.db.cancel(order["id"]))
+                return charged
+            await finish(self.db.mark_paid(order["id"], charged))
+        finally:
+            # Only now, the order's transaction committed (paid, or cancelled and the stock
+            # back), are the cached products stale. A failed delete is reported by the
+            # cache and done when Redis answers again; it never fails the order.
+            for product_id in wanted:
+                await self.cache.delete(f"product:{product_id}")
+        self.orders.labels("paid").inc()
+        order.update(status="paid", payment_id=charged)
+        return JSONResponse(
+            order, status_code=201, headers={"Location": f"/api/orders/{order['id']}"}
+        )
+
+    async def charge(self, order: Mapping[str, Any]) -> str | Response:
+        """Charge *order*: the payment's id, or the 503 to answer when nothing was charged."""
         try:
             response = await self.payments.post(
                 "/charges",
@@ -404,9 +452,8 @@ class Shop:
                 headers={"Idempotency-Key": f"shop-order-{order['id']}"},
             )
             response.raise_for_status()
-            payment_id = str(response.json()["id"])
+            body = response.json()
         except CircuitOpenError as exc:
-            await self.db.cancel(order["id"])
             self.orders.labels("payment_circuit_open").inc()
             retry_after = max(1, math.ceil(exc.retry_after or 1))
             return problem(
@@ -414,20 +461,21 @@ class Shop:
                 "payments are unavailable right now; nothing was charged",
                 headers={"Retry-After": str(retry_after)},
             )
-        except (httpx.HTTPError, ValueError, KeyError):
-            await self.db.cancel(order["id"])
+        except (httpx.HTTPError, ValueError, ResilienceError):
+            body = None
+        payment_id = body.get("id") if isinstance(body, dict) else None
+        if (
+            isinstance(payment_id, bool)
+            or not isinstance(payment_id, str | int)
+            or payment_id == ""
+        ):
             self.orders.labels("payment_failed").inc()
             return problem(
                 503,
                 "the payment provider failed; nothing was charged",
                 headers={"Retry-After": "5"},
             )
-        await self.db.mark_paid(order["id"], payment_id)
-        self.orders.labels("paid").inc()
-        order.update(status="paid", payment_id=payment_id)
-        return JSONResponse(
-            order, status_code=201, headers={"Location": f"/api/orders/{order['id']}"}
-        )
+        return str(payment_id)
 
     async def user_orders(self, request: Request) -> Response:
         caller, _ = subject(request)

@@ -26,6 +26,7 @@ from resilient.errors import (
     InvalidToken,
     RateLimitExceeded,
     ResilienceError,
+    ResultNotStored,
 )
 from resilient.events import Event, LoggingObserver, Observer
 from resilient.idempotency import IdempotencyMiddleware, idempotent
@@ -84,6 +85,7 @@ __all__ = [
     "RedisBackend",
     "ResilienceError",
     "ResilientTransport",
+    "ResultNotStored",
     "RetryBudget",
     "Rule",
     "SlidingWindow",

@@ -33,12 +33,12 @@ from resilient.events import (
     CallSucceeded,
     Event,
     IdempotencyConflict,
+    IdempotencyNotStored,
     IdempotencyReplayed,
     KeySetFetched,
     KeySetFetchFailed,
     LeaseLost,
     RateLimited,
-    ResultNotStored,
     RetryBudgetExhausted,
     RetryGaveUp,
     RetryScheduled,
@@ -349,8 +349,8 @@ def _lease_lost(event: LeaseLost) -> Measurements:
     return (Measurement(IDEMPOTENCY_LEASES_LOST, (event.block, event.operation)),)
 
 
-@_maps(ResultNotStored)
-def _not_stored(event: ResultNotStored) -> Measurements:
+@_maps(IdempotencyNotStored)
+def _not_stored(event: IdempotencyNotStored) -> Measurements:
     return (Measurement(IDEMPOTENCY_NOT_STORED, (event.block, event.outcome)),)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "CallSucceeded",
     "Event",
     "IdempotencyConflict",
+    "IdempotencyNotStored",
     "IdempotencyReplayed",
     "KeySetFetchFailed",
     "KeySetFetched",
@@ -38,7 +39,6 @@ __all__ = [
     "LoggingObserver",
     "Observer",
     "RateLimited",
-    "ResultNotStored",
     "RetryBudgetExhausted",
     "RetryGaveUp",
     "RetryScheduled",
@@ -107,7 +107,7 @@ class LeaseLost(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class ResultNotStored(Event):
+class IdempotencyNotStored(Event):
     """A guarded call ran, but its result could not be stored while its lease lasted.
 
     Nothing records that it ran, so a later duplicate may run it again: the caller is
@@ -125,8 +125,10 @@ class ResultNotStored(Event):
 class BackendDataLost(Event):
     """The backend lost the block's records: Redis restarted empty, or was flushed.
 
-    Requests made before the loss may run again when they are retried. New claims are
-    refused for ``quarantine`` seconds (0: none, they run as soon as the loss is seen).
+    Requests made before the loss may run again when they are retried. Emitted once per
+    loss per store, by the guard whose claim noticed it; ``quarantine`` is that guard's:
+    it refuses new claims for that many seconds (0: none). Every other guard on the
+    same backend applies its own ``quarantine`` from the same moment.
     """
 
     level: ClassVar[int] = logging.ERROR

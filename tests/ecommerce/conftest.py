@@ -108,9 +108,10 @@ async def make_shop(
     provider = PaymentProvider(seed=1)
     built: list[Shop] = []
 
-    async def make(*, own_jwks: bool = True, **overrides: Any) -> Harness:
+    async def make(*, own_jwks: bool = True, payment_app: Any = None, **overrides: Any) -> Harness:
         """A shop with *overrides* of the settings; with *own_jwks*, its JWKS fetches
-        reach itself in process (else over the network, as configured)."""
+        reach itself in process (else over the network, as configured); its payments go
+        to *payment_app* (an ASGI app) instead of the test's provider when given."""
         settings = Settings(
             data_dir=data_dir,
             redis_url=redis_url,
@@ -122,7 +123,7 @@ async def make_shop(
         jwks = LateASGITransport()
         shop = Shop(
             settings,
-            payment_transport=httpx.ASGITransport(app=provider.app),
+            payment_transport=httpx.ASGITransport(app=payment_app or provider.app),
             jwks_transport=jwks if own_jwks else None,
             clock=clock,
         )

@@ -6,6 +6,7 @@ or kills it (``kill -9``): the point is what a client of a real server sees.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -33,8 +34,8 @@ from resilient import (
     idempotent,
 )
 from resilient.errors import ResultNotStored
-from resilient.events import BackendDataLost, BackendFailed
-from resilient.events import ResultNotStored as NotStoredEvent
+from resilient.events import BackendDataLost, BackendFailed, IdempotencyNotStored
+from resilient.idempotency.keeper import store_for
 from resilient.testing import FakeClock, RedisServer
 from tests.idempotency.conftest import Recorder, Shop, client_for
 
@@ -136,7 +137,7 @@ def test_a_write_stall_shorter_than_the_lease_runs_the_payment_once(
     assert again.headers["idempotent-replayed"] == "true"
     assert again.content == first.content
     assert payments.runs == 1
-    assert recorder.of(NotStoredEvent) == []
+    assert recorder.of(IdempotencyNotStored) == []
 
 
 @pytest.mark.parametrize("path", ["/pay", "/pay-stream"])
@@ -159,7 +160,7 @@ def test_a_write_stall_past_the_lease_never_answers_success(
     assert response.headers["idempotency-stored"] == "false"
     assert response.headers["content-type"] == "application/problem+json"
     assert payments.runs == 1
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["answered 503"]
 
 
 async def test_the_decorator_retries_complete_through_a_short_stall(
@@ -205,19 +206,27 @@ async def test_the_decorator_raises_when_the_result_cannot_be_stored(
     await client.aclose()
     assert raised.value.retry_after > 0
     assert charged == [1]
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["raised"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["raised"]
 
 
 # -- Redis restarted empty ----------------------------------------------------------------
 
 
-def kill_and_restart_empty(server: RedisServer) -> None:
-    """``kill -9`` the server, then start it again on its port: no data survives."""
-    with redis.Redis.from_url(server.url) as admin:
-        pid = int(admin.info("server")["process_id"])
-    os.kill(pid, signal.SIGKILL)
-    server.stop()  # reaps the killed process
-    server.start()
+async def kill_and_restart_empty(server: RedisServer) -> None:
+    """``kill -9`` the server, then start it again on its port: no data survives.
+
+    In a thread, so the event loop goes on meanwhile, as a service's does: it sees its
+    connections close, and the backend replaces them before its next call.
+    """
+
+    def crash_and_start() -> None:
+        with redis.Redis.from_url(server.url) as admin:
+            pid = int(admin.info("server")["process_id"])
+        os.kill(pid, signal.SIGKILL)
+        server.stop()  # reaps the killed process
+        server.start()
+
+    await asyncio.to_thread(crash_and_start)
 
 
 async def test_a_restart_empty_is_noticed_by_every_instance(
@@ -235,7 +244,7 @@ async def test_a_restart_empty_is_noticed_by_every_instance(
             paid = await first.post("/api/orders", json={"n": 1}, headers=KEY)
             await second.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "k2"})
             assert recorder.of(BackendDataLost) == []  # a first sight is no loss
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             again = await first.post("/api/orders", json={"n": 1}, headers=KEY)
             await second.post("/api/orders", json={"n": 3}, headers={"Idempotency-Key": "k3"})
             later = await first.post(
@@ -263,7 +272,7 @@ async def test_a_quarantine_refuses_new_claims_after_a_restart_empty(
         async with client_for(app) as http:
             await http.post("/api/orders", json={"n": 1}, headers=KEY)
             assert app.quarantine_left == 0.0
-            kill_and_restart_empty(fresh_redis_server)
+            await kill_and_restart_empty(fresh_redis_server)
             noticed = await http.post(
                 "/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"}
             )
@@ -295,7 +304,7 @@ async def test_a_restart_that_kept_its_data_is_no_loss(shop: Shop) -> None:
             app = IdempotencyMiddleware(shop.app, backend, quarantine=30.0, observer=recorder)
             async with client_for(app) as http:
                 first = await http.post("/api/orders", json={"n": 1}, headers=KEY)
-                kill_and_restart_empty(server)  # kill -9: the append-only file keeps the data
+                await kill_and_restart_empty(server)  # kill -9: the append-only file keeps the data
                 again = await http.post("/api/orders", json={"n": 1}, headers=KEY)
         await client.aclose()
     assert again.headers["idempotent-replayed"] == "true"
@@ -317,7 +326,7 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
             return n
 
         await charge(1)
-        kill_and_restart_empty(fresh_redis_server)
+        await kill_and_restart_empty(fresh_redis_server)
         with pytest.raises(BackendUnavailable, match="lost its records") as raised:
             await charge(2)
         assert raised.value.retry_after == 5.0
@@ -326,6 +335,136 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
     await client.aclose()
     assert runs == [1, 2]
     assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 5.0)]
+
+
+async def test_the_store_keeps_when_it_noticed_a_loss(redis_backend: RedisBackend) -> None:
+    memory = store_for(MemoryBackend())
+    store = store_for(redis_backend)
+    assert store_for(redis_backend) is store  # one store per backend, whoever asks
+    assert memory.data_lost_at is None
+    first = await store.claim("a", "f", "o1", 1000, 1_000)
+    assert (first.data_lost, store.data_lost_at) == (False, None)  # a first sight: no loss
+    await redis_backend.client.flushall()
+    noticed = await store.claim("b", "f", "o2", 1000, 5_000)
+    after = await store.claim("c", "f", "o3", 1000, 9_000)
+    assert (noticed.data_lost, after.data_lost) == (True, False)  # noticed once
+    assert store.data_lost_at == 5.0  # the noticing claim's clock, in seconds
+    await redis_backend.client.flushall()
+    before = time.time()
+    await store.claim("d", "f", "o4", 1000, None)  # the system's clock
+    assert store.data_lost_at is not None
+    assert before <= store.data_lost_at <= time.time()
+
+
+async def test_a_loss_noticed_once_quarantines_every_guard_on_the_backend(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    # Two middleware instances and a decorator on one RedisBackend share one store: the
+    # first claim after the restart notices the loss for all of them, and each applies its
+    # own quarantine from that moment, whether or not it claims anything meanwhile.
+    clock, recorder, runs = FakeClock(), Recorder(), []
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    async with RedisBackend(client) as backend:
+        first = IdempotencyMiddleware(
+            shop.app, backend, quarantine=30.0, clock=clock, observer=recorder
+        )
+        second = IdempotencyMiddleware(
+            shop.app, backend, quarantine=20.0, clock=clock, observer=recorder
+        )
+
+        @idempotent("{n}", backend=backend, quarantine=5.0, clock=clock, observer=recorder)
+        async def charge(n: int) -> int:
+            runs.append(n)
+            return n
+
+        async with client_for(first) as one, client_for(second) as two:
+            await one.post("/api/orders", json={"n": 1}, headers=KEY)
+            await charge(1)
+            await kill_and_restart_empty(fresh_redis_server)
+            noticed = await one.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"})
+            lefts = [first.quarantine_left, second.quarantine_left]
+            with pytest.raises(BackendUnavailable, match="lost its records") as raised:
+                await charge(2)
+            refused = await two.post("/api/orders", json={"n": 3}, headers={"Idempotency-Key": "c"})
+            clock.advance(5)
+            charged = await charge(2)  # the decorator's own 5 s are over
+            clock.advance(15)
+            later = [first.quarantine_left, second.quarantine_left]
+            ran = await two.post("/api/orders", json={"n": 3}, headers={"Idempotency-Key": "c"})
+            still = await one.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"})
+    await client.aclose()
+    assert noticed.status_code == refused.status_code == still.status_code == 503
+    assert (noticed.headers["retry-after"], refused.headers["retry-after"]) == ("30", "20")
+    assert still.headers["retry-after"] == "10"
+    assert lefts == [30.0, 20.0]
+    assert raised.value.retry_after == 5.0
+    assert charged == 2
+    assert later == [10.0, 0.0]
+    assert ran.status_code == 201
+    assert runs == [1, 2]
+    assert shop.runs == {"orders": 2}
+    # One loss of one store: one event, from the guard whose claim noticed it.
+    lost = recorder.of(BackendDataLost)
+    assert [(e.block, e.quarantine) for e in lost] == [("idempotency", 30.0)]
+
+
+async def test_a_loss_the_decorator_noticed_quarantines_the_middleware_too(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    clock, recorder = FakeClock(), Recorder()
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    async with RedisBackend(client) as backend:
+        app = IdempotencyMiddleware(
+            shop.app, backend, quarantine=30.0, clock=clock, observer=recorder
+        )
+
+        @idempotent("{n}", backend=backend, clock=clock, observer=recorder)  # no quarantine
+        async def charge(n: int) -> int:
+            return n
+
+        async with client_for(app) as http:
+            await http.post("/api/orders", json={"n": 1}, headers=KEY)
+            await kill_and_restart_empty(fresh_redis_server)
+            clock.advance(1)
+            assert await charge(1) == 1  # noticed here; it has no quarantine of its own
+            clock.advance(2)
+            left = app.quarantine_left
+            refused = await http.post("/api/orders", json={"n": 1}, headers=KEY)
+    await client.aclose()
+    assert left == 28.0  # from the moment the loss was noticed, not from its first claim
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "28"
+    assert shop.runs == {"orders": 1}
+    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 0.0)]
+
+
+async def test_a_claim_in_flight_when_another_guard_notices_a_loss_is_refused(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    # Both claims are sent before either reply is read: the first notices the loss, the
+    # second finds the marker the first made (no loss of its own) yet must not run.
+    clock, recorder = FakeClock(), Recorder()
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    async with RedisBackend(client) as backend:
+        apps = [
+            IdempotencyMiddleware(
+                shop.app, backend, quarantine=30.0, clock=clock, observer=recorder
+            )
+            for _ in range(2)
+        ]
+        async with client_for(apps[0]) as one, client_for(apps[1]) as two:
+            await one.post("/api/orders", json={"n": 1}, headers=KEY)
+            await kill_and_restart_empty(fresh_redis_server)
+            answers = await asyncio.gather(
+                one.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"}),
+                two.post("/api/orders", json={"n": 3}, headers={"Idempotency-Key": "c"}),
+            )
+            keys = await client.keys("*idem*:r")
+    await client.aclose()
+    assert [a.status_code for a in answers] == [503, 503]
+    assert shop.runs == {"orders": 1}
+    assert keys == []  # both claimed keys released
+    assert len(recorder.of(BackendDataLost)) == 1
 
 
 # -- WAIT for replicas ----------------------------------------------------------------------
@@ -389,7 +528,7 @@ async def test_with_replicas_a_result_no_replica_acknowledged_is_not_a_success(
         await client.aclose()
     assert response.status_code == 503
     assert response.headers["idempotency-stored"] == "false"
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["answered 503"]
     (failed,) = recorder.of(BackendFailed)
     assert failed.outcome == "result not stored"
     assert "reached 0 of 1 replicas" in str(failed.error)

@@ -9,8 +9,13 @@ import redis.asyncio
 
 from resilient import MemoryBackend, RedisBackend
 from resilient.errors import BackendError
-from resilient.events import BackendFailed, IdempotencyConflict, IdempotencyReplayed, LeaseLost
-from resilient.events import ResultNotStored as NotStoredEvent
+from resilient.events import (
+    BackendFailed,
+    IdempotencyConflict,
+    IdempotencyNotStored,
+    IdempotencyReplayed,
+    LeaseLost,
+)
 from resilient.idempotency import IdempotencyMiddleware, parse_key
 from resilient.idempotency.keeper import store_for
 from resilient.idempotency.middleware import default_scope_key
@@ -274,7 +279,7 @@ async def test_a_lost_lease_is_reported_and_never_overwrites_the_new_owner(shop:
     # The first could not store its response: it is refused rather than told of a success.
     assert one.status_code == 503
     assert one.headers["idempotency-stored"] == "false"
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["answered 503"]
     assert two.status_code == 201
     # The stored response is the one of the owner that held the lease.
     assert replay.json() == two.json()
@@ -518,7 +523,7 @@ async def test_redis_stopping_mid_request_never_completes_the_response(
     assert response.headers["idempotency-stored"] == "false"
     assert retry.status_code == 503  # and the retry is refused, not run unguarded
     assert shop.runs == {"slow": 1}
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["answered 503"]
     outcomes = sorted(e.outcome for e in recorder.of(BackendFailed))
     # The heartbeat could not renew the lease meanwhile either.
     renewals = outcomes.count("lease not extended")
@@ -599,7 +604,7 @@ async def test_complete_is_retried_with_backoff_while_the_heartbeat_keeps_the_le
     assert completes[-1] - completes[0] <= 3.0  # bounded by the lease
     assert any(completes[0] < t < completes[-1] for t in extends)  # the lease was kept
     assert [e.outcome for e in recorder.of(BackendFailed)] == ["result not stored"]
-    assert [e.outcome for e in recorder.of(NotStoredEvent)] == ["answered 503"]
+    assert [e.outcome for e in recorder.of(IdempotencyNotStored)] == ["answered 503"]
     assert shop.runs == {"stream": 1}
 
 

@@ -9,6 +9,13 @@ Every key a script touches carries the same ``{hash tag}``, so each call runs on
 Redis Cluster node. Exceptions of redis-py never escape: they become
 :class:`~resilient.errors.BackendError` here, once.
 
+A script call is sent at most once. Redis runs a script when its bytes arrive; a
+connection that breaks afterwards loses only the reply, and sending the call again would
+run the script twice. So a call that may have reached Redis and then failed is a backend
+failure, for the block's ``on_backend_error`` policy, never a resend: on a standalone
+server the backend's own connection checks, before sending, that a kept connection is
+still open; on a cluster each call names its node, which turns off redis-py's retry.
+
 Concurrent calls of one script on one hash slot are *coalesced*: while a call is in flight
 the next ones queue, and the queue goes out as a single script call when the first
 returns. An idle backend therefore adds no wait, and a busy one pays one round trip for a
@@ -148,15 +155,23 @@ class _Channel:
     client's settings but no socket timeout (the backend bounds each call with one
     ``asyncio.timeout`` instead) and sends each command on it under a lock; callers are
     few, since the coalescers batch everything else. A failure other than an error
-    reply drops the connection. A connection that worked before and fails to send
-    (Redis restarted, say) is replaced and the command sent once more, as redis-py's own
-    retry would.
+    reply drops the connection.
+
+    A command is sent at most once. Redis runs a script as soon as its bytes arrive, so
+    once they may have left, a broken connection may have lost only the reply: sending
+    again would run the script twice (a hit charged twice, a claim that finds itself in
+    progress). The failure goes to the caller, and so to the block's policy. A kept
+    connection that went stale while idle (Redis restarted, or closed it) is found
+    *before* sending, as redis-py's pool does when it hands out a connection: a
+    non-blocking check that the idle connection has nothing to read and is not at its
+    end; a stale one is replaced and the command sent on the new one, so the first call
+    after a restart succeeds. The check sees what the event loop has already learnt of
+    the socket: a connection that breaks in the instant before the send fails that call.
     """
 
-    __slots__ = ("_connection", "_kwargs", "_lock", "_pool", "_reply_errors", "_stale_errors")
+    __slots__ = ("_connection", "_kwargs", "_lock", "_pool", "_reply_errors")
 
     def __init__(self, client: Redis) -> None:
-        from redis.exceptions import ConnectionError as RedisConnectionError  # noqa: PLC0415
         from redis.exceptions import ResponseError  # noqa: PLC0415
 
         self._pool = client.connection_pool
@@ -169,7 +184,6 @@ class _Channel:
         self._connection: Any = None
         self._lock = asyncio.Lock()
         self._reply_errors = (ResponseError,)
-        self._stale_errors = (RedisConnectionError, ConnectionError)
 
     @property
     def socket_timeout(self) -> float | None:
@@ -178,28 +192,50 @@ class _Channel:
         return float(timeout) if timeout else None
 
     async def execute(self, *args: str | int | bytes) -> Any:
+        """Send one command, once, and return its reply."""
         async with self._lock:
-            reused = self._connection is not None
+            connection = await self._ready()
             try:
-                return await self._execute(args)
-            except self._stale_errors:
-                if not reused:
-                    raise
-            return await self._execute(args)
+                await connection.send_packed_command(_pack(args), False)
+                return await connection.read_response()
+            except self._reply_errors:
+                raise  # an error reply was read whole: the connection is still in step
+            except BaseException:
+                await self._drop(connection)
+                raise
 
-    async def _execute(self, args: tuple[str | int | bytes, ...]) -> Any:
+    async def _ready(self) -> Any:
+        """Return a connection that is connected and idle, replacing a stale one."""
         connection = self._connection
-        if connection is None:
-            connection = self._connection = self._pool.connection_class(**self._kwargs)
+        if connection is not None:
+            if connection.is_connected and not await self._stale(connection):
+                return connection
+            await self._drop(connection)
+        connection = self._new_connection()
         try:
-            await connection.send_packed_command(_pack(args), False)
-            return await connection.read_response()
-        except self._reply_errors:
-            raise  # an error reply was read whole: the connection is still in step
+            await connection.connect()
         except BaseException:
-            self._connection = None
             await asyncio.shield(connection.disconnect())
             raise
+        self._connection = connection
+        return connection
+
+    def _new_connection(self) -> Any:
+        return self._pool.connection_class(**self._kwargs)
+
+    async def _stale(self, connection: Any) -> bool:
+        """Whether an idle connection is closed, reset or holds bytes nobody asked for."""
+        # can_read() since redis-py 8, can_read_destructive() before it (deprecated since;
+        # redis-py 5.0's reports an idle connection at its end as fine: the call then fails).
+        check = getattr(connection, "can_read", None) or connection.can_read_destructive
+        try:
+            return bool(await check())
+        except Exception:  # closed, reset, or not known good: nothing was sent, replace it
+            return True
+
+    async def _drop(self, connection: Any) -> None:
+        self._connection = None
+        await asyncio.shield(connection.disconnect())
 
     async def aclose(self) -> None:
         async with self._lock:
@@ -220,6 +256,12 @@ class RedisBackend:
     On a standalone server the backend keeps one connection of its own, made with the
     client's settings, for its script calls: close it with :meth:`aclose` (or use the
     backend as an async context manager) when you close the client.
+
+    A script call is never sent twice: one whose connection fails after sending is a
+    backend failure (its reply is lost, whether or not Redis ran it). On a cluster, the
+    client's own retry is not used for scripts, so a call that meets a connection error
+    or ``CLUSTERDOWN`` (a node restarted, a failover under way) fails too; the calls
+    after it use the topology the client then refreshes.
 
     >>> import redis.asyncio
     >>> backend = RedisBackend(redis.asyncio.Redis(), prefix="shop")
@@ -340,15 +382,34 @@ class RedisBackend:
         self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes]
     ) -> Any:
         channel = self._channel
-        if channel is None:  # a cluster: the client routes by key and follows MOVED
-            try:
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-            except self._noscript:
-                return await self.client.eval(script.source, len(keys), *keys, *args)
+        if channel is None:
+            return await self._run_on_cluster(script, keys, args)
         try:
             return await channel.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except self._noscript:
             return await channel.execute("EVAL", script.source, len(keys), *keys, *args)
+
+    async def _run_on_cluster(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes]
+    ) -> Any:
+        # The client retries a command after a connection error or a timeout, and cannot
+        # tell one raised while sending from one raised while reading the reply of a
+        # script Redis already ran: such a retry would run it twice. A command sent to
+        # nodes the caller names is not retried (MOVED, ASK and TRYAGAIN, errors replied
+        # instead of running it, are still followed), so each call names the node that
+        # serves its keys, after letting the client refresh its topology if an earlier
+        # error asked for it.
+        client: Any = self.client
+        await client.initialize()
+        node = client.get_node_from_key(keys[0])
+        try:
+            return await client.execute_command(
+                "EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node
+            )
+        except self._noscript:
+            return await client.execute_command(
+                "EVAL", script.source, len(keys), *keys, *args, target_nodes=node
+            )
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:

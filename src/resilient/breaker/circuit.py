@@ -519,15 +519,23 @@ class CircuitBreaker:
 class BreakerRegistry:
     """One circuit breaker per key (a downstream host, say), made on first use.
 
-    *factory* makes the breaker for a key. At most *max_size* breakers are kept; past
-    that, the least recently used closed one is dropped.
+    *factory* makes the breaker for a key. At most *max_size* breakers are kept: a new
+    key in a full registry drops the least recently used closed breaker, or, when none is
+    closed (every host it knows is failing), the least recently used of the others. Never
+    more: a registry that kept every open breaker would grow without bound with the keys
+    its callers make up (hosts taken from user input, say). A dropped breaker that was
+    open costs at most a few calls to a failing host before its new breaker opens again.
+
+    Making room costs O(1) amortised: breakers are kept in two queues, those last found
+    closed and the others, each least recently used first; a closed breaker found open
+    when room is made moves to the others once, paid for by the call that filed it.
 
     >>> breakers = BreakerRegistry(lambda host: CircuitBreaker(f"http:{host}"))
     >>> breakers.get("payments.internal").name
     'http:payments.internal'
     """
 
-    __slots__ = ("_breakers", "_factory", "_lock", "max_size")
+    __slots__ = ("_closed", "_factory", "_lock", "_others", "max_size")
 
     def __init__(self, factory: Callable[[str], CircuitBreaker], *, max_size: int = 1024) -> None:
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
@@ -535,29 +543,50 @@ class BreakerRegistry:
             raise ConfigurationError(msg)
         self._factory = factory
         self.max_size = max_size
-        self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
+        # Least recently used first: breakers closed when last filed, and the others.
+        self._closed: OrderedDict[str, CircuitBreaker] = OrderedDict()
+        self._others: OrderedDict[str, CircuitBreaker] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: str) -> CircuitBreaker:
         """Return the breaker for *key*, making it with the factory the first time."""
         with self._lock:
-            breaker = self._breakers.get(key)
-            if breaker is not None:
-                self._breakers.move_to_end(key)
-                return breaker
-            breaker = self._breakers[key] = self._factory(key)
-            if len(self._breakers) > self.max_size:
-                for old_key, old in list(self._breakers.items())[:-1]:
-                    if old.state is State.CLOSED:
-                        del self._breakers[old_key]
-                        break
+            closed, others = self._closed, self._others
+            breaker = closed.pop(key, None)
+            if breaker is None:
+                breaker = others.pop(key, None)
+            if breaker is None:
+                if len(closed) + len(others) >= self.max_size:
+                    self._make_room()
+                breaker = self._factory(key)
+            # Filed at the end of its queue: the most recently used.
+            (closed if breaker.state is _CLOSED else others)[key] = breaker
         return breaker
 
+    def _make_room(self) -> None:
+        """Drop one breaker: the least recently used closed one, else of the others."""
+        closed, others = self._closed, self._others
+        opened: list[tuple[str, CircuitBreaker]] = []  # since they were filed: kept
+        while closed:
+            key, breaker = closed.popitem(last=False)
+            if breaker.state is _CLOSED:
+                break
+            opened.append((key, breaker))
+        else:
+            breaker = None
+        # Unused since they were filed as closed: the least recently used of the others.
+        for key, held in reversed(opened):
+            others[key] = held
+            others.move_to_end(key, last=False)
+        if breaker is None:
+            others.popitem(last=False)
+
     def __len__(self) -> int:
-        return len(self._breakers)
+        return len(self._closed) + len(self._others)
 
     def __iter__(self) -> Any:
-        return iter(list(self._breakers.values()))
+        with self._lock:
+            return iter([*self._closed.values(), *self._others.values()])
 
     def __repr__(self) -> str:
-        return f"BreakerRegistry({len(self._breakers)} breakers)"
+        return f"BreakerRegistry({len(self)} breakers)"

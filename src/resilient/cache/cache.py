@@ -8,6 +8,7 @@ import math
 import random
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -87,6 +88,14 @@ class Cache:
     writes, deletes or invalidates them (through Redis pub/sub; see
     :mod:`resilient.cache.l1`).
 
+    :meth:`delete` and :meth:`invalidate_tags` never fail silently: when the backend
+    fails, they return ``False`` (or raise :class:`~resilient.errors.BackendError` with
+    ``raise_on_error=True``), a :class:`~resilient.events.BackendFailed` event says so,
+    and the cache remembers the invalidation (up to *max_pending_invalidations* of them)
+    and does it first, before anything else it asks the backend, once the backend answers
+    again. Until then, this cache reads nothing from the backend, so it never serves a
+    value it was told to forget; other processes may, until it is done.
+
     >>> cache = Cache(ttl=600, stale_while_revalidate=30)
     >>> async def product(product_id: int) -> dict[str, object]:
     ...     return await cache.get_or_load(f"product:{product_id}", lambda: load(product_id))
@@ -96,6 +105,8 @@ class Cache:
         "_flights",
         "_l1",
         "_lookups",
+        "_pending",
+        "_pending_serial",
         "_shared",
         "_store",
         "_sync_flights",
@@ -104,6 +115,7 @@ class Cache:
         "clock",
         "jitter",
         "lock_lease",
+        "max_pending_invalidations",
         "max_wait",
         "negative_ttl",
         "observer",
@@ -129,6 +141,7 @@ class Cache:
         max_wait: float = 5.0,
         l1: int = 0,
         l1_ttl: float = 5.0,
+        max_pending_invalidations: int = 10_000,
         clock: Clock | None = None,
         rng: random.Random | None = None,
         observer: Observer | None = _DEFAULT_OBSERVER,
@@ -182,6 +195,20 @@ class Cache:
                 backend, l1, validate_seconds("l1_ttl", l1_ttl, allow_zero=False), observer
             )
         self._lookups: dict[str, asyncio.Task[Any]] = {}
+        if (
+            isinstance(max_pending_invalidations, bool)
+            or not isinstance(max_pending_invalidations, int)
+            or max_pending_invalidations < 1
+        ):
+            msg = (
+                "max_pending_invalidations must be a number of invalidations >= 1, "
+                f"not {max_pending_invalidations!r}"
+            )
+            raise ConfigurationError(msg)
+        self.max_pending_invalidations = max_pending_invalidations
+        # Invalidations the backend failed, oldest first: (kind, name) -> serial number.
+        self._pending: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._pending_serial = 0
 
     # --- plain operations ---------------------------------------------------------------
 
@@ -220,6 +247,8 @@ class Cache:
             entry = l1.get(key, now)
             if entry is not None:
                 return entry
+        if self._pending:
+            await self._settle_pending()
         entry = await self._store.get(key, now)
         if l1 is not None and entry is not None:
             l1.put(key, entry, now)
@@ -245,17 +274,87 @@ class Cache:
         """Store *value* under *key* for *ttl* seconds (default: the cache's), with *tags*."""
         await self._put(key, value, ttl, tags, delta=0.0)
 
-    async def delete(self, key: str) -> None:
-        """Forget *key*."""
-        await self._store.delete(key)
-        await self._published("k", key)
+    async def delete(self, key: str, *, raise_on_error: bool = False) -> bool:
+        """Forget *key*; return whether the backend did (``False``: it will, when it can).
 
-    async def invalidate_tags(self, tags: Iterable[str]) -> None:
-        """Forget every value stored with any of *tags*."""
-        tags = list(tags)
-        await self._store.invalidate_tags(tags)
-        for tag in tags:
-            await self._published("t", tag)
+        When the backend fails, a ``BackendFailed`` event says so, the delete is
+        remembered and done before this cache next reaches the backend (which it reads
+        nothing from until then), and ``False`` is returned, or, with *raise_on_error*,
+        :class:`~resilient.errors.BackendError` raised.
+        """
+        return await self._invalidate([("k", key)], "delete", raise_on_error=raise_on_error)
+
+    async def invalidate_tags(self, tags: Iterable[str], *, raise_on_error: bool = False) -> bool:
+        """Forget every value stored with any of *tags*; return whether the backend did.
+
+        A failure is handled as for :meth:`delete`: reported, remembered, done first
+        once the backend answers again.
+        """
+        items = [("t", tag) for tag in tags]
+        return await self._invalidate(items, "invalidate", raise_on_error=raise_on_error)
+
+    @property
+    def pending_invalidations(self) -> int:
+        """How many failed deletes and tag invalidations wait for the backend to be back."""
+        return len(self._pending)
+
+    async def _invalidate(
+        self, items: list[tuple[str, str]], operation: str, *, raise_on_error: bool
+    ) -> bool:
+        done = 0
+        try:
+            if self._pending:
+                await self._settle_pending()
+            for kind, name in items:
+                await self._invalidate_one(kind, name)
+                done += 1
+        except BackendError as exc:
+            emit(self.observer, BackendFailed("cache", operation, exc, "retried later"))
+            for item in items[done:]:
+                self._remember(item, exc)
+            if raise_on_error:
+                raise
+            return False
+        return True
+
+    async def _invalidate_one(self, kind: str, name: str) -> None:
+        if kind == "k":
+            await self._store.delete(name)
+        else:
+            await self._store.invalidate_tags([name])
+        await self._published(kind, name)
+
+    def _remember(self, item: tuple[str, str], error: BackendError) -> None:
+        """Keep a failed invalidation for later; at the bound, forget the oldest (reported)."""
+        l1 = self._l1
+        if l1 is not None:  # this process stops answering for it at once
+            if item[0] == "k":
+                l1.drop(item[1])
+            else:
+                l1.clear()
+        self._pending_serial += 1
+        self._pending[item] = self._pending_serial
+        self._pending.move_to_end(item)
+        if len(self._pending) > self.max_pending_invalidations:
+            (kind, _), _ = self._pending.popitem(last=False)
+            operation = "delete" if kind == "k" else "invalidate"
+            outcome = "forgotten: too many pending invalidations"
+            emit(self.observer, BackendFailed("cache", operation, error, outcome))
+
+    async def _settle_pending(self) -> None:
+        """Do the remembered invalidations, oldest first; raise ``BackendError`` if one fails.
+
+        Every read and write of the backend comes after this, so this process never
+        reads a value it was told to forget.
+        """
+        pending = self._pending
+        for _ in range(len(pending)):  # bounded: others may remember more meanwhile
+            if not pending:
+                return
+            item, serial = next(iter(pending.items()))
+            await self._invalidate_one(*item)
+            if pending.get(item) == serial:  # not failed again meanwhile
+                del pending[item]
 
     # --- cache-aside --------------------------------------------------------------------
 
@@ -456,6 +555,8 @@ class Cache:
         lease_ms = math.ceil(self.lock_lease * 1000)
         deadline = loop.time() + self.max_wait
         over_value = False
+        if self._pending:
+            await self._settle_pending()
         while True:
             try:
                 kind, found = await store.claim(
@@ -539,6 +640,8 @@ class Cache:
     ) -> None:
         entry = self._entry(value, ttl, delta=delta)
         if entry is not None:
+            if self._pending:
+                await self._settle_pending()
             now = self.clock.time()
             await self._store.set(key, entry, tags, now)
             await self._published("k", key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from resilient.idempotency.core import Claim, ClaimStatus, IdempotencyStore, StoredResponse
 from resilient.idempotency.decorator import idempotent
 from resilient.idempotency.middleware import (
+    DEFAULT_REFUSED_STATUSES,
     IdempotencyMiddleware,
     default_scope_key,
     fingerprint_request,
@@ -17,6 +18,7 @@ from resilient.idempotency.middleware import (
 )
 
 __all__ = [
+    "DEFAULT_REFUSED_STATUSES",
     "Claim",
     "ClaimStatus",
     "IdempotencyMiddleware",

@@ -54,9 +54,10 @@ class ClaimStatus(enum.Enum):
 class Claim(NamedTuple):
     """The answer to a claim: its status, the stored payload, the lease time left.
 
-    ``data_lost`` is set by a store that can tell it lost its records since this process
-    last asked (Redis restarted empty, or flushed): keys claimed before may be claimed
-    again, as if new.
+    ``data_lost`` is set on the one claim by which a store noticed that its records were
+    lost (Redis restarted empty, or flushed): keys claimed before may be claimed again,
+    as if new. The loss then stays a fact of the store
+    (:attr:`IdempotencyStore.data_lost_at`), seen by every guard that shares it.
     """
 
     status: ClaimStatus
@@ -70,7 +71,20 @@ class IdempotencyStore(Protocol):
 
     Each method is atomic. Failures of the store are raised as
     :class:`~resilient.errors.BackendError`.
+
+    ``data_lost_at`` says when the store last noticed that its records were lost, for
+    every guard built on it: a store that cannot lose them, or cannot tell, returns
+    ``None`` (a store without the attribute is taken to say ``None``).
     """
+
+    @property
+    def data_lost_at(self) -> float | None:
+        """Wall-clock time (s since the epoch) the store last noticed a loss, or ``None``.
+
+        Set by the claim that noticed (:attr:`Claim.data_lost`), on that claim's clock:
+        its ``now_ms`` when one was given (an injected clock), else the system's.
+        """
+        ...
 
     async def claim(
         self, key: str, fingerprint: str, owner: str, lease_ms: int, now_ms: int | None

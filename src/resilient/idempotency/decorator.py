@@ -21,9 +21,14 @@ from resilient.errors import (
     IdempotencyMismatch,
     ResultNotStored,
 )
-from resilient.events import BackendFailed, IdempotencyReplayed, Observer, emit
+from resilient.events import (
+    BackendFailed,
+    IdempotencyNotStored,
+    IdempotencyReplayed,
+    Observer,
+    emit,
+)
 from resilient.events import IdempotencyConflict as ConflictEvent
-from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency.core import ClaimStatus, IdempotencyStore, validate_seconds
 from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
 
@@ -64,14 +69,15 @@ def idempotent(
     (with ``retry_after``), or with *wait* > 0 waits up to *wait* seconds for the result.
     An exception from the function releases the key, so a retry runs it again. Storing the
     result is retried for up to one lease (the lease renewed meanwhile); a result that
-    still cannot be stored raises :class:`~resilient.errors.ResultNotStored` (with
+    still cannot be stored raises :class:`~resilient.ResultNotStored` (with
     ``retry_after``) instead of returning: nothing records that the function ran. When the
     backend fails, ``"closed"`` (the default) raises
     :class:`~resilient.BackendUnavailable` without running the function; ``"open"`` runs
     it unguarded. Keys are scoped by *name* (default: the function's qualified name).
-    When the store is found to have lost its records (Redis restarted empty), a
-    :class:`~resilient.events.BackendDataLost` event is emitted and, with *quarantine* >
-    0, calls raise :class:`~resilient.BackendUnavailable` for that many seconds.
+    When the store is found to have lost its records (Redis restarted empty), by this
+    function's claim or any other guard's on the same backend, calls raise
+    :class:`~resilient.BackendUnavailable` for *quarantine* seconds (if > 0) from that
+    moment; the guard whose claim noticed emits :class:`~resilient.events.BackendDataLost`.
     With *replicas* > 0 (a standalone Redis with replicas), a result is stored only once
     that many replicas have it (Redis ``WAIT``, up to *replica_timeout* seconds per try).
 
@@ -123,8 +129,7 @@ def idempotent(
                 emit(observer, BackendFailed("idempotent", "claim", exc, "raised"))
                 msg = f"the idempotency store is unavailable; {scope} was not run: {exc}"
                 raise BackendUnavailable(msg, retry_after=keeper.backend_retry_after) from exc
-            if claim.data_lost:
-                _check_quarantine(keeper, scope)
+            _check_quarantine(keeper, scope)  # a loss noticed since (a claimed key is released)
             status = claim.status
             if status is ClaimStatus.COMPLETED:
                 emit(observer, IdempotencyReplayed("idempotent", scoped))
@@ -180,7 +185,7 @@ async def _run_once(
     if not stored:
         # Nothing records that the function ran: returning would pass for a success that
         # a later call with the key (once the lease runs out) may run again.
-        emit(keeper.observer, NotStoredEvent("idempotent", scoped, "raised"))
+        emit(keeper.observer, IdempotencyNotStored("idempotent", scoped, "raised"))
         msg = f"{scope} ran, but its result could not be stored for its idempotency key"
         raise ResultNotStored(msg, retry_after=keeper.backend_retry_after)
     return json.loads(payload)

@@ -88,6 +88,7 @@ class Keeper:
 
     __slots__ = (
         "_quarantine_until",
+        "_seen_lost_at",
         "_store_complete",
         "backend_retry_after",
         "block",
@@ -127,6 +128,7 @@ class Keeper:
         self.backend_retry_after = validate_seconds("backend_retry_after", backend_retry_after)
         self.quarantine = validate_seconds("quarantine", quarantine, allow_zero=True)
         self._quarantine_until = float("-inf")
+        self._seen_lost_at: float | None = None  # the store's data_lost_at last seen
         self.ttl_ms = max(1, ceil(self.ttl * 1000))
         self.lease_ms = max(1, ceil(self.lease * 1000))
         self.store = store_for(MemoryBackend() if backend is None else backend)
@@ -148,24 +150,42 @@ class Keeper:
         """Claim *key* for a new owner; return the claim and the owner's token.
 
         Raise :class:`~resilient.errors.BackendError` when the store fails.
+
+        If a loss of records is noticed meanwhile (by this claim or by another guard's, on
+        the same store) and *quarantine* is set, a key just claimed is released again: the
+        caller, finding :meth:`quarantine_left` above 0, refuses the request.
+
+        The claim that notices a loss emits :class:`~resilient.events.BackendDataLost`,
+        so a loss is reported once per store, however many guards share it: the event
+        counts losses (what a metric or an alert wants), not guards, and a guard that
+        claims nothing until its quarantine is over would report it late or never.
         """
         owner = secrets.token_hex(16)
         claim = await self.store.claim(key, fingerprint, owner, self.lease_ms, self.now_ms())
         if claim.data_lost:
             emit(self.observer, BackendDataLost(self.block, self.quarantine))
-            if self.quarantine > 0:
-                self._quarantine_until = self.monotonic() + self.quarantine
-                if claim.status is ClaimStatus.CLAIMED:  # refused, like every claim now
-                    await self.release(key, owner)
+        if claim.status is ClaimStatus.CLAIMED and self.quarantine_left() > 0:
+            await self.release(key, owner)  # refused, like every claim now
         return claim, owner
 
     def quarantine_left(self) -> float:
         """Return how many seconds new claims are still refused for (0.0: none).
 
-        A quarantine starts when a claim finds that the store lost its records, if
-        *quarantine* is set: for that long, the callers refuse guarded requests rather
-        than run them while the duplicates of requests in flight at the loss may arrive.
+        With *quarantine* set, a quarantine starts when the store notices that it lost
+        its records (:attr:`~.core.IdempotencyStore.data_lost_at`), whichever guard's
+        claim noticed it: for that long, the callers refuse guarded requests rather than
+        run them while the duplicates of requests in flight at the loss may arrive. The
+        moment of the loss, a wall-clock time, is read once per loss and turned into
+        this keeper's monotonic clock, so a later step of the wall clock moves nothing.
         """
+        if self.quarantine <= 0:
+            return 0.0
+        lost_at: float | None = getattr(self.store, "data_lost_at", None)
+        if lost_at is not None and lost_at != self._seen_lost_at:
+            self._seen_lost_at = lost_at
+            wall = time.time() if self.clock is None else self.clock.time()
+            since = min(max(wall - lost_at, 0.0), self.quarantine)
+            self._quarantine_until = self.monotonic() + self.quarantine - since
         return max(0.0, self._quarantine_until - self.monotonic())
 
     async def wait(self, key: str, fingerprint: str, seconds: float) -> tuple[Claim, str]:
@@ -181,6 +201,8 @@ class Keeper:
             claim, owner = await self.claim(key, fingerprint)
             left = deadline - loop.time()
             if claim.status is not ClaimStatus.IN_PROGRESS or left <= 0:
+                return claim, owner
+            if self.quarantine_left() > 0:  # a loss noticed meanwhile: the caller refuses
                 return claim, owner
             await asyncio.sleep(min(interval, left, claim.retry_after_ms / 1000 or interval))
             interval = min(interval * 2, 0.2)

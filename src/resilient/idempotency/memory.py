@@ -73,6 +73,11 @@ class MemoryIdempotencyStore:
         self._queued = 0  # entries in the queues, including those of records gone
         self._lock = threading.Lock()
 
+    @property
+    def data_lost_at(self) -> None:
+        """Always ``None``: records in process memory are lost only with the process."""
+        return None
+
     def __len__(self) -> int:
         return len(self._data)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from math import ceil
-from typing import Literal
+from typing import Final, Literal
 
 from resilient._asgi import ASGIApp, Message, Receive, Scope, Send
 from resilient._routing import PathPattern
@@ -23,11 +23,11 @@ from resilient.errors import BackendError, ConfigurationError
 from resilient.events import (
     BackendFailed,
     IdempotencyConflict,
+    IdempotencyNotStored,
     IdempotencyReplayed,
     Observer,
     emit,
 )
-from resilient.events import ResultNotStored as NotStoredEvent
 from resilient.idempotency.core import (
     ClaimStatus,
     IdempotencyStore,
@@ -40,7 +40,22 @@ from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
 from resilient.keys import by_user
 from resilient.problem import send_problem
 
-__all__ = ["IdempotencyMiddleware", "default_scope_key", "fingerprint_request", "parse_key"]
+__all__ = [
+    "DEFAULT_REFUSED_STATUSES",
+    "IdempotencyMiddleware",
+    "default_scope_key",
+    "fingerprint_request",
+    "parse_key",
+]
+
+DEFAULT_REFUSED_STATUSES: Final = frozenset({401, 403, 407, 408, 421, 425, 429})
+"""Statuses that say a request was refused without being run, and may succeed if retried.
+
+401 and 407 (no valid credentials), 403 (a permission the caller may be granted), 408
+(the server gave up waiting for the request), 421 (sent to a server that does not serve
+it), 425 (too early to risk a replay, RFC 8470), 429 (a rate limit). The default of
+:class:`IdempotencyMiddleware`'s *refused_statuses*: such a response is not stored.
+"""
 
 MAX_KEY_LENGTH = 255
 _NEVER_STORED = frozenset({b"set-cookie", b"authorization", b"proxy-authorization"})
@@ -136,14 +151,28 @@ class IdempotencyMiddleware:
     guarded request, or path patterns such as ``["/api/orders"]``): then it gets ``400``.
 
     The first request with a key claims it for *lease* seconds, renewed while the handler
-    runs; its response is stored for *ttl* seconds unless its status is 500 or more, it is
-    larger than *max_body* bytes, or the handler raised: those release the key and carry
-    ``Idempotency-Stored: false``. ``Set-Cookie`` and ``Authorization`` fields are never
-    stored nor replayed. A response reaches the client only once it is stored.
-    Storing it is retried (with backoff, the lease renewed meanwhile) for up to one lease;
-    if it still fails, the client never sees a success that a retry could run again: it
-    gets ``503`` with ``Retry-After`` and ``Idempotency-Stored: false`` instead (nothing of
-    a storable response goes out before it is stored, not even its status).
+    runs; its response is stored for *ttl* seconds unless its status is 500 or more or
+    one of *refused_statuses*, it is larger than *max_body* bytes, or the handler raised:
+    those release the key and carry ``Idempotency-Stored: false``. ``Set-Cookie`` and
+    ``Authorization`` fields are never stored nor replayed. A response reaches the client
+    only once it is stored. Storing it is retried (with backoff, the lease renewed
+    meanwhile) for up to one lease; if it still fails, the client never sees a success
+    that a retry could run again: it gets ``503`` with ``Retry-After`` and
+    ``Idempotency-Stored: false`` instead (nothing of a storable response goes out
+    before it is stored, not even its status).
+
+    *refused_statuses* (default :data:`DEFAULT_REFUSED_STATUSES`: 401, 403, 407, 408,
+    421, 425 and 429) are the answers of a request refused before it ran: no credentials,
+    a missing permission, a rate limit inside the guard. As Stripe saves no result for a
+    request refused before its endpoint ran, such an answer does not burn the key: stored,
+    it would be replayed for *ttl* seconds, even after the caller got the scope or the
+    limit's window passed. Other 4xx are stored: a 400, 404, 409 or 422 answers the
+    request itself (invalid, or at odds with the state it met), and its retry gets the
+    same answer. An API whose 400 or 422 always come
+    from validation done before anything runs may add them (a client can then correct
+    its body and retry with the same key, as Stripe allows); ``()`` stores every answer
+    under 500. The middleware goes by the status alone: a handler that acts, then answers
+    one of these, runs again when retried.
 
     A duplicate gets the stored response with ``Idempotent-Replayed: true``; while the
     first is still running, ``409`` with ``Retry-After`` (or, with *wait* > 0, it waits up
@@ -156,13 +185,16 @@ class IdempotencyMiddleware:
     runs the request unguarded and reports the failure to the *observer*. Request bodies
     over *max_request_body* bytes get ``413``.
 
-    On a standalone Redis the middleware notices when Redis lost its records (restarted
-    empty, or flushed) and emits :class:`~resilient.events.BackendDataLost`. With
-    *quarantine* > 0 it then refuses guarded requests (``503`` with ``Retry-After``) for
-    that many seconds, rather than run duplicates of requests that were in flight when
-    the records vanished; :attr:`quarantine_left` says so to a readiness probe. The
-    default, 0, keeps serving: a quarantine is an outage of every keyed request, and no
-    length of it brings the lost records back (see the durability section of the docs).
+    On a standalone Redis the backend's store notices when Redis lost its records
+    (restarted empty, or flushed), through the first claim after the loss, made by this
+    middleware or by any other guard on the same backend; that claim's guard emits
+    :class:`~resilient.events.BackendDataLost`. With *quarantine* > 0 the middleware
+    then refuses guarded requests (``503`` with ``Retry-After``) for that many seconds
+    from the moment the loss was noticed, rather than run duplicates of requests that
+    were in flight when the records vanished; :attr:`quarantine_left` says so to a
+    readiness probe (on every instance sharing the backend). The default, 0, keeps
+    serving: a quarantine is an outage of every keyed request, and no length of it
+    brings the lost records back (see the durability section of the docs).
     With *replicas* > 0 (a standalone Redis with replicas), a response is stored only once
     that many replicas have its record (Redis ``WAIT``, up to *replica_timeout* seconds
     per try): a record a client was answered from survives the master's failover.
@@ -184,6 +216,7 @@ class IdempotencyMiddleware:
         "max_request_body",
         "methods",
         "observer",
+        "refused_statuses",
         "scope_key",
         "wait",
     )
@@ -212,7 +245,9 @@ class IdempotencyMiddleware:
         quarantine: float = 0.0,
         replicas: int = 0,
         replica_timeout: float = 0.1,
+        refused_statuses: Iterable[int] = DEFAULT_REFUSED_STATUSES,
     ) -> None:
+        self.refused_statuses = _statuses(refused_statuses)
         if isinstance(methods, str):
             methods = [methods]
         self.methods = frozenset(m.upper() for m in methods)
@@ -326,7 +361,7 @@ class IdempotencyMiddleware:
                 headers=[(b"retry-after", retry_after)],
             )
             return
-        if claim.data_lost and keeper.quarantine_left() > 0:
+        if keeper.quarantine_left() > 0:  # a loss noticed since (a claimed key is released)
             await self._refuse_in_quarantine(send)
             return
         status = claim.status
@@ -355,8 +390,9 @@ class IdempotencyMiddleware:
     def quarantine_left(self) -> float:
         """Seconds for which guarded requests are still refused after a loss of records.
 
-        0.0 unless *quarantine* is set and a claim found that the backend had lost its
-        records (Redis restarted empty): a readiness signal, e.g. for a ``/readyz``.
+        0.0 unless *quarantine* is set and the backend's store noticed that it had lost
+        its records (Redis restarted empty), through this middleware's claim or any other
+        guard's on the same backend: a readiness signal, e.g. for a ``/readyz``.
         """
         return self._keeper.quarantine_left()
 
@@ -392,7 +428,7 @@ class IdempotencyMiddleware:
         self, scope: Scope, receive: Receive, send: Send, scoped: str, owner: str
     ) -> None:
         keeper = self._keeper
-        capture = _Capture(send, self.max_body)
+        capture = _Capture(send, self.max_body, self.refused_statuses)
         heartbeat = keeper.heartbeat(scoped, owner)
         try:
             await self.app(scope, receive, capture.send)
@@ -436,7 +472,7 @@ class IdempotencyMiddleware:
         status, no ``Retry-After``.
         """
         retry_after = ceil(self._keeper.backend_retry_after)
-        emit(self.observer, NotStoredEvent("idempotency", scoped, "answered 503"))
+        emit(self.observer, IdempotencyNotStored("idempotency", scoped, "answered 503"))
         await send_problem(
             send,
             503,
@@ -444,6 +480,21 @@ class IdempotencyMiddleware:
             "a retry may run it again.",
             headers=[(b"retry-after", str(retry_after).encode()), _STORED_FALSE],
         )
+
+
+def _statuses(value: Iterable[int]) -> frozenset[int]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        msg = f"refused_statuses must be a collection of status codes, not {value!r}"
+        raise ConfigurationError(msg)
+    statuses = list(value)
+    for status in statuses:
+        if isinstance(status, bool) or not isinstance(status, int) or not 300 <= status <= 499:
+            msg = (
+                "refused_statuses must hold status codes from 300 to 499 (a success is "
+                f"always stored, a 5xx never is), not {status!r}"
+            )
+            raise ConfigurationError(msg)
+    return frozenset(statuses)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -476,12 +527,13 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 class _Capture:
     """Hold a response back, keeping a copy of it, until it is stored.
 
-    A response that may be stored (a status under 500, a body of at most *max_body*
-    bytes) is held whole, its start included, until :meth:`flush`: the client sees
+    A response that may be stored (a status under 500 and not in *refused*, a body of at
+    most *max_body* bytes) is held whole, its start included, until :meth:`flush`: the client sees
     nothing of it before it is stored, so if it cannot be, the middleware can still
     answer ``503`` instead. The copy is kept to be stored anyway, so holding the start
     costs no memory, and no time either: the end waits for the store in any case. A
-    response known not to be storable (a 5xx, a ``content-length`` over *max_body*) goes
+    response known not to be storable (a 5xx, a refusal, a ``content-length`` over
+    *max_body*) goes
     through at once, as does one that outgrows *max_body* as it streams, from then on;
     both are marked ``Idempotency-Stored: false``.
     """
@@ -492,15 +544,17 @@ class _Capture:
         "headers",
         "held_start",
         "max_body",
+        "refused",
         "send_downstream",
         "size",
         "status",
         "storable",
     )
 
-    def __init__(self, send: Send, max_body: int) -> None:
+    def __init__(self, send: Send, max_body: int, refused: frozenset[int]) -> None:
         self.send_downstream = send
         self.max_body = max_body
+        self.refused = refused
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
@@ -518,7 +572,11 @@ class _Capture:
             self.status = status = message["status"]
             self.headers = headers = list(message.get("headers", ()))
             length = _content_length(headers)
-            if status >= 500 or (length is not None and length > self.max_body):
+            if (
+                status >= 500
+                or status in self.refused
+                or (length is not None and length > self.max_body)
+            ):
                 self.storable = False
                 await self.send_downstream({**message, "headers": [*headers, _STORED_FALSE]})
                 return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 
 from resilient.backends.redis import RedisBackend, Script
 from resilient.errors import BackendError, ConfigurationError
@@ -32,9 +33,13 @@ class RedisIdempotencyStore:
     kept its data (an append-only file) keeps the marker: no alarm. On Redis Cluster a
     script reaches only its own key's slot, so there is no marker: a lost node is not
     noticed (its replica, promoted, has the records it was sent).
+
+    The store is shared by every guard built on one backend (``backend.store``), so one
+    claim notices a loss for all of them: it is kept as :attr:`data_lost_at`, from which
+    each guard applies its own quarantine.
     """
 
-    __slots__ = ("_backend", "_marker", "_marker_key", "_new_marker")
+    __slots__ = ("_backend", "_data_lost_at", "_marker", "_marker_key", "_new_marker")
 
     def __init__(self, backend: RedisBackend) -> None:
         if backend.is_cluster and getattr(backend.client.get_encoder(), "decode_responses", False):
@@ -49,6 +54,16 @@ class RedisIdempotencyStore:
         self._marker_key = None if backend.is_cluster else backend.key("idem", "marker", "m")
         self._marker = b""  # the marker's value last seen; none yet
         self._new_marker = secrets.token_hex(8)  # what this store gives a missing marker
+        self._data_lost_at: float | None = None
+
+    @property
+    def data_lost_at(self) -> float | None:
+        """Wall-clock time (s since the epoch) this store last noticed a loss, or ``None``.
+
+        On the clock of the claim that noticed it: its ``now_ms`` if given, else the
+        system's. Always ``None`` on Redis Cluster, which has no marker.
+        """
+        return self._data_lost_at
 
     def _key(self, key: str) -> str:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
@@ -74,6 +89,8 @@ class RedisIdempotencyStore:
         if len(reply) > 2 and bytes(reply[2]) != self._marker:  # not the marker last seen
             lost = self._marker != b""  # (the first sight of one is no loss)
             self._marker = bytes(reply[2])
+            if lost:
+                self._data_lost_at = time.time() if now_ms is None else now_ms / 1000
             # Never give a later missing marker a value some store may have seen already.
             self._new_marker = secrets.token_hex(8)
         kind = reply[0]
