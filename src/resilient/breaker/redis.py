@@ -99,7 +99,9 @@ class SharedBreakerStore:
         # wins and "close" counts only from the lease holder, so the latest is enough).
         self._pending: dict[str, tuple[_Member, str, float]] = {}
         self._wanted: dict[str, _Member] = {}  # leases asked for by sync calls
-        self._claiming: dict[str, asyncio.Task[None]] = {}
+        # Claims on the wire, by breaker (not by name: a new breaker of a detached one's
+        # name claims for itself).
+        self._claiming: dict[CircuitBreaker, asyncio.Task[None]] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -244,11 +246,11 @@ class SharedBreakerStore:
         if loop is not self._loop:
             self.want_lease(breaker)  # another loop's calls: the sync task claims it
             return
-        task = self._claiming.get(breaker.name)
+        task = self._claiming.get(breaker)
         if task is None:
             task = loop.create_task(self._claim_or_fail(breaker))
-            self._claiming[breaker.name] = task
-            task.add_done_callback(lambda _: self._claiming.pop(breaker.name, None))
+            self._claiming[breaker] = task
+            task.add_done_callback(lambda _: self._claiming.pop(breaker, None))
         await asyncio.shield(task)
 
     async def _claim_or_fail(self, breaker: CircuitBreaker) -> None:
