@@ -149,7 +149,9 @@ class _Resilience:
             msg = f"failure_when must be a predicate on a response, not {failure_when!r}"
             raise ConfigurationError(msg)
         self.failure_when = failure_when
-        self.breaker_for = _breaker_lookup(breaker)
+        # A registry made here is the transport's own: closing the transport clears it.
+        self.registry = _own_registry(breaker)
+        self.breaker_for = _breaker_lookup(breaker) if self.registry is None else self.registry.get
         self.retry = None if retry is None else self._narrow(retry)
 
     def _narrow(self, policy: Retry) -> Retry:
@@ -193,18 +195,27 @@ class _Resilience:
         return _FailedResponse(message, request=request, response=response)
 
 
+def _own_registry(breaker: BreakerChoice) -> BreakerRegistry | None:
+    """Return the registry a transport makes for *breaker*, if it makes one."""
+    if breaker is None:
+        return BreakerRegistry(_default_breaker)
+    if (
+        breaker is not False
+        and not isinstance(breaker, (CircuitBreaker, BreakerRegistry))
+        and callable(breaker)
+    ):
+        return BreakerRegistry(breaker)  # made once per origin, not once per request
+    return None
+
+
 def _breaker_lookup(breaker: BreakerChoice) -> Callable[[str], CircuitBreaker] | None:
-    """Return origin -> breaker for *breaker* as given to a transport (None: no breaker)."""
+    """Return origin -> breaker for *breaker* given as a breaker, a registry or ``False``."""
     if breaker is False:
         return None
-    if breaker is None:
-        return BreakerRegistry(_default_breaker).get
     if isinstance(breaker, CircuitBreaker):  # before callable(): a breaker is a decorator
         return lambda origin: breaker
     if isinstance(breaker, BreakerRegistry):
         return breaker.get
-    if callable(breaker):
-        return BreakerRegistry(breaker).get  # made once per origin, not once per request
     msg = (
         "breaker must be a CircuitBreaker, a BreakerRegistry, a function of the origin "
         f"returning a CircuitBreaker, None (one per origin) or False (none), not {breaker!r}"
@@ -225,11 +236,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     attempts, at least 10, failed, for 30 seconds. Pass a
     :class:`~resilient.BreakerRegistry` (keyed by origin) or a function of the origin
     returning a breaker (called once per origin) for other settings, one
-    ``CircuitBreaker`` to share between every host, or ``False`` for none. Transport
-    errors and responses for which *failure_when* is true (5xx and 429 by default) count
-    as failures: a failed response reaches the breaker as an ``httpx.HTTPStatusError``,
-    so a breaker's own ``record=`` must include it to count them. An open circuit raises
-    :class:`~resilient.CircuitOpenError` without touching the network.
+    ``CircuitBreaker`` to share between every host, or ``False`` for none. The breakers
+    made for ``None`` or a function are kept in a registry of the transport's own, at most
+    1,024, and dropped when the transport is closed; one that shares its state through a
+    backend leaves it then, so the next transport can make a breaker of the same name.
+    Transport errors and responses for which *failure_when* is true (5xx and 429 by
+    default) count as failures: a failed response reaches the breaker as an
+    ``httpx.HTTPStatusError``, so a breaker's own ``record=`` must include it to count
+    them. An open circuit raises :class:`~resilient.CircuitOpenError` without touching
+    the network.
 
     *retry*: a policy made by :func:`~resilient.retry` (its attempts, deadline, waits,
     budget), :data:`DEFAULT_RETRY` by default, or ``None`` for a single attempt. Only
@@ -328,8 +343,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             raise httpx.TimeoutException(message, request=request) from error
 
     async def aclose(self) -> None:
-        """Close the wrapped transport."""
+        """Close the wrapped transport; drop the breakers made per origin (see *breaker*)."""
         await self.transport.aclose()
+        if self.resilience.registry is not None:
+            self.resilience.registry.clear()
 
     def __repr__(self) -> str:
         return f"ResilientTransport({self.transport!r})"
@@ -418,8 +435,10 @@ class SyncResilientTransport(httpx.BaseTransport):
         return response
 
     def close(self) -> None:
-        """Close the wrapped transport."""
+        """Close the wrapped transport; drop the breakers made per origin (see *breaker*)."""
         self.transport.close()
+        if self.resilience.registry is not None:
+            self.resilience.registry.clear()
 
     def __repr__(self) -> str:
         return f"SyncResilientTransport({self.transport!r})"

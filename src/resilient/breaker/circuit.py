@@ -198,6 +198,19 @@ class CircuitBreaker:
         """The store this breaker shares its state through, or ``None`` (not shared)."""
         return self._shared
 
+    def detach(self) -> None:
+        """Stop sharing state through the backend: from now on this breaker decides alone.
+
+        Its name can then be shared by a new breaker on the same backend, which takes up
+        the shared state on its first sync. A :class:`BreakerRegistry` detaches each
+        breaker it drops. Thread-safe; nothing happens if the breaker is not shared.
+        """
+        with self._lock:
+            shared, self._shared = self._shared, None
+            self._core.shared = False  # no probe lease to wait for: it probes alone
+        if shared is not None:
+            shared.unregister(self)
+
     @property
     def probing(self) -> bool:
         """Whether a probe admitted by this instance is in flight (it keeps its lease)."""
@@ -250,8 +263,9 @@ class CircuitBreaker:
 
     def _report(self, transition: Transition | None, *, publish: bool = True) -> None:
         if transition is not None:
-            if publish and self._shared is not None:
-                self._shared.transitioned(self, transition, self._core.open_for)
+            shared = self._shared  # once: another thread may detach the breaker
+            if publish and shared is not None:
+                shared.transitioned(self, transition, self._core.open_for)
             old, new, reason = transition
             emit(
                 self.observer,
@@ -526,6 +540,12 @@ class BreakerRegistry:
     its callers make up (hosts taken from user input, say). A dropped breaker that was
     open costs at most a few calls to a failing host before its new breaker opens again.
 
+    The registry owns the breakers its factory makes: a dropped one is detached
+    (:meth:`CircuitBreaker.detach`), so a breaker sharing its state through a backend leaves
+    it, and the same key asked for again gets a new breaker that takes up the shared state
+    on its next sync. Use the breaker :meth:`get` returns for the call at hand; one kept
+    longer may have been dropped and decide alone. :meth:`clear` drops them all.
+
     Making room costs O(1) amortised: breakers are kept in two queues, those last found
     closed and the others, each least recently used first; a closed breaker found open
     when room is made moves to the others once, paid for by the call that filed it.
@@ -579,7 +599,17 @@ class BreakerRegistry:
             others[key] = held
             others.move_to_end(key, last=False)
         if breaker is None:
-            others.popitem(last=False)
+            _, breaker = others.popitem(last=False)
+        breaker.detach()
+
+    def clear(self) -> None:
+        """Drop every breaker, detaching each from its backend (see :meth:`get`)."""
+        with self._lock:
+            dropped = [*self._closed.values(), *self._others.values()]
+            self._closed.clear()
+            self._others.clear()
+        for breaker in dropped:
+            breaker.detach()
 
     def __len__(self) -> int:
         return len(self._closed) + len(self._others)

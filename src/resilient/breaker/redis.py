@@ -18,6 +18,14 @@ unreachable, each instance decides on its own until Redis is back.
 
 The publishing and reading run in one background task per backend, started on the event
 loop of the first call through a shared breaker.
+
+A breaker leaves the store with :meth:`CircuitBreaker.detach` (a
+:class:`~resilient.BreakerRegistry` detaches each breaker it drops), and its name can then be
+shared by a new breaker, which takes up the shared state on its first sync. So the store
+holds the live breakers only, and a sync's round trips are as many as they are. It is
+explicit, not weak references: a dropped breaker may still be held by a call in flight, or
+by a reference cycle the collector has not reached, and its name must be free for the next
+breaker at once, whatever the garbage collector has done.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import asyncio
 import math
 import secrets
 import threading
-from collections import deque
 from concurrent.futures import CancelledError
 from math import ceil
 from typing import TYPE_CHECKING, Any
@@ -51,8 +58,22 @@ _LEASE_INTERVALS = 3  # a lease lasts this many sync intervals of its holder
 _VIEWS = {view.value: view for view in Shared}
 
 
+class _Member:
+    """A shared breaker, and the newest shared generation this instance has seen of it."""
+
+    __slots__ = ("breaker", "seen")
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        self.seen = 0
+
+
 class SharedBreakerStore:
-    """The breakers of one :class:`RedisBackend` that share their state, and their sync task."""
+    """The breakers of one :class:`RedisBackend` that share their state, and their sync task.
+
+    ``len(store)`` is how many breakers share their state through it, and
+    ``name in store`` whether a breaker of that name does.
+    """
 
     __slots__ = (
         "_backend",
@@ -62,7 +83,6 @@ class SharedBreakerStore:
         "_lock",
         "_loop",
         "_pending",
-        "_seen",
         "_syncing",
         "_task",
         "_wake",
@@ -73,11 +93,15 @@ class SharedBreakerStore:
 
     def __init__(self, backend: RedisBackend) -> None:
         self._backend = backend
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._seen: dict[str, int] = {}
-        self._pending: deque[tuple[CircuitBreaker, str, float]] = deque()
-        self._wanted: dict[str, CircuitBreaker] = {}  # leases asked for by sync calls
-        self._claiming: dict[str, asyncio.Task[None]] = {}
+        self._breakers: dict[str, _Member] = {}
+        # The latest transition of each breaker, to publish: one per breaker, so the queue
+        # stays as small as the store however long Redis is unreachable ("open" always
+        # wins and "close" counts only from the lease holder, so the latest is enough).
+        self._pending: dict[str, tuple[_Member, str, float]] = {}
+        self._wanted: dict[str, _Member] = {}  # leases asked for by sync calls
+        # Claims on the wire, by breaker (not by name: a new breaker of a detached one's
+        # name claims for itself).
+        self._claiming: dict[CircuitBreaker, asyncio.Task[None]] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -90,10 +114,39 @@ class SharedBreakerStore:
     def register(self, breaker: CircuitBreaker, interval: float) -> None:
         """Share *breaker*'s state; read it at least every *interval* seconds."""
         with self._lock:
-            if self._breakers.setdefault(breaker.name, breaker) is not breaker:
+            member = self._breakers.setdefault(breaker.name, _Member(breaker))
+            if member.breaker is not breaker:
                 msg = f"another breaker named {breaker.name!r} already shares this backend"
                 raise ValueError(msg)
             self.interval = min(self.interval, interval)
+
+    def unregister(self, breaker: CircuitBreaker) -> None:
+        """Stop sharing *breaker*'s state (thread-safe); its name may be shared again.
+
+        Its transitions not yet published, and a lease a sync call asked for, are dropped
+        with it. Nothing happens if *breaker* is not registered.
+        """
+        name = breaker.name
+        with self._lock:
+            member = self._breakers.get(name)
+            if member is None or member.breaker is not breaker:
+                return
+            del self._breakers[name]
+            pending = self._pending.get(name)
+            if pending is not None and pending[0] is member:
+                del self._pending[name]
+            if self._wanted.get(name) is member:
+                del self._wanted[name]
+
+    def _member(self, breaker: CircuitBreaker) -> _Member | None:
+        member = self._breakers.get(breaker.name)
+        return member if member is not None and member.breaker is breaker else None
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._breakers
 
     def _key(self, name: str) -> str:
         return self._backend.key("cb", name, "s")
@@ -140,12 +193,21 @@ class SharedBreakerStore:
             kind = "close"
         else:
             return  # manual states stay local
-        self._pending.append((breaker, kind, open_for))
+        with self._lock:
+            member = self._member(breaker)
+            if member is None:
+                return  # detached: it decides alone
+            self._pending.pop(breaker.name, None)  # the latest goes last
+            self._pending[breaker.name] = (member, kind, open_for)
         self._wake_up()
 
     def want_lease(self, breaker: CircuitBreaker) -> None:
         """Claim *breaker*'s probe lease in the background (thread-safe): a sync call wants it."""
-        self._wanted[breaker.name] = breaker
+        with self._lock:
+            member = self._member(breaker)
+            if member is None:
+                return
+            self._wanted[breaker.name] = member
         self._wake_up()
 
     def claim_from_thread(self, breaker: CircuitBreaker) -> bool:
@@ -184,16 +246,19 @@ class SharedBreakerStore:
         if loop is not self._loop:
             self.want_lease(breaker)  # another loop's calls: the sync task claims it
             return
-        task = self._claiming.get(breaker.name)
+        task = self._claiming.get(breaker)
         if task is None:
             task = loop.create_task(self._claim_or_fail(breaker))
-            self._claiming[breaker.name] = task
-            task.add_done_callback(lambda _: self._claiming.pop(breaker.name, None))
+            self._claiming[breaker] = task
+            task.add_done_callback(lambda _: self._claiming.pop(breaker, None))
         await asyncio.shield(task)
 
     async def _claim_or_fail(self, breaker: CircuitBreaker) -> None:
+        member = self._member(breaker)
+        if member is None:
+            return  # detached meanwhile: it decides alone
         try:
-            await self._claim(breaker)
+            await self._claim(member)
         except BackendError as exc:
             self._failed(exc, "claim")
 
@@ -223,27 +288,34 @@ class SharedBreakerStore:
     async def _sync_all(self) -> None:
         try:
             while self._pending:
-                breaker, kind, open_for = self._pending.popleft()
-                await self._publish(breaker, kind, open_for)
+                with self._lock:
+                    name, entry = next(iter(self._pending.items()))
+                await self._publish(*entry)
+                with self._lock:  # published: dropped, unless a newer one replaced it
+                    if self._pending.get(name) is entry:
+                        del self._pending[name]
             while self._wanted:
-                _, breaker = self._wanted.popitem()
-                if breaker.wants_lease():
-                    await self._claim(breaker)
-            for breaker in list(self._breakers.values()):
-                await self._sync(breaker)
+                with self._lock:
+                    _, member = self._wanted.popitem()
+                if member.breaker.wants_lease():
+                    await self._claim(member)
+            for member in list(self._breakers.values()):  # the live breakers, one each
+                await self._sync(member)
         except BackendError as exc:
             self._failed(exc, "sync")
             return
         self._failing = False
 
     def _failed(self, exc: BackendError, operation: str) -> None:
+        members = list(self._breakers.values())
         if not self._failing:
             emit(
-                next(iter(self._breakers.values())).observer if self._breakers else None,
+                members[0].breaker.observer if members else None,
                 BackendFailed("breaker", operation, exc, "deciding locally"),
             )
         self._failing = True
-        for breaker in list(self._breakers.values()):
+        for member in members:
+            breaker = member.breaker
             breaker.apply_shared(Shared.UNREACHABLE, 0.0, breaker.clock.monotonic())
 
     @staticmethod
@@ -252,29 +324,31 @@ class SharedBreakerStore:
         clock = breaker.clock
         return "r" if isinstance(clock, SystemClock) else int(clock.time() * 1000)
 
-    async def _publish(self, breaker: CircuitBreaker, kind: str, open_for: float) -> None:
+    async def _publish(self, member: _Member, kind: str, open_for: float) -> None:
+        breaker = member.breaker
         open_for_ms = max(1, ceil(open_for * 1000))
         reply = await self._backend.run_script(
             _PUBLISH,
             [self._key(breaker.name)],
             (self._now(breaker), kind, open_for_ms, self.token, _KEEP_MS),
         )
-        self._seen[breaker.name] = int(reply[0])
+        member.seen = int(reply[0])
 
     def _lease_ms(self) -> int:
         return max(1, ceil(self.lease * 1000))
 
-    async def _claim(self, breaker: CircuitBreaker) -> None:
+    async def _claim(self, member: _Member) -> None:
+        breaker = member.breaker
         now = breaker.clock.monotonic()  # before the round trip: the lease ends no later here
-        seen = self._seen.get(breaker.name, 0)
         reply = await self._backend.run_script(
             _CLAIM,
             [self._key(breaker.name)],
-            (self._now(breaker), self.token, self._lease_ms(), seen, _KEEP_MS),
+            (self._now(breaker), self.token, self._lease_ms(), member.seen, _KEEP_MS),
         )
-        self._apply(breaker, reply, now)
+        self._apply(member, reply, now)
 
-    async def _sync(self, breaker: CircuitBreaker) -> None:
+    async def _sync(self, member: _Member) -> None:
+        breaker = member.breaker
         now = breaker.clock.monotonic()
         renew = "1" if breaker.probing else "0"
         reply = await self._backend.run_script(
@@ -282,14 +356,17 @@ class SharedBreakerStore:
             [self._key(breaker.name)],
             (self._now(breaker), self.token, self._lease_ms(), renew),
         )
-        self._apply(breaker, reply, now)
+        self._apply(member, reply, now)
 
-    def _apply(self, breaker: CircuitBreaker, reply: Any, now: float) -> None:
+    def _apply(self, member: _Member, reply: Any, now: float) -> None:
         kind, generation, ms = reply[0], int(reply[1]), int(reply[2])
         if isinstance(kind, bytes):
             kind = kind.decode()
-        seen = self._seen.get(breaker.name, 0)
-        self._seen[breaker.name] = max(seen, generation)
+        seen = member.seen
+        member.seen = max(seen, generation)
+        breaker = member.breaker
+        if self._breakers.get(breaker.name) is not member:
+            return  # detached during the round trip: it decides alone
         breaker.apply_shared(
             _VIEWS[str(kind)], ms / 1000, now, newer=generation > seen, recheck=self.interval
         )
