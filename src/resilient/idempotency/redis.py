@@ -82,9 +82,10 @@ class RedisIdempotencyStore:
     def data_lost_at(self) -> float | None:
         """Wall-clock time (s since the epoch) of the last loss this store knows of, or ``None``.
 
-        Read from the marker: the time of the script that found the marker missing (Redis
-        ``TIME``, or the caller's ``now_ms`` when one was given), the same on every store
-        of the data. Always ``None`` on Redis Cluster, which has no marker.
+        Read from the marker's stamp: the time of the first claim, by a store that had
+        seen the old marker, that found it gone (Redis ``TIME``, or the caller's
+        ``now_ms`` when one was given), the same on every store of the data. Always
+        ``None`` on Redis Cluster, which has no marker.
         """
         return self._data_lost_at
 
