@@ -197,5 +197,7 @@ def test_processes_refuse_orders_until_one_moment_after_a_restart_empty(
     assert ran_after == 0  # nothing ran after the loss
     ends = [r["at"] + r["quarantine_left"] for r in ready]
     assert min(r["quarantine_left"] for r in ready) > 25
-    assert max(ends) - min(ends) < 0.01  # one moment, from Redis TIME, for every process
+    # One moment, from Redis TIME, for every process: "c" got its first order a second or
+    # so later (a spawned process's start), so a quarantine of its own would end later.
+    assert max(ends) - min(ends) < 0.25
     assert [process.exitcode for process in processes] == [0, 0, 0]
