@@ -36,6 +36,7 @@ from resilient import (
 from resilient.errors import ResultNotStored
 from resilient.events import BackendDataLost, BackendFailed, IdempotencyNotStored
 from resilient.idempotency.keeper import store_for
+from resilient.idempotency.redis import RedisIdempotencyStore
 from resilient.testing import FakeClock, RedisServer
 from tests.idempotency.conftest import Recorder, Shop, client_for
 
@@ -350,10 +351,79 @@ async def test_the_store_keeps_when_it_noticed_a_loss(redis_backend: RedisBacken
     assert (noticed.data_lost, after.data_lost) == (True, False)  # noticed once
     assert store.data_lost_at == 5.0  # the noticing claim's clock, in seconds
     await redis_backend.client.flushall()
-    before = time.time()
-    await store.claim("d", "f", "o4", 1000, None)  # the system's clock
+    before = int(time.time() * 1000) / 1000  # Redis TIME, in whole ms
+    await store.claim("d", "f", "o4", 1000, None)  # Redis's own clock
     assert store.data_lost_at is not None
     assert before <= store.data_lost_at <= time.time()
+
+
+async def test_every_store_takes_the_loss_s_moment_from_the_marker(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    # Four instances of a service: "knew" claimed before the loss, "primed" only read the
+    # marker, "late" met Redis only after it, "first" made the marker after the loss
+    # without having seen the old one (it cannot tell an emptied server from a new one).
+    backends = [RedisBackend(redis_client) for _ in range(4)]  # a channel of its own each
+    knew, primed, late, first = (b.store("idempotency", RedisIdempotencyStore) for b in backends)
+    await knew.claim("a", "f", "o1", 1000, 1_000)
+    await primed.prepare()
+    await primed.prepare()  # once is enough: nothing changes
+    assert primed.data_lost_at is None
+    await redis_client.flushall()
+    made = await first.claim("b", "f", "o2", 1000, 2_000)
+    assert (made.data_lost, first.data_lost_at) == (False, None)  # unstamped: no alarm yet
+    noticed = await primed.claim("c", "f", "o3", 1000, 3_000)  # stamps it: lost at 3 s
+    seen = await knew.claim("d", "f", "o4", 1000, 4_000)
+    first_sight = await late.claim("e", "f", "o5", 1000, 5_000)
+    again = await first.claim("g", "f", "o6", 1000, 6_000)
+    assert [noticed.data_lost, seen.data_lost, first_sight.data_lost, again.data_lost] == [
+        True,
+        True,
+        False,  # it lost nothing it knew of
+        False,  # nor did the store that made the new marker
+    ]
+    assert [s.data_lost_at for s in (knew, primed, late, first)] == [3.0] * 4
+    for backend in backends:
+        await backend.aclose()
+
+
+async def test_a_claim_that_overtakes_prepare_is_not_undone_by_it(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    noticer, late = RedisBackend(redis_client), RedisBackend(redis_client)
+    first, store = (b.store("idempotency", RedisIdempotencyStore) for b in (noticer, late))
+    await first.claim("a", "f", "o1", 1000, 1_000)
+    await redis_client.flushall()
+    await first.claim("b", "f", "o2", 1000, 2_000)  # stamps the new marker: lost at 2 s
+    # The claim is sent first on the backend's channel; prepare's reply (the same marker)
+    # is read after the claim's taught the store, and changes nothing.
+    claimed, _ = await asyncio.gather(store.claim("c", "f", "o3", 1000, 3_000), store.prepare())
+    again = await store.claim("d", "f", "o4", 1000, 4_000)
+    assert (claimed.data_lost, again.data_lost, store.data_lost_at) == (False, False, 2.0)
+    for backend in (noticer, late):
+        await backend.aclose()
+
+
+async def test_a_marker_written_before_it_held_the_loss_s_moment_still_works(
+    redis_backend: RedisBackend, redis_client: redis.asyncio.Redis
+) -> None:
+    # A rolling upgrade: the previous version wrote the marker as its id alone.
+    marker = redis_backend.key("idem", "marker", "m")
+    await redis_client.set(marker, "0123abcd")
+    old_style = RedisBackend(redis_client)
+    store, other = (
+        b.store("idempotency", RedisIdempotencyStore) for b in (redis_backend, old_style)
+    )
+    await store.prepare()
+    kept = await store.claim("a", "f", "o1", 1000, 1_000)
+    assert (kept.data_lost, store.data_lost_at) == (False, None)
+    assert await redis_client.get(marker) == b"0123abcd"  # left as it was: no alarm for anyone
+    await redis_client.set(marker, "4567cdef")  # made by a previous version after a loss
+    noticed = await store.claim("b", "f", "o2", 1000, 2_000)
+    first_sight = await other.claim("c", "f", "o3", 1000, 3_000)
+    await old_style.aclose()
+    assert (noticed.data_lost, first_sight.data_lost) == (True, False)
+    assert store.data_lost_at == other.data_lost_at == 2.0  # stamped by the noticer
 
 
 async def test_a_loss_noticed_once_quarantines_every_guard_on_the_backend(
@@ -544,3 +614,214 @@ def test_replicas_need_a_standalone_redis_and_a_timeout_under_the_backend_s(
     backend = RedisBackend(redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.5))
     with pytest.raises(ConfigurationError, match="replica_timeout"):
         IdempotencyMiddleware(Shop().app, backend, replicas=1, replica_timeout=0.5)
+
+
+# -- the marker: every instance's quarantine, from the loss's own moment --------------------
+
+
+def instance(server: RedisServer) -> tuple[redis.asyncio.Redis, RedisBackend]:
+    """A client and a backend of their own: one more instance of the service."""
+    client = redis.asyncio.Redis.from_url(server.url, socket_timeout=1)
+    return client, RedisBackend(client)
+
+
+def closing_at_shutdown(app: Any, client: redis.asyncio.Redis, backend: RedisBackend) -> Any:
+    """*app*, closing *backend* and *client* at its lifespan shutdown, on the server's loop."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        async def receiving() -> Any:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await backend.aclose()
+                await client.aclose()
+            return message
+
+        await app(scope, receiving if scope["type"] == "lifespan" else receive, send)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("fault", ["flushall", "kill -9"])
+async def test_claims_in_flight_when_their_own_instance_notices_a_loss_are_refused(
+    shop: Shop, fresh_redis_server: RedisServer, fault: str
+) -> None:
+    # One instance, one middleware, the system's clock (as the shop runs): four claims sent
+    # with the marker this store knew before the loss; the first reply to come back
+    # teaches the store the new marker, and none of the four may run.
+    recorder = Recorder()
+    client, backend = instance(fresh_redis_server)
+    async with backend:
+        app = IdempotencyMiddleware(shop.app, backend, quarantine=30.0, observer=recorder)
+        async with client_for(app) as http:
+            await http.post("/api/orders", json={"n": 0}, headers=KEY)
+            if fault == "flushall":
+                await client.flushall()
+            else:
+                await kill_and_restart_empty(fresh_redis_server)
+            answers = await asyncio.gather(
+                *(
+                    http.post("/api/orders", json={"n": n}, headers={"Idempotency-Key": f"k{n}"})
+                    for n in range(4)
+                )
+            )
+            left = app.quarantine_left
+            records = await client.keys("*idem*:r")
+    await client.aclose()
+    assert [a.status_code for a in answers] == [503] * 4
+    assert shop.runs == {"orders": 1}
+    assert records == []  # every key claimed meanwhile was released
+    assert 29.0 < left <= 30.0
+    assert len(recorder.of(BackendDataLost)) == 1
+
+
+async def test_every_instance_ends_its_quarantine_at_the_same_moment(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    # Two instances that both knew the data; the second gets its first request after the
+    # restart 3.5 s after the first did. The quarantine runs from the loss as the first
+    # noticer recorded it in the marker, not from each instance's own first claim.
+    clock, recorder = FakeClock(), Recorder()
+    client_one, backend_one = instance(fresh_redis_server)
+    client_two, backend_two = instance(fresh_redis_server)
+    async with backend_one, backend_two:
+        one, two = (
+            IdempotencyMiddleware(shop.app, b, quarantine=5.0, clock=clock, observer=recorder)
+            for b in (backend_one, backend_two)
+        )
+        async with client_for(one) as first, client_for(two) as second:
+            await first.post("/api/orders", json={"n": 1}, headers={"Idempotency-Key": "a"})
+            await second.post("/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"})
+            await kill_and_restart_empty(fresh_redis_server)
+            noticed = await first.post(
+                "/api/orders", json={"n": 3}, headers={"Idempotency-Key": "c"}
+            )
+            clock.advance(3.5)
+            late = await second.post("/api/orders", json={"n": 4}, headers={"Idempotency-Key": "d"})
+            lefts = [one.quarantine_left, two.quarantine_left]
+            clock.advance(1.5)
+            over = [one.quarantine_left, two.quarantine_left]
+            ran = await second.post("/api/orders", json={"n": 4}, headers={"Idempotency-Key": "d"})
+    await client_one.aclose()
+    await client_two.aclose()
+    assert (noticed.status_code, late.status_code) == (503, 503)
+    assert (noticed.headers["retry-after"], late.headers["retry-after"]) == ("5", "2")
+    assert lefts == [1.5, 1.5]
+    assert over == [0.0, 0.0]
+    assert ran.status_code == 201
+    assert shop.runs == {"orders": 3}
+    # Each instance that knew the data reports the loss, once.
+    assert len(recorder.of(BackendDataLost)) == 2
+
+
+async def test_an_instance_that_never_claimed_before_the_loss_learns_it_from_the_marker(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    clock, recorder = FakeClock(), Recorder()
+    client_one, backend_one = instance(fresh_redis_server)
+    client_two, backend_two = instance(fresh_redis_server)
+    async with backend_one, backend_two:
+        one, two = (
+            IdempotencyMiddleware(shop.app, b, quarantine=30.0, clock=clock, observer=recorder)
+            for b in (backend_one, backend_two)
+        )
+        async with client_for(one) as first, client_for(two) as second:
+            await first.post("/api/orders", json={"n": 1}, headers=KEY)
+            await kill_and_restart_empty(fresh_redis_server)
+            noticed = await first.post(
+                "/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"}
+            )
+            clock.advance(10)
+            newcomer = await second.post("/api/orders", json={"n": 1}, headers=KEY)
+            left = two.quarantine_left
+            clock.advance(20)
+            ran = await second.post("/api/orders", json={"n": 1}, headers=KEY)
+    await client_one.aclose()
+    await client_two.aclose()
+    assert (noticed.status_code, newcomer.status_code) == (503, 503)
+    assert newcomer.headers["retry-after"] == "20"
+    assert left == 20.0
+    assert ran.status_code == 201
+    assert shop.runs == {"orders": 2}
+    # Only the instance that had known the data reports the loss.
+    assert len(recorder.of(BackendDataLost)) == 1
+
+
+async def test_an_instance_primed_at_startup_notices_a_loss_on_its_first_claim(
+    shop: Shop, fresh_redis_server: RedisServer
+) -> None:
+    # Neither instance has claimed anything when Redis restarts empty; both learnt the
+    # marker at their ASGI lifespan startup (a real uvicorn server). The first request
+    # after the loss reaches the second instance: it notices the loss itself, records
+    # its moment in the marker, and the first instance's quarantine ends with its own.
+    clock, recorder = FakeClock(), Recorder()
+    client_one, backend_one = instance(fresh_redis_server)
+    client_two, backend_two = instance(fresh_redis_server)
+    one, two = (
+        IdempotencyMiddleware(shop.app, b, quarantine=30.0, clock=clock, observer=recorder)
+        for b in (backend_one, backend_two)
+    )
+    with (
+        serving(closing_at_shutdown(one, client_one, backend_one)) as url_one,
+        serving(closing_at_shutdown(two, client_two, backend_two)) as url_two,
+    ):
+        await kill_and_restart_empty(fresh_redis_server)
+        async with httpx.AsyncClient() as http:
+            noticed = await http.post(f"{url_two}/api/orders", json={"n": 1}, headers=KEY)
+            clock.advance(10)
+            other = await http.post(
+                f"{url_one}/api/orders", json={"n": 2}, headers={"Idempotency-Key": "b"}
+            )
+            lefts = [one.quarantine_left, two.quarantine_left]
+    assert (noticed.status_code, other.status_code) == (503, 503)
+    assert other.headers["retry-after"] == "20"
+    assert lefts == [20.0, 20.0]
+    assert shop.runs == {}
+    assert len(recorder.of(BackendDataLost)) == 2
+
+
+async def run_lifespan(app: Any) -> list[str]:
+    """Start and stop *app*'s ASGI lifespan; return the types of the messages it sent."""
+    incoming: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    for kind in ("lifespan.startup", "lifespan.shutdown"):
+        incoming.put_nowait({"type": kind})
+    sent: list[str] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message["type"])
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    await app(scope, incoming.get, send)
+    return sent
+
+
+@pytest.mark.parametrize("kind", ["redis down", "memory"])
+async def test_the_lifespan_starts_whether_or_not_the_marker_can_be_read(
+    shop: Shop, fresh_redis_server: RedisServer, kind: str
+) -> None:
+    recorder = Recorder()
+    client, backend = instance(fresh_redis_server)
+    fresh_redis_server.stop()
+    async with backend:
+        store = backend if kind == "redis down" else MemoryBackend()
+        app = IdempotencyMiddleware(shop.app, store, quarantine=30.0, observer=recorder)
+        sent = await run_lifespan(app)
+        await app.prepare()  # called again by hand: same outcome, never raised
+    await client.aclose()
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    failed = [(e.operation, e.outcome) for e in recorder.of(BackendFailed)]
+    if kind == "memory":
+        assert failed == []  # nothing to learn
+    else:
+        assert failed == [("prepare", "marker left to the first claim")] * 2
+    assert app.quarantine_left == 0.0
+
+
+@pytest.mark.cluster
+async def test_on_a_cluster_there_is_no_marker_to_prepare(cluster_client: Any, shop: Shop) -> None:
+    async with RedisBackend(cluster_client) as backend:
+        store = backend.store("idempotency", RedisIdempotencyStore)
+        await IdempotencyMiddleware(shop.app, backend, quarantine=30.0).prepare()
+        await store.prepare()
+        keys = await cluster_client.keys("*idem*")
+    assert keys == []
+    assert store.data_lost_at is None

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import signal
+import time
 from typing import Any
 
 import httpx
 import pytest
+import redis
 import redis.asyncio
+import uvicorn
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -109,3 +114,90 @@ def test_processes_on_a_cluster_create_one_order(redis_cluster: RedisCluster) ->
     results = _run(redis_cluster.url, cluster=True)
     _check(results, int(client.get("test:orders-created") or 0))
     client.close()
+
+
+# -- Redis restarted empty under several processes ---------------------------------------
+
+
+def _serve(url: str, ports: Any, stop: Any) -> None:
+    """One instance of a service, served by uvicorn with its ASGI lifespan, until *stop*."""
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(url, socket_timeout=1)
+        backend = RedisBackend(client)
+
+        async def create_order(request: Request) -> JSONResponse:
+            await request.body()
+            n = await client.incr("test:orders-created")  # counted after the restart too
+            return JSONResponse({"order": n}, status_code=201)
+
+        async def readiness(request: Request) -> JSONResponse:
+            return JSONResponse({"quarantine_left": app.quarantine_left, "at": time.time()})
+
+        routes = [
+            Route("/api/orders", create_order, methods=["POST"]),
+            Route("/readyz", readiness),
+        ]
+        app = IdempotencyMiddleware(Starlette(routes=routes), backend, quarantine=30.0)
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="critical")
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            assert not serving.done(), "uvicorn stopped while starting"
+            await asyncio.sleep(0.01)
+        ports.put(server.servers[0].sockets[0].getsockname()[1])
+        await asyncio.to_thread(stop.wait)
+        server.should_exit = True
+        await serving
+        await backend.aclose()
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_processes_refuse_orders_until_one_moment_after_a_restart_empty(
+    fresh_redis_server: RedisServer,
+) -> None:
+    # "a" served an order before the loss, "b" had served none (it learnt the marker at
+    # its startup), "c" started after the loss. The first order after the loss reaches
+    # "b": every process refuses, and their quarantines end at the same moment.
+    context = multiprocessing.get_context("spawn")
+    stop, ports = context.Event(), context.Queue()
+
+    def start() -> tuple[Any, str]:
+        process = context.Process(target=_serve, args=(fresh_redis_server.url, ports, stop))
+        process.start()
+        return process, f"http://127.0.0.1:{ports.get(timeout=60)}"
+
+    processes: list[Any] = []
+    try:
+        (a, url_a), (b, url_b) = start(), start()
+        processes += [a, b]
+        with httpx.Client(timeout=10) as http:
+            paid = http.post(f"{url_a}/api/orders", json={}, headers={"Idempotency-Key": "k1"})
+            with redis.Redis.from_url(fresh_redis_server.url) as admin:
+                os.kill(int(admin.info("server")["process_id"]), signal.SIGKILL)
+            fresh_redis_server.stop()  # reaps the killed process
+            fresh_redis_server.start()  # empty: no persistence
+            first = http.post(f"{url_b}/api/orders", json={}, headers={"Idempotency-Key": "k2"})
+            again = http.post(f"{url_a}/api/orders", json={}, headers={"Idempotency-Key": "k1"})
+            c, url_c = start()
+            processes.append(c)
+            late = http.post(f"{url_c}/api/orders", json={}, headers={"Idempotency-Key": "k3"})
+            ready = [http.get(f"{url}/readyz").json() for url in (url_a, url_b, url_c)]
+        with redis.Redis.from_url(fresh_redis_server.url) as admin:
+            ran_after = int(admin.get("test:orders-created") or 0)
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(timeout=30)
+    assert paid.status_code == 201
+    assert [r.status_code for r in (first, again, late)] == [503, 503, 503]
+    assert ran_after == 0  # nothing ran after the loss
+    ends = [r["at"] + r["quarantine_left"] for r in ready]
+    assert min(r["quarantine_left"] for r in ready) > 25
+    # One moment, from Redis TIME, for every process: "c" got its first order a second or
+    # so later (a spawned process's start), so a quarantine of its own would end later.
+    assert max(ends) - min(ends) < 0.25
+    assert [process.exitcode for process in processes] == [0, 0, 0]

@@ -54,9 +54,9 @@ class ClaimStatus(enum.Enum):
 class Claim(NamedTuple):
     """The answer to a claim: its status, the stored payload, the lease time left.
 
-    ``data_lost`` is set on the one claim by which a store noticed that its records were
-    lost (Redis restarted empty, or flushed): keys claimed before may be claimed again,
-    as if new. The loss then stays a fact of the store
+    ``data_lost`` is set on the one claim by which a store noticed that records it had
+    known were lost (Redis restarted empty, or flushed): keys claimed before may be
+    claimed again, as if new. The loss then stays a fact of the store
     (:attr:`IdempotencyStore.data_lost_at`), seen by every guard that shares it.
     """
 
@@ -72,17 +72,21 @@ class IdempotencyStore(Protocol):
     Each method is atomic. Failures of the store are raised as
     :class:`~resilient.errors.BackendError`.
 
-    ``data_lost_at`` says when the store last noticed that its records were lost, for
-    every guard built on it: a store that cannot lose them, or cannot tell, returns
-    ``None`` (a store without the attribute is taken to say ``None``).
+    ``data_lost_at`` says when the store's records were last lost, for every guard
+    built on it: a store that cannot lose them, or cannot tell, returns ``None`` (a store
+    without the attribute is taken to say ``None``). A store may also have an
+    ``async prepare()`` method, which the guards call before their first claim (at the
+    ASGI lifespan's startup) so that it learns what it needs to notice a loss.
     """
 
     @property
     def data_lost_at(self) -> float | None:
-        """Wall-clock time (s since the epoch) the store last noticed a loss, or ``None``.
+        """Wall-clock time (s since the epoch) of the last loss the store knows of, or ``None``.
 
-        Set by the claim that noticed (:attr:`Claim.data_lost`), on that claim's clock:
-        its ``now_ms`` when one was given (an injected clock), else the system's.
+        Taken from the store itself, as recorded by the first claim (of any instance) that
+        noticed the loss, on that claim's clock: its ``now_ms`` when one was given (an
+        injected clock), else the store's own (Redis ``TIME``). The same on every instance
+        sharing the store, so their quarantines end together.
         """
         ...
 

@@ -76,8 +76,9 @@ def idempotent(
     it unguarded. Keys are scoped by *name* (default: the function's qualified name).
     When the store is found to have lost its records (Redis restarted empty), by this
     function's claim or any other guard's on the same backend, calls raise
-    :class:`~resilient.BackendUnavailable` for *quarantine* seconds (if > 0) from that
-    moment; the guard whose claim noticed emits :class:`~resilient.events.BackendDataLost`.
+    :class:`~resilient.BackendUnavailable` for *quarantine* seconds (if > 0) from the
+    loss (its moment as the first instance that noticed recorded it in Redis); the guard
+    whose claim noticed emits :class:`~resilient.events.BackendDataLost`.
     With *replicas* > 0 (a standalone Redis with replicas), a result is stored only once
     that many replicas have it (Redis ``WAIT``, up to *replica_timeout* seconds per try).
 

@@ -168,13 +168,33 @@ class Keeper:
             await self.release(key, owner)  # refused, like every claim now
         return claim, owner
 
+    async def prepare(self) -> None:
+        """Let the store learn, before the first claim, what it needs to notice a loss.
+
+        The Redis store reads its marker (``prepare()``); a store without ``prepare``
+        needs nothing. A failure of the store is reported and left to the first claim,
+        which learns the marker as it always could.
+        """
+        prepare: Callable[[], Awaitable[None]] | None = getattr(self.store, "prepare", None)
+        if prepare is None:
+            return
+        try:
+            await prepare()
+        except BackendError as exc:
+            emit(
+                self.observer,
+                BackendFailed(self.block, "prepare", exc, "marker left to the first claim"),
+            )
+
     def quarantine_left(self) -> float:
         """Return how many seconds new claims are still refused for (0.0: none).
 
-        With *quarantine* set, a quarantine starts when the store notices that it lost
-        its records (:attr:`~.core.IdempotencyStore.data_lost_at`), whichever guard's
-        claim noticed it: for that long, the callers refuse guarded requests rather than
-        run them while the duplicates of requests in flight at the loss may arrive. The
+        With *quarantine* set, a quarantine starts at the moment the store's records were
+        found lost (:attr:`~.core.IdempotencyStore.data_lost_at`: on Redis, the moment
+        recorded in the marker by the first instance that noticed, the same for every
+        instance and every guard): for that long, the callers refuse guarded requests
+        rather than run them while the duplicates of requests in flight at the loss may
+        arrive. The
         moment of the loss, a wall-clock time, is read once per loss and turned into
         this keeper's monotonic clock, so a later step of the wall clock moves nothing.
         """

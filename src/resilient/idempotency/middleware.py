@@ -189,12 +189,15 @@ class IdempotencyMiddleware:
     (restarted empty, or flushed), through the first claim after the loss, made by this
     middleware or by any other guard on the same backend; that claim's guard emits
     :class:`~resilient.events.BackendDataLost`. With *quarantine* > 0 the middleware
-    then refuses guarded requests (``503`` with ``Retry-After``) for that many seconds
-    from the moment the loss was noticed, rather than run duplicates of requests that
+    then refuses guarded requests (``503`` with ``Retry-After``) until that many seconds
+    after the loss (its moment as recorded in Redis by the first instance that noticed
+    it, the same for every instance), rather than run duplicates of requests that
     were in flight when the records vanished; :attr:`quarantine_left` says so to a
     readiness probe (on every instance sharing the backend). The default, 0, keeps
     serving: a quarantine is an outage of every keyed request, and no length of it
-    brings the lost records back (see the durability section of the docs).
+    brings the lost records back (see the durability section of the docs). At the ASGI
+    lifespan's startup the middleware learns the store's marker (:meth:`prepare`), so
+    that it notices a loss on its first claim even if it had claimed nothing before.
     With *replicas* > 0 (a standalone Redis with replicas), a response is stored only once
     that many replicas have its record (Redis ``WAIT``, up to *replica_timeout* seconds
     per try): a record a client was answered from survives the master's failover.
@@ -298,8 +301,13 @@ class IdempotencyMiddleware:
         return any(pattern.matches(path) for pattern in required)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Guard one request (HTTP requests with a guarded method), pass the rest through."""
+        """Guard one request (HTTP requests with a guarded method), pass the rest through.
+
+        At the ASGI lifespan's startup it calls :meth:`prepare` first.
+        """
         if scope["type"] != "http" or scope["method"] not in self.methods:
+            if scope["type"] == "lifespan":
+                receive = self._preparing(receive)
             await self.app(scope, receive, send)
             return
         header = self.header
@@ -385,6 +393,27 @@ class IdempotencyMiddleware:
                 422,
                 "This idempotency key was already used for a different request.",
             )
+
+    async def prepare(self) -> None:
+        """Make the backend's store ready to notice a loss of records on its first claim.
+
+        On a standalone Redis the store learns (or makes) its marker: an instance that
+        knows it notices a Redis restarted empty by its own first claim after it, even if
+        it had claimed nothing before. Called at the ASGI lifespan's startup; call it
+        yourself if the server runs no lifespan. Never raises: a failure of the store is
+        reported to the *observer* (:class:`~resilient.events.BackendFailed`) and the
+        first claim learns the marker instead.
+        """
+        await self._keeper.prepare()
+
+    def _preparing(self, receive: Receive) -> Receive:
+        async def preparing() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self._keeper.prepare()
+            return message
+
+        return preparing
 
     @property
     def quarantine_left(self) -> float:
