@@ -130,9 +130,9 @@ class FaultReport:
         lines.append(f"- Recovery after the fault's end: {recovery}")
         if self.quarantine:
             lines.append(
-                f"- Quarantine: once a worker noticed the loss, it refused orders for "
-                f"{self.quarantine:g} s (503 with `Retry-After`), as documented; the order "
-                f"bound is that plus 1 s"
+                f"- Quarantine: every worker refused orders (503 with `Retry-After`) until "
+                f"{self.quarantine:g} s after the first claim that noticed the loss, as "
+                f"documented; the order bound is that plus 1 s"
             )
         if self.refusals:
             causes = ", ".join(f"{cause}: {n}" for cause, n in self.refusals.most_common())
@@ -192,10 +192,10 @@ def write_report(reports: list[FaultReport]) -> None:
         "less the probe's own latency under the load), 1.5 s more load; then, once the "
         "idempotency lease (5 s in the suite) has passed, every key is sent once more and "
         "the shop's record of handler runs (`SHOP_RUN_LOG`) is counted;",
-        "- the shop quarantines orders for one lease (5 s) once it notices that Redis lost "
-        "its records: after `kill -9` and an empty restart, orders are allowed that plus "
-        "1 s to recover, every other block 1 s; on the cluster every block is allowed 1 s "
-        "plus the node timeout, counted from the replica's promotion;",
+        "- the shop quarantines orders for one lease (5 s) from the first claim that notices "
+        "that Redis lost its records: after `kill -9` and an empty restart, orders are "
+        "allowed that plus 1 s to recover, every other block 1 s; on the cluster every block "
+        "is allowed 1 s plus the node timeout, counted from the replica's promotion;",
         '- a run\'s "unguarded" admissions are logins the rate limiter admitted while its '
         'store failed, as its documented `on_backend_error="open"` says (no `RateLimit` '
         'headers); "forgotten" is what the store had counted before it lost its data.',
