@@ -263,7 +263,7 @@ async def test_eviction_follows_the_plain_model(
 async def test_a_store_full_of_running_requests_answers_a_new_key_503_and_runs_none_twice(
     shop: Shop,
 ) -> None:
-    app = IdempotencyMiddleware(shop.app, MemoryBackend(max_keys=2))
+    app = IdempotencyMiddleware(shop.app, backend=MemoryBackend(max_keys=2))
     shop.gate.clear()
     async with client_for(app) as client:
         running = [

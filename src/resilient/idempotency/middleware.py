@@ -146,6 +146,12 @@ class _TooLarge(Exception):
 class IdempotencyMiddleware:
     """Make requests that carry an ``Idempotency-Key`` run once, and replay their response.
 
+    Records live in *backend*: a :class:`~resilient.MemoryBackend` (a new one by
+    default), a :class:`~resilient.RedisBackend` shared by every instance, or any
+    :class:`~resilient.idempotency.IdempotencyStore`. Like every other option it is
+    keyword-only (``IdempotencyMiddleware(app, backend=...)``), as the collaborators of
+    every middleware are.
+
     Only *methods* (default ``POST`` and ``PATCH``) are guarded. A request without the
     *header* passes through, unless *required* says it needs one (``True`` for every
     guarded request, or path patterns such as ``["/api/orders"]``): then it gets ``400``.
@@ -227,8 +233,8 @@ class IdempotencyMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        backend: MemoryBackend | RedisBackend | IdempotencyStore | None = None,
         *,
+        backend: MemoryBackend | RedisBackend | IdempotencyStore | None = None,
         methods: Iterable[str] = ("POST", "PATCH"),
         header: str = "Idempotency-Key",
         required: bool | Iterable[str] = False,
