@@ -339,7 +339,7 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
         assert await charge(2) == 2
     await client.aclose()
     assert runs == [1, 2]
-    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 5.0)]
+    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotency", 5.0)]
 
 
 async def test_the_store_keeps_when_it_noticed_a_loss(redis_backend: RedisBackend) -> None:
@@ -509,7 +509,7 @@ async def test_a_loss_the_decorator_noticed_quarantines_the_middleware_too(
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "28"
     assert shop.runs == {"orders": 1}
-    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 0.0)]
+    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotency", 0.0)]
 
 
 async def test_a_claim_in_flight_when_another_guard_notices_a_loss_is_refused(

@@ -11,8 +11,8 @@ from resilient import MemoryBackend, RedisBackend
 from resilient.errors import BackendError
 from resilient.events import (
     BackendFailed,
-    IdempotencyConflict,
     IdempotencyNotStored,
+    IdempotencyRejected,
     IdempotencyReplayed,
     LeaseLost,
 )
@@ -86,7 +86,7 @@ async def test_a_duplicate_in_flight_gets_409_with_retry_after(shop: Shop, backe
     assert duplicate.json()["status"] == 409
     assert done.status_code == 201
     assert shop.runs == {"slow": 1}
-    assert [e.reason for e in recorder.of(IdempotencyConflict)] == ["in_progress"]
+    assert [e.reason for e in recorder.of(IdempotencyRejected)] == ["in_progress"]
 
 
 async def test_a_duplicate_can_wait_for_the_first_and_replay_it(shop: Shop, backend: Any) -> None:

@@ -24,13 +24,13 @@ from resilient.errors import (
 from resilient.events import (
     BackendFailed,
     IdempotencyNotStored,
+    IdempotencyRejected,
     IdempotencyReplayed,
     Observer,
     emit,
 )
-from resilient.events import IdempotencyConflict as ConflictEvent
 from resilient.idempotency.core import ClaimStatus, IdempotencyStore, validate_seconds
-from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
+from resilient.idempotency.keeper import BLOCK, DEFAULT_OBSERVER, Keeper, Sleep
 
 __all__ = ["idempotent"]
 
@@ -90,7 +90,6 @@ def idempotent(
     wait = validate_seconds("wait", wait, allow_zero=True)
     keeper = Keeper(
         backend,
-        block="idempotent",
         ttl=ttl,
         lease=lease,
         clock=clock,
@@ -125,18 +124,18 @@ def idempotent(
                     claim, owner = await keeper.claim(scoped, "")
             except BackendError as exc:
                 if keeper.on_backend_error == "open":
-                    emit(observer, BackendFailed("idempotent", "claim", exc, "ran unguarded"))
+                    emit(observer, BackendFailed(BLOCK, "claim", exc, "ran unguarded"))
                     return await function(*args, **kwargs)
-                emit(observer, BackendFailed("idempotent", "claim", exc, "raised"))
+                emit(observer, BackendFailed(BLOCK, "claim", exc, "raised"))
                 msg = f"the idempotency store is unavailable; {scope} was not run: {exc}"
                 raise BackendUnavailable(msg, retry_after=keeper.backend_retry_after) from exc
             _check_quarantine(keeper, scope)  # a loss noticed since (a claimed key is released)
             status = claim.status
             if status is ClaimStatus.COMPLETED:
-                emit(observer, IdempotencyReplayed("idempotent", scoped))
+                emit(observer, IdempotencyReplayed(BLOCK, scoped))
                 return json.loads(claim.payload or b"null")
             if status is ClaimStatus.IN_PROGRESS:
-                emit(observer, ConflictEvent("idempotent", scoped, "in_progress"))
+                emit(observer, IdempotencyRejected(BLOCK, scoped, "in_progress"))
                 msg = f"{scope} is already running for key {given!r}"
                 raise IdempotencyConflict(msg, retry_after=claim.retry_after_ms / 1000)
             if status is ClaimStatus.MISMATCH:  # only a store shared with other callers
@@ -186,7 +185,7 @@ async def _run_once(
     if not stored:
         # Nothing records that the function ran: returning would pass for a success that
         # a later call with the key (once the lease runs out) may run again.
-        emit(keeper.observer, IdempotencyNotStored("idempotent", scoped, "raised"))
+        emit(keeper.observer, IdempotencyNotStored(BLOCK, scoped, "raised"))
         msg = f"{scope} ran, but its result could not be stored for its idempotency key"
         raise ResultNotStored(msg, retry_after=keeper.backend_retry_after)
     return json.loads(payload)
