@@ -161,9 +161,7 @@ def _check_quarantine(keeper: Keeper, scope: str) -> None:
         raise BackendUnavailable(msg, retry_after=left)
 
 
-async def _run_once(
-    keeper: Keeper, scope: str, scoped: str, owner: str, call: Awaitable[_R]
-) -> _R:
+async def _run_once(keeper: Keeper, scope: str, scoped: str, owner: str, call: Awaitable[_R]) -> _R:
     heartbeat = keeper.heartbeat(scoped, owner)
     try:
         result = await call
