@@ -58,10 +58,12 @@ def starlette_app() -> Starlette:
 
 def contenders(client: redis.asyncio.Redis) -> dict[str, tuple[Any, bool]]:
     """Name -> (app, uses Redis)."""
+    in_memory = IdempotencyMiddleware(starlette_app(), backend=MemoryBackend())
+    on_redis = IdempotencyMiddleware(starlette_app(), backend=RedisBackend(client))
     apps: dict[str, tuple[Any, bool]] = {
         "bare Starlette": (starlette_app(), False),
-        "resilient, memory": (IdempotencyMiddleware(starlette_app(), MemoryBackend()), False),
-        "resilient, Redis": (IdempotencyMiddleware(starlette_app(), RedisBackend(client)), True),
+        "resilient, memory": (in_memory, False),
+        "resilient, Redis": (on_redis, True),
     }
     try:
         from idempotency_header_middleware import IdempotencyHeaderMiddleware

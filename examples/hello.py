@@ -156,7 +156,7 @@ def create_app(limiter: RateLimiter | None = None) -> ASGIApp:
         lifespan=lifespan,
     )
     client = by_ip(trusted_proxies=["127.0.0.1/32"])
-    guarded = IdempotencyMiddleware(app, backend, required=["/api/orders"])
+    guarded = IdempotencyMiddleware(app, backend=backend, required=["/api/orders"])
     return RateLimitMiddleware(
         guarded,
         limiter=limiter,

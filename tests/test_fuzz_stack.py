@@ -366,7 +366,7 @@ def build(issuer: LocalIssuer) -> Builder:
             else:
                 app = IdempotencyMiddleware(
                     app,
-                    store if backend is None else backend,
+                    backend=store if backend is None else backend,
                     required=["/api/orders"],
                     max_request_body=150,
                     clock=clock,
@@ -487,7 +487,7 @@ async def test_an_idempotent_post_to_a_path_with_a_lone_surrogate_runs_once() ->
         await send({"type": "http.response.start", "status": 201, "headers": []})
         await send({"type": "http.response.body", "body": b"made"})
 
-    guarded = IdempotencyMiddleware(app, MemoryBackend())
+    guarded = IdempotencyMiddleware(app, backend=MemoryBackend())
     first = await exchange(guarded, SURROGATE)
     again = await exchange(guarded, SURROGATE)
     assert [m["status"] for m in (*first.starts, *again.starts)] == [201, 201]
@@ -534,7 +534,7 @@ async def test_on_redis_a_lone_surrogate_in_a_path_or_identity_is_stored_and_cou
 
     async with RedisBackend(redis_client) as backend:
         limited = RateLimitMiddleware(
-            IdempotencyMiddleware(app, backend),
+            IdempotencyMiddleware(app, backend=backend),
             limiter=RateLimiter(backend),
             rules=[Rule(TokenBucket("1/minute", burst=1), key=by_user())],
         )

@@ -155,13 +155,15 @@ def test_the_auth_names_are_imported_from_the_top_on_first_use() -> None:
 def test_one_name_per_thing_across_errors_and_events() -> None:
     # An exception and an event with one name are two things a reader cannot tell apart
     # in an import or a log line: `ResultNotStored` is the exception, the event says
-    # `IdempotencyNotStored`. (`IdempotencyConflict` is still both: left for its own change.)
+    # `IdempotencyNotStored`; `IdempotencyConflict` is the exception, the event says
+    # `IdempotencyRejected`.
     import resilient.errors
     import resilient.events
 
     both = set(resilient.errors.__all__) & set(resilient.events.__all__)
-    assert both <= {"IdempotencyConflict"}, both
+    assert not both, both
     assert issubclass(resilient.events.IdempotencyNotStored, resilient.events.Event)
+    assert issubclass(resilient.events.IdempotencyRejected, resilient.events.Event)
 
 
 def test_every_idempotency_exception_is_importable_from_the_top() -> None:

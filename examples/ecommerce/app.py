@@ -565,7 +565,7 @@ class Shop:
         # duplicate of an order that was in flight at the loss runs alongside it.
         self.idempotency = guarded = IdempotencyMiddleware(
             app,
-            self.backend,
+            backend=self.backend,
             required=["/api/orders"],
             lease=self.settings.idempotency_lease,
             clock=self.clock,

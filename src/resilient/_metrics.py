@@ -32,8 +32,8 @@ from resilient.events import (
     CallRejected,
     CallSucceeded,
     Event,
-    IdempotencyConflict,
     IdempotencyNotStored,
+    IdempotencyRejected,
     IdempotencyReplayed,
     KeySetFetched,
     KeySetFetchFailed,
@@ -339,8 +339,8 @@ def _replayed(event: IdempotencyReplayed) -> Measurements:
     return (Measurement(IDEMPOTENCY_DUPLICATES, (event.block, "replayed")),)
 
 
-@_maps(IdempotencyConflict)
-def _conflict(event: IdempotencyConflict) -> Measurements:
+@_maps(IdempotencyRejected)
+def _duplicate_rejected(event: IdempotencyRejected) -> Measurements:
     return (Measurement(IDEMPOTENCY_DUPLICATES, (event.block, event.reason)),)
 
 

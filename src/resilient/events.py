@@ -30,8 +30,8 @@ __all__ = [
     "CallRejected",
     "CallSucceeded",
     "Event",
-    "IdempotencyConflict",
     "IdempotencyNotStored",
+    "IdempotencyRejected",
     "IdempotencyReplayed",
     "KeySetFetchFailed",
     "KeySetFetched",
@@ -86,8 +86,14 @@ class IdempotencyReplayed(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class IdempotencyConflict(Event):
-    """A duplicate was refused: ``reason`` is ``"in_progress"`` or ``"mismatch"``."""
+class IdempotencyRejected(Event):
+    """A request or call reusing an idempotency key was rejected, not run nor replayed.
+
+    ``reason`` is ``"in_progress"`` (the key's first request or call is still running:
+    the middleware answered ``409``, ``@idempotent`` raised
+    :class:`~resilient.errors.IdempotencyConflict`) or ``"mismatch"`` (the key was used
+    for a different request: ``422``).
+    """
 
     key: str
     reason: str

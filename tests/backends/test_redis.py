@@ -109,7 +109,9 @@ async def test_a_request_whose_claim_reply_is_lost_runs_once_the_lease_has_ended
     clock = FakeClock()
     events: list[Event] = []
     shop = Starlette(routes=[Route("/orders", order, methods=["POST"])])
-    app = IdempotencyMiddleware(shop, proxied, lease=30.0, clock=clock, observer=events.append)
+    app = IdempotencyMiddleware(
+        shop, backend=proxied, lease=30.0, clock=clock, observer=events.append
+    )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
         warm = await client.post("/orders", headers={"Idempotency-Key": "warm-up"})

@@ -16,7 +16,7 @@ from resilient import (
     RedisBackend,
     idempotent,
 )
-from resilient.events import BackendFailed, IdempotencyReplayed
+from resilient.events import BackendFailed, IdempotencyRejected, IdempotencyReplayed
 from resilient.testing import RedisServer
 from tests.idempotency.conftest import Recorder
 
@@ -50,12 +50,14 @@ async def test_the_body_runs_once_per_key(backend: Any) -> None:
     assert first == again == {"charged": 500, "refs": ["a", "b"]}  # the JSON round trip
     assert other == {"charged": 700, "refs": ["a", "b"]}
     assert len(recorder.of(IdempotencyReplayed)) == 1
+    assert {e.block for e in recorder.events} == {"idempotency"}  # as the middleware's
 
 
 async def test_a_duplicate_in_progress_conflicts(backend: Any) -> None:
     gate, runs = asyncio.Event(), []
+    recorder = Recorder()
 
-    @idempotent(lambda event_id: f"e:{event_id}", backend=backend)
+    @idempotent(lambda event_id: f"e:{event_id}", backend=backend, observer=recorder)
     async def handle(event_id: str) -> int:
         runs.append(event_id)
         await gate.wait()
@@ -66,6 +68,8 @@ async def test_a_duplicate_in_progress_conflicts(backend: Any) -> None:
     with pytest.raises(IdempotencyConflict, match="already running") as raised:
         await handle("x")
     assert raised.value.retry_after > 0
+    rejected = [(e.block, e.reason) for e in recorder.of(IdempotencyRejected)]
+    assert rejected == [("idempotency", "in_progress")]
     gate.set()
     assert await first == 1
     assert await handle("x") == 1

@@ -126,7 +126,9 @@ def test_a_write_stall_shorter_than_the_lease_runs_the_payment_once(
     fresh_redis_server: RedisServer,
 ) -> None:
     payments, recorder = Payments(fresh_redis_server.url), Recorder()
-    app = IdempotencyMiddleware(payments.app, payments.backend, lease=5.0, observer=recorder)
+    app = IdempotencyMiddleware(
+        payments.app, backend=payments.backend, lease=5.0, observer=recorder
+    )
     with serving(app) as url, httpx.Client(base_url=url, timeout=10) as http:
         payments.pause_ms = 1500
         first = http.post("/pay", json={"cents": 500}, headers=KEY)
@@ -147,7 +149,7 @@ def test_a_write_stall_past_the_lease_never_answers_success(
 ) -> None:
     payments, recorder = Payments(fresh_redis_server.url), Recorder()
     app = IdempotencyMiddleware(
-        payments.app, payments.backend, lease=1.0, backend_retry_after=3, observer=recorder
+        payments.app, backend=payments.backend, lease=1.0, backend_retry_after=3, observer=recorder
     )
     with serving(app) as url, httpx.Client(base_url=url, timeout=10) as http:
         payments.pause_ms = 2500
@@ -238,7 +240,7 @@ async def test_a_restart_empty_is_noticed_by_every_instance(
     recorder = Recorder()
     async with RedisBackend(one) as backend_one, RedisBackend(other) as backend_other:
         apps = [
-            IdempotencyMiddleware(shop.app, backend, observer=recorder)
+            IdempotencyMiddleware(shop.app, backend=backend, observer=recorder)
             for backend in (backend_one, backend_other)
         ]
         async with client_for(apps[0]) as first, client_for(apps[1]) as second:
@@ -268,7 +270,7 @@ async def test_a_quarantine_refuses_new_claims_after_a_restart_empty(
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         app = IdempotencyMiddleware(
-            shop.app, backend, quarantine=30.0, clock=clock, observer=recorder
+            shop.app, backend=backend, quarantine=30.0, clock=clock, observer=recorder
         )
         async with client_for(app) as http:
             await http.post("/api/orders", json={"n": 1}, headers=KEY)
@@ -302,7 +304,9 @@ async def test_a_restart_that_kept_its_data_is_no_loss(shop: Shop) -> None:
     with RedisServer(args=("--appendonly", "yes", "--appendfsync", "always")) as server:
         client = redis.asyncio.Redis.from_url(server.url, socket_timeout=1)
         async with RedisBackend(client) as backend:
-            app = IdempotencyMiddleware(shop.app, backend, quarantine=30.0, observer=recorder)
+            app = IdempotencyMiddleware(
+                shop.app, backend=backend, quarantine=30.0, observer=recorder
+            )
             async with client_for(app) as http:
                 first = await http.post("/api/orders", json={"n": 1}, headers=KEY)
                 await kill_and_restart_empty(server)  # kill -9: the append-only file keeps the data
@@ -335,7 +339,7 @@ async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
         assert await charge(2) == 2
     await client.aclose()
     assert runs == [1, 2]
-    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 5.0)]
+    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotency", 5.0)]
 
 
 async def test_the_store_keeps_when_it_noticed_a_loss(redis_backend: RedisBackend) -> None:
@@ -436,10 +440,10 @@ async def test_a_loss_noticed_once_quarantines_every_guard_on_the_backend(
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         first = IdempotencyMiddleware(
-            shop.app, backend, quarantine=30.0, clock=clock, observer=recorder
+            shop.app, backend=backend, quarantine=30.0, clock=clock, observer=recorder
         )
         second = IdempotencyMiddleware(
-            shop.app, backend, quarantine=20.0, clock=clock, observer=recorder
+            shop.app, backend=backend, quarantine=20.0, clock=clock, observer=recorder
         )
 
         @idempotent("{n}", backend=backend, quarantine=5.0, clock=clock, observer=recorder)
@@ -485,7 +489,7 @@ async def test_a_loss_the_decorator_noticed_quarantines_the_middleware_too(
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         app = IdempotencyMiddleware(
-            shop.app, backend, quarantine=30.0, clock=clock, observer=recorder
+            shop.app, backend=backend, quarantine=30.0, clock=clock, observer=recorder
         )
 
         @idempotent("{n}", backend=backend, clock=clock, observer=recorder)  # no quarantine
@@ -505,7 +509,7 @@ async def test_a_loss_the_decorator_noticed_quarantines_the_middleware_too(
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "28"
     assert shop.runs == {"orders": 1}
-    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotent", 0.0)]
+    assert [(e.block, e.quarantine) for e in recorder.of(BackendDataLost)] == [("idempotency", 0.0)]
 
 
 async def test_a_claim_in_flight_when_another_guard_notices_a_loss_is_refused(
@@ -518,7 +522,7 @@ async def test_a_claim_in_flight_when_another_guard_notices_a_loss_is_refused(
     async with RedisBackend(client) as backend:
         apps = [
             IdempotencyMiddleware(
-                shop.app, backend, quarantine=30.0, clock=clock, observer=recorder
+                shop.app, backend=backend, quarantine=30.0, clock=clock, observer=recorder
             )
             for _ in range(2)
         ]
@@ -560,7 +564,7 @@ async def test_with_replicas_a_stored_response_survives_the_master_s_failover(
     with replica_of(fresh_redis_server) as replica:
         client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
         async with RedisBackend(client) as backend:
-            app = IdempotencyMiddleware(shop.app, backend, replicas=1, replica_timeout=0.5)
+            app = IdempotencyMiddleware(shop.app, backend=backend, replicas=1, replica_timeout=0.5)
             async with client_for(app) as http:
                 first = await http.post("/api/orders", json={"n": 1}, headers=KEY)
         await client.aclose()
@@ -572,7 +576,7 @@ async def test_with_replicas_a_stored_response_survives_the_master_s_failover(
             admin.execute_command("REPLICAOF", "NO", "ONE")
         promoted = redis.asyncio.Redis.from_url(replica.url, socket_timeout=1)
         async with RedisBackend(promoted) as backend:
-            app = IdempotencyMiddleware(shop.app, backend)
+            app = IdempotencyMiddleware(shop.app, backend=backend)
             async with client_for(app) as http:
                 again = await http.post("/api/orders", json={"n": 1}, headers=KEY)
         await promoted.aclose()
@@ -591,7 +595,12 @@ async def test_with_replicas_a_result_no_replica_acknowledged_is_not_a_success(
         client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
         async with RedisBackend(client) as backend:
             app = IdempotencyMiddleware(
-                shop.app, backend, replicas=1, replica_timeout=0.05, lease=0.5, observer=recorder
+                shop.app,
+                backend=backend,
+                replicas=1,
+                replica_timeout=0.05,
+                lease=0.5,
+                observer=recorder,
             )
             async with client_for(app) as http:
                 response = await http.post("/api/stream?size=3", headers=KEY)
@@ -608,12 +617,12 @@ def test_replicas_need_a_standalone_redis_and_a_timeout_under_the_backend_s(
     redis_server: RedisServer,
 ) -> None:
     with pytest.raises(ConfigurationError, match="replicas= needs a RedisBackend"):
-        IdempotencyMiddleware(Shop().app, MemoryBackend(), replicas=1)
+        IdempotencyMiddleware(Shop().app, backend=MemoryBackend(), replicas=1)
     with pytest.raises(ConfigurationError, match="replicas must be"):
         idempotent("k", backend=MemoryBackend(), replicas=-1)
     backend = RedisBackend(redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.5))
     with pytest.raises(ConfigurationError, match="replica_timeout"):
-        IdempotencyMiddleware(Shop().app, backend, replicas=1, replica_timeout=0.5)
+        IdempotencyMiddleware(Shop().app, backend=backend, replicas=1, replica_timeout=0.5)
 
 
 # -- the marker: every instance's quarantine, from the loss's own moment --------------------
@@ -651,7 +660,7 @@ async def test_claims_in_flight_when_their_own_instance_notices_a_loss_are_refus
     recorder = Recorder()
     client, backend = instance(fresh_redis_server)
     async with backend:
-        app = IdempotencyMiddleware(shop.app, backend, quarantine=30.0, observer=recorder)
+        app = IdempotencyMiddleware(shop.app, backend=backend, quarantine=30.0, observer=recorder)
         async with client_for(app) as http:
             await http.post("/api/orders", json={"n": 0}, headers=KEY)
             if fault == "flushall":
@@ -685,7 +694,9 @@ async def test_every_instance_ends_its_quarantine_at_the_same_moment(
     client_two, backend_two = instance(fresh_redis_server)
     async with backend_one, backend_two:
         one, two = (
-            IdempotencyMiddleware(shop.app, b, quarantine=5.0, clock=clock, observer=recorder)
+            IdempotencyMiddleware(
+                shop.app, backend=b, quarantine=5.0, clock=clock, observer=recorder
+            )
             for b in (backend_one, backend_two)
         )
         async with client_for(one) as first, client_for(two) as second:
@@ -721,7 +732,9 @@ async def test_an_instance_that_never_claimed_before_the_loss_learns_it_from_the
     client_two, backend_two = instance(fresh_redis_server)
     async with backend_one, backend_two:
         one, two = (
-            IdempotencyMiddleware(shop.app, b, quarantine=30.0, clock=clock, observer=recorder)
+            IdempotencyMiddleware(
+                shop.app, backend=b, quarantine=30.0, clock=clock, observer=recorder
+            )
             for b in (backend_one, backend_two)
         )
         async with client_for(one) as first, client_for(two) as second:
@@ -757,7 +770,7 @@ async def test_an_instance_primed_at_startup_notices_a_loss_on_its_first_claim(
     client_one, backend_one = instance(fresh_redis_server)
     client_two, backend_two = instance(fresh_redis_server)
     one, two = (
-        IdempotencyMiddleware(shop.app, b, quarantine=30.0, clock=clock, observer=recorder)
+        IdempotencyMiddleware(shop.app, backend=b, quarantine=30.0, clock=clock, observer=recorder)
         for b in (backend_one, backend_two)
     )
     with (
@@ -803,7 +816,7 @@ async def test_the_lifespan_starts_whether_or_not_the_marker_can_be_read(
     fresh_redis_server.stop()
     async with backend:
         store = backend if kind == "redis down" else MemoryBackend()
-        app = IdempotencyMiddleware(shop.app, store, quarantine=30.0, observer=recorder)
+        app = IdempotencyMiddleware(shop.app, backend=store, quarantine=30.0, observer=recorder)
         sent = await run_lifespan(app)
         await app.prepare()  # called again by hand: same outcome, never raised
     await client.aclose()
@@ -820,7 +833,7 @@ async def test_the_lifespan_starts_whether_or_not_the_marker_can_be_read(
 async def test_on_a_cluster_there_is_no_marker_to_prepare(cluster_client: Any, shop: Shop) -> None:
     async with RedisBackend(cluster_client) as backend:
         store = backend.store("idempotency", RedisIdempotencyStore)
-        await IdempotencyMiddleware(shop.app, backend, quarantine=30.0).prepare()
+        await IdempotencyMiddleware(shop.app, backend=backend, quarantine=30.0).prepare()
         await store.prepare()
         keys = await cluster_client.keys("*idem*")
     assert keys == []

@@ -136,7 +136,7 @@ async def test_below_the_bound_churn_never_walks_the_records_either() -> None:
             await s.claim(f"k{i}", "", "o", 100, i + 10)  # expired: dropped, claimed again
             await s.release(f"k{i}", "o", i + 10)
     assert Unscannable.walks == 0
-    assert len(s._leases) <= 4  # what is left behind is dropped as it goes
+    assert s.stats().lease_entries <= 4  # what is left behind is dropped as it goes
 
 
 async def test_what_it_keeps_to_make_room_stays_proportionate_to_the_records() -> None:
@@ -148,9 +148,22 @@ async def test_what_it_keeps_to_make_room_stays_proportionate_to_the_records() -
             await s.release(f"k{i % 300}", "o", i)
         else:
             await s.complete(f"k{i % 300}", "o", b"r", 500, i)
-    assert len(s) <= 100
-    assert len(s._leases) <= 2 * 100 + 65
-    assert s._queued == sum(len(queue) for queue in s._completed.values()) <= 2 * 100 + 65
+    stats = s.stats()
+    assert stats.records == len(s) <= 100
+    assert stats.lease_entries <= 2 * 100 + 65
+    assert stats.completed_entries <= 2 * 100 + 65
+
+
+async def test_entries_piled_behind_a_record_never_read_are_dropped_in_bulk() -> None:
+    s = store(1_000)
+    await s.claim("kept", "", "o", 100, 0)
+    await s.complete("kept", "o", b"r", 10, 0)  # never read again: it stays at the head
+    for i in range(1, 1_001):  # each claim drops the last record, expired: its entry stays
+        await s.claim("churn", "", "o", 100, 20 * i)
+        await s.complete("churn", "o", b"r", 10, 20 * i)
+    stats = s.stats()
+    assert stats.records == len(s) == 2
+    assert stats.completed_entries <= 2 * 2 + 65
 
 
 class BoundedModel:
@@ -263,7 +276,7 @@ async def test_eviction_follows_the_plain_model(
 async def test_a_store_full_of_running_requests_answers_a_new_key_503_and_runs_none_twice(
     shop: Shop,
 ) -> None:
-    app = IdempotencyMiddleware(shop.app, MemoryBackend(max_keys=2))
+    app = IdempotencyMiddleware(shop.app, backend=MemoryBackend(max_keys=2))
     shop.gate.clear()
     async with client_for(app) as client:
         running = [

@@ -11,8 +11,8 @@ from resilient import MemoryBackend, RedisBackend
 from resilient.errors import BackendError
 from resilient.events import (
     BackendFailed,
-    IdempotencyConflict,
     IdempotencyNotStored,
+    IdempotencyRejected,
     IdempotencyReplayed,
     LeaseLost,
 )
@@ -33,7 +33,7 @@ def backend(request: pytest.FixtureRequest) -> Any:
 
 
 def middleware(shop: Shop, backend: Any, **options: Any) -> IdempotencyMiddleware:
-    return IdempotencyMiddleware(shop.app, backend, **options)
+    return IdempotencyMiddleware(shop.app, backend=backend, **options)
 
 
 async def test_a_retry_gets_the_first_response_byte_for_byte(shop: Shop, backend: Any) -> None:
@@ -86,7 +86,7 @@ async def test_a_duplicate_in_flight_gets_409_with_retry_after(shop: Shop, backe
     assert duplicate.json()["status"] == 409
     assert done.status_code == 201
     assert shop.runs == {"slow": 1}
-    assert [e.reason for e in recorder.of(IdempotencyConflict)] == ["in_progress"]
+    assert [e.reason for e in recorder.of(IdempotencyRejected)] == ["in_progress"]
 
 
 async def test_a_duplicate_can_wait_for_the_first_and_replay_it(shop: Shop, backend: Any) -> None:
@@ -382,7 +382,12 @@ def test_configuration_errors_are_clear() -> None:
         with pytest.raises(ConfigurationError, match=message):
             IdempotencyMiddleware(Shop().app, **options)
     with pytest.raises(ConfigurationError, match="backend must be"):
-        IdempotencyMiddleware(Shop().app, object())  # type: ignore[arg-type]
+        IdempotencyMiddleware(Shop().app, backend=object())  # type: ignore[arg-type]
+
+
+def test_the_backend_is_given_by_keyword_as_every_middleware_s_collaborator() -> None:
+    with pytest.raises(TypeError, match="takes 2 positional arguments"):
+        IdempotencyMiddleware(Shop().app, MemoryBackend())  # type: ignore[call-arg]
 
 
 async def test_a_client_gone_before_its_body_runs_nothing(shop: Shop) -> None:
@@ -548,7 +553,7 @@ async def test_a_decoding_cluster_client_is_refused_up_front(redis_cluster: Any)
 
     client = AsyncRedisCluster.from_url(redis_cluster.url, decode_responses=True)
     with pytest.raises(ConfigurationError, match="decode_responses=False"):
-        IdempotencyMiddleware(Shop().app, RedisBackend(client))
+        IdempotencyMiddleware(Shop().app, backend=RedisBackend(client))
     await client.aclose()
 
 

@@ -42,7 +42,8 @@ def _worker(url: str, cluster: bool, start: Any, out: Any) -> None:
 
         backend = RedisBackend(client)
         app = IdempotencyMiddleware(
-            Starlette(routes=[Route("/api/orders", create_order, methods=["POST"])]), backend
+            Starlette(routes=[Route("/api/orders", create_order, methods=["POST"])]),
+            backend=backend,
         )
         await client.ping()
         transport = httpx.ASGITransport(app=app)
@@ -138,7 +139,7 @@ def _serve(url: str, ports: Any, stop: Any) -> None:
             Route("/api/orders", create_order, methods=["POST"]),
             Route("/readyz", readiness),
         ]
-        app = IdempotencyMiddleware(Starlette(routes=routes), backend, quarantine=30.0)
+        app = IdempotencyMiddleware(Starlette(routes=routes), backend=backend, quarantine=30.0)
         config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="critical")
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())

@@ -65,7 +65,7 @@ class Service:
             limiter=RateLimiter(backend, clock=clock),
             rules=[Rule(SlidingWindow("3/minute"), path="/orders", key=by_user())],
         )
-        self.guard = IdempotencyMiddleware(limited, backend, clock=clock, **options)
+        self.guard = IdempotencyMiddleware(limited, backend=backend, clock=clock, **options)
         validator = JWTValidator(
             JWKSClient(issuer.jwks_url, clock=clock),
             issuer=issuer.issuer,

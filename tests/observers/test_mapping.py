@@ -31,7 +31,7 @@ SECRET = "user:42:secret"
 REAL_VALUES: dict[tuple[str, str], object] = {
     ("BreakerStateChanged", "old"): "closed",
     ("BreakerStateChanged", "new"): "open",
-    ("IdempotencyConflict", "reason"): "mismatch",
+    ("IdempotencyRejected", "reason"): "mismatch",
     ("KeySetFetchFailed", "outcome"): "stale",
     ("RetryGaveUp", "reason"): "attempts",
     ("StaleServed", "reason"): "revalidating",

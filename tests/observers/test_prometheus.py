@@ -185,7 +185,7 @@ async def test_cache_lookups_add_up_to_every_read(prometheus: Prometheus) -> Non
 
 async def test_idempotency_outcomes_are_counted(prometheus: Prometheus) -> None:
     shop = Shop()
-    app = IdempotencyMiddleware(shop.app, MemoryBackend(), observer=prometheus.observer)
+    app = IdempotencyMiddleware(shop.app, backend=MemoryBackend(), observer=prometheus.observer)
     async with client_for(app) as client:
         first = await client.post("/api/orders", json={"sku": "A1"}, headers=KEY)
         again = await client.post("/api/orders", json={"sku": "A1"}, headers=KEY)

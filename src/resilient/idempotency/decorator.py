@@ -6,7 +6,7 @@ import functools
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from resilient._templates import key_function
 from resilient.backends.memory import MemoryBackend
@@ -24,13 +24,13 @@ from resilient.errors import (
 from resilient.events import (
     BackendFailed,
     IdempotencyNotStored,
+    IdempotencyRejected,
     IdempotencyReplayed,
     Observer,
     emit,
 )
-from resilient.events import IdempotencyConflict as ConflictEvent
 from resilient.idempotency.core import ClaimStatus, IdempotencyStore, validate_seconds
-from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
+from resilient.idempotency.keeper import BLOCK, DEFAULT_OBSERVER, Keeper, Sleep
 
 __all__ = ["idempotent"]
 
@@ -54,7 +54,7 @@ def idempotent(
     quarantine: float = 0.0,
     replicas: int = 0,
     replica_timeout: float = 0.1,
-) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Coroutine[Any, Any, Any]]]:
+) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Coroutine[Any, Any, _R]]]:
     """Run the decorated ``async def`` once per *key*; a duplicate gets the stored result.
 
     Made for consumers of at-least-once queues and for jobs: the key comes from the
@@ -63,7 +63,10 @@ def idempotent(
     it runs) and stores its result for *ttl* seconds; later calls with the key return
     that result without running the function. The result must be JSON-serialisable (no
     pickle: a writable store must not mean code execution), and every caller, the first
-    included, gets its JSON round trip, so all of them see the same value.
+    included, gets its JSON round trip, so all of them see the same value. The decorated
+    function keeps its parameters and return type for a type checker, so declare one that
+    comes back from JSON as it went in (``dict[str, ...]``, ``list``, ``str``, numbers,
+    ``bool``, ``None``): a ``tuple`` comes back as a ``list``, a non-string key as a string.
 
     A call whose key is still in progress raises :class:`~resilient.IdempotencyConflict`
     (with ``retry_after``), or with *wait* > 0 waits up to *wait* seconds for the result.
@@ -90,7 +93,6 @@ def idempotent(
     wait = validate_seconds("wait", wait, allow_zero=True)
     keeper = Keeper(
         backend,
-        block="idempotent",
         ttl=ttl,
         lease=lease,
         clock=clock,
@@ -103,7 +105,7 @@ def idempotent(
         replica_timeout=replica_timeout,
     )
 
-    def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, Any]]:
+    def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
         if not inspect.iscoroutinefunction(function):
             msg = f"idempotent decorates async functions; {function!r} is not one"
             raise TypeError(msg)
@@ -111,7 +113,7 @@ def idempotent(
         scope = name or f"{function.__module__}.{function.__qualname__}"
 
         @functools.wraps(function)
-        async def once(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+        async def once(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             given = key_of(*args, **kwargs)
             if not isinstance(given, str) or not given:
                 msg = f"the idempotency key must be a non-empty string, got {given!r}"
@@ -125,18 +127,18 @@ def idempotent(
                     claim, owner = await keeper.claim(scoped, "")
             except BackendError as exc:
                 if keeper.on_backend_error == "open":
-                    emit(observer, BackendFailed("idempotent", "claim", exc, "ran unguarded"))
+                    emit(observer, BackendFailed(BLOCK, "claim", exc, "ran unguarded"))
                     return await function(*args, **kwargs)
-                emit(observer, BackendFailed("idempotent", "claim", exc, "raised"))
+                emit(observer, BackendFailed(BLOCK, "claim", exc, "raised"))
                 msg = f"the idempotency store is unavailable; {scope} was not run: {exc}"
                 raise BackendUnavailable(msg, retry_after=keeper.backend_retry_after) from exc
             _check_quarantine(keeper, scope)  # a loss noticed since (a claimed key is released)
             status = claim.status
             if status is ClaimStatus.COMPLETED:
-                emit(observer, IdempotencyReplayed("idempotent", scoped))
-                return json.loads(claim.payload or b"null")
+                emit(observer, IdempotencyReplayed(BLOCK, scoped))
+                return cast("_R", json.loads(claim.payload or b"null"))
             if status is ClaimStatus.IN_PROGRESS:
-                emit(observer, ConflictEvent("idempotent", scoped, "in_progress"))
+                emit(observer, IdempotencyRejected(BLOCK, scoped, "in_progress"))
                 msg = f"{scope} is already running for key {given!r}"
                 raise IdempotencyConflict(msg, retry_after=claim.retry_after_ms / 1000)
             if status is ClaimStatus.MISMATCH:  # only a store shared with other callers
@@ -159,9 +161,7 @@ def _check_quarantine(keeper: Keeper, scope: str) -> None:
         raise BackendUnavailable(msg, retry_after=left)
 
 
-async def _run_once(
-    keeper: Keeper, scope: str, scoped: str, owner: str, call: Awaitable[Any]
-) -> Any:
+async def _run_once(keeper: Keeper, scope: str, scoped: str, owner: str, call: Awaitable[_R]) -> _R:
     heartbeat = keeper.heartbeat(scoped, owner)
     try:
         result = await call
@@ -186,7 +186,7 @@ async def _run_once(
     if not stored:
         # Nothing records that the function ran: returning would pass for a success that
         # a later call with the key (once the lease runs out) may run again.
-        emit(keeper.observer, IdempotencyNotStored("idempotent", scoped, "raised"))
+        emit(keeper.observer, IdempotencyNotStored(BLOCK, scoped, "raised"))
         msg = f"{scope} ran, but its result could not be stored for its idempotency key"
         raise ResultNotStored(msg, retry_after=keeper.backend_retry_after)
-    return json.loads(payload)
+    return cast("_R", json.loads(payload))

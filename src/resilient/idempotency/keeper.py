@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from math import ceil
-from typing import Literal
+from typing import Final, Literal
 
 from resilient.backends.memory import MemoryBackend
 from resilient.backends.redis import RedisBackend
@@ -24,7 +24,10 @@ from resilient.events import (
 )
 from resilient.idempotency.core import Claim, ClaimStatus, IdempotencyStore, validate_seconds
 
-__all__ = ["Heartbeat", "Keeper", "store_for"]
+__all__ = ["BLOCK", "Heartbeat", "Keeper", "store_for"]
+
+BLOCK: Final = "idempotency"
+"""The ``block`` of every event of the idempotency block: the middleware's and the decorator's."""
 
 DEFAULT_OBSERVER = LoggingObserver()
 
@@ -91,7 +94,6 @@ class Keeper:
         "_seen_lost_at",
         "_store_complete",
         "backend_retry_after",
-        "block",
         "clock",
         "lease",
         "lease_ms",
@@ -108,7 +110,6 @@ class Keeper:
         self,
         backend: MemoryBackend | RedisBackend | IdempotencyStore | None,
         *,
-        block: str,
         ttl: float,
         lease: float,
         clock: Clock | None,
@@ -135,7 +136,6 @@ class Keeper:
         self._store_complete: StoreComplete = self.store.complete
         if replicas != 0:
             self._store_complete = _waiting_complete(backend, replicas, replica_timeout)
-        self.block = block
         self.clock = clock
         self.on_backend_error = on_backend_error
         self.observer = observer
@@ -163,7 +163,7 @@ class Keeper:
         owner = secrets.token_hex(16)
         claim = await self.store.claim(key, fingerprint, owner, self.lease_ms, self.now_ms())
         if claim.data_lost:
-            emit(self.observer, BackendDataLost(self.block, self.quarantine))
+            emit(self.observer, BackendDataLost(BLOCK, self.quarantine))
         if claim.status is ClaimStatus.CLAIMED and self.quarantine_left() > 0:
             await self.release(key, owner)  # refused, like every claim now
         return claim, owner
@@ -183,7 +183,7 @@ class Keeper:
         except BackendError as exc:
             emit(
                 self.observer,
-                BackendFailed(self.block, "prepare", exc, "marker left to the first claim"),
+                BackendFailed(BLOCK, "prepare", exc, "marker left to the first claim"),
             )
 
     def quarantine_left(self) -> float:
@@ -254,14 +254,14 @@ class Keeper:
                 if left <= 0:
                     emit(
                         self.observer,
-                        BackendFailed(self.block, "complete", exc, "result not stored"),
+                        BackendFailed(BLOCK, "complete", exc, "result not stored"),
                     )
                     return False
                 await sleep(min(delay, left))
                 delay = min(delay * 2, _MAX_RETRY_WAIT)
                 continue
             if not stored:
-                emit(self.observer, LeaseLost(self.block, key, "complete"))
+                emit(self.observer, LeaseLost(BLOCK, key, "complete"))
             return stored
 
     async def release(self, key: str, owner: str) -> None:
@@ -271,11 +271,11 @@ class Keeper:
         except BackendError as exc:
             emit(
                 self.observer,
-                BackendFailed(self.block, "release", exc, "key kept until its lease ends"),
+                BackendFailed(BLOCK, "release", exc, "key kept until its lease ends"),
             )
             return
         if not released:
-            emit(self.observer, LeaseLost(self.block, key, "release"))
+            emit(self.observer, LeaseLost(BLOCK, key, "release"))
 
     def heartbeat(self, key: str, owner: str) -> Heartbeat:
         """Start renewing *owner*'s lease on *key* every third of the lease; cancel when done."""
@@ -286,7 +286,7 @@ class Keeper:
         try:
             extended = await self.store.extend(key, owner, self.lease_ms, self.now_ms())
         except BackendError as exc:
-            emit(self.observer, BackendFailed(self.block, "extend", exc, "lease not extended"))
+            emit(self.observer, BackendFailed(BLOCK, "extend", exc, "lease not extended"))
             return None
         return extended
 
@@ -346,7 +346,7 @@ class Heartbeat:
             self.lease_end = sent + keeper.lease
         elif extended is False and not self._stopped:
             # Not when stopped: the owner completed or released the record meanwhile.
-            emit(keeper.observer, LeaseLost(keeper.block, self._key, "extend"))
+            emit(keeper.observer, LeaseLost(BLOCK, self._key, "extend"))
         return extended is not False and not self._stopped
 
     async def _renew(self) -> None:

@@ -6,15 +6,32 @@ import heapq
 import threading
 from collections import deque
 from time import monotonic_ns
+from typing import NamedTuple
 
 from resilient.backends.memory import MemoryBackend
 from resilient.errors import BackendError
 from resilient.idempotency.core import Claim, ClaimStatus
 
-__all__ = ["MemoryIdempotencyStore"]
+__all__ = ["MemoryIdempotencyStats", "MemoryIdempotencyStore"]
 
 _IN_PROGRESS = 0
 _COMPLETED = 1
+
+
+class MemoryIdempotencyStats(NamedTuple):
+    """What a :class:`MemoryIdempotencyStore` holds: its records, and its eviction index.
+
+    ``records`` is ``len(store)``: records in progress or completed, including those
+    expired but not dropped yet (a record is dropped when it is next read, or evicted).
+    ``lease_entries`` and ``completed_entries`` count the entries of the index that finds
+    what to evict (the running leases, the completed records by expiry), including
+    entries left by records gone since, dropped lazily. The store keeps each of them
+    proportionate to its records: at most twice as many, plus 64.
+    """
+
+    records: int
+    lease_entries: int
+    completed_entries: int
 
 
 class _Record:
@@ -79,7 +96,24 @@ class MemoryIdempotencyStore:
         return None
 
     def __len__(self) -> int:
+        """Return the number of records held (see :meth:`stats`)."""
         return len(self._data)
+
+    def stats(self) -> MemoryIdempotencyStats:
+        """Return what the store holds: its records and the entries of its eviction index.
+
+        Costs no walk of the records, only of its one queue per retention.
+
+        >>> from resilient import MemoryBackend
+        >>> MemoryIdempotencyStore(MemoryBackend()).stats()
+        MemoryIdempotencyStats(records=0, lease_entries=0, completed_entries=0)
+        """
+        with self._lock:
+            return MemoryIdempotencyStats(
+                len(self._data),
+                len(self._leases),
+                sum(len(queue) for queue in self._completed.values()),
+            )
 
     def _live(self, key: str, now: int) -> _Record | None:
         record = self._data.get(key)

@@ -22,8 +22,8 @@ from resilient.clock import Clock
 from resilient.errors import BackendError, ConfigurationError
 from resilient.events import (
     BackendFailed,
-    IdempotencyConflict,
     IdempotencyNotStored,
+    IdempotencyRejected,
     IdempotencyReplayed,
     Observer,
     emit,
@@ -36,7 +36,7 @@ from resilient.idempotency.core import (
     encode_response,
     validate_seconds,
 )
-from resilient.idempotency.keeper import DEFAULT_OBSERVER, Keeper, Sleep
+from resilient.idempotency.keeper import BLOCK, DEFAULT_OBSERVER, Keeper, Sleep
 from resilient.keys import by_user
 from resilient.problem import send_problem
 
@@ -146,6 +146,12 @@ class _TooLarge(Exception):
 class IdempotencyMiddleware:
     """Make requests that carry an ``Idempotency-Key`` run once, and replay their response.
 
+    Records live in *backend*: a :class:`~resilient.MemoryBackend` (a new one by
+    default), a :class:`~resilient.RedisBackend` shared by every instance, or any
+    :class:`~resilient.idempotency.IdempotencyStore`. Like every other option it is
+    keyword-only (``IdempotencyMiddleware(app, backend=...)``), as the collaborators of
+    every middleware are.
+
     Only *methods* (default ``POST`` and ``PATCH``) are guarded. A request without the
     *header* passes through, unless *required* says it needs one (``True`` for every
     guarded request, or path patterns such as ``["/api/orders"]``): then it gets ``400``.
@@ -227,8 +233,8 @@ class IdempotencyMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        backend: MemoryBackend | RedisBackend | IdempotencyStore | None = None,
         *,
+        backend: MemoryBackend | RedisBackend | IdempotencyStore | None = None,
         methods: Iterable[str] = ("POST", "PATCH"),
         header: str = "Idempotency-Key",
         required: bool | Iterable[str] = False,
@@ -281,7 +287,6 @@ class IdempotencyMiddleware:
         self.observer = observer
         self._keeper = Keeper(
             backend,
-            block="idempotency",
             ttl=ttl,
             lease=lease,
             clock=clock,
@@ -357,10 +362,10 @@ class IdempotencyMiddleware:
                 claim, owner = await keeper.claim(scoped, fingerprint)
         except BackendError as exc:
             if keeper.on_backend_error == "open":
-                emit(self.observer, BackendFailed("idempotency", "claim", exc, "ran unguarded"))
+                emit(self.observer, BackendFailed(BLOCK, "claim", exc, "ran unguarded"))
                 await self.app(scope, receive, send)
                 return
-            emit(self.observer, BackendFailed("idempotency", "claim", exc, "answered 503"))
+            emit(self.observer, BackendFailed(BLOCK, "claim", exc, "answered 503"))
             retry_after = str(ceil(keeper.backend_retry_after)).encode()
             await send_problem(
                 send,
@@ -378,7 +383,7 @@ class IdempotencyMiddleware:
         elif status is ClaimStatus.COMPLETED:
             await self._replay(send, scoped, claim.payload or b"")
         elif status is ClaimStatus.IN_PROGRESS:
-            emit(self.observer, IdempotencyConflict("idempotency", scoped, "in_progress"))
+            emit(self.observer, IdempotencyRejected(BLOCK, scoped, "in_progress"))
             wait_s = min(claim.retry_after_ms / 1000, self.conflict_retry_after)
             await send_problem(
                 send,
@@ -387,7 +392,7 @@ class IdempotencyMiddleware:
                 headers=[(b"retry-after", str(max(1, ceil(wait_s))).encode())],
             )
         else:
-            emit(self.observer, IdempotencyConflict("idempotency", scoped, "mismatch"))
+            emit(self.observer, IdempotencyRejected(BLOCK, scoped, "mismatch"))
             await send_problem(
                 send,
                 422,
@@ -440,10 +445,10 @@ class IdempotencyMiddleware:
             response = decode_response(payload)
         except (ValueError, KeyError, TypeError, UnicodeError) as exc:
             error = BackendError(f"unreadable stored response: {exc}")
-            emit(self.observer, BackendFailed("idempotency", "replay", error, "answered 503"))
+            emit(self.observer, BackendFailed(BLOCK, "replay", error, "answered 503"))
             await send_problem(send, 503, "The stored response for this key cannot be read.")
             return
-        emit(self.observer, IdempotencyReplayed("idempotency", scoped))
+        emit(self.observer, IdempotencyReplayed(BLOCK, scoped))
         await send(
             {
                 "type": "http.response.start",
@@ -501,7 +506,7 @@ class IdempotencyMiddleware:
         status, no ``Retry-After``.
         """
         retry_after = ceil(self._keeper.backend_retry_after)
-        emit(self.observer, IdempotencyNotStored("idempotency", scoped, "answered 503"))
+        emit(self.observer, IdempotencyNotStored(BLOCK, scoped, "answered 503"))
         await send_problem(
             send,
             503,
