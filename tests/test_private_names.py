@@ -84,3 +84,13 @@ def test_the_baseline_holds_only_uses_that_still_exist() -> None:
             )
             seen |= {(relative.as_posix(), use.split(": ", 1)[1]) for use in tree_uses}
     assert dev.PRIVATE_BASELINE - seen == set()
+
+
+def test_an_attribute_assigned_on_another_object_is_a_use_not_a_definition() -> None:
+    source = "def f(store):\n    store._data = {}\n    return store._data\n"
+    assert uses(source) == ["uses _data, private to another module"] * 2
+
+
+def test_a_string_is_a_definition_only_in_slots() -> None:
+    source = "NAME = '_data'\ndef f(store):\n    return store._data\n"
+    assert uses(source) == ["uses _data, private to another module"]
