@@ -35,7 +35,7 @@ def test_bad_options_are_refused_at_construction(
 
 def test_retry_methods_are_compared_in_upper_case() -> None:
     transport = ResilientTransport(retry_methods=["get", "post"])
-    assert transport.resilience.retry_methods == {"GET", "POST"}
+    assert transport.options.retry_methods == {"GET", "POST"}
 
 
 @pytest.mark.parametrize(
