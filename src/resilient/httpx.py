@@ -366,15 +366,15 @@ class _Steps:
         self._answer, self._value = self._flow.throw, error
 
 
-_Inner = TypeVar("_Inner", httpx.AsyncBaseTransport, httpx.BaseTransport)
+_Wrapped = TypeVar("_Wrapped", httpx.AsyncBaseTransport, httpx.BaseTransport)
 
 
-class _Transport(Generic[_Inner]):
+class _Transport(Generic[_Wrapped]):
     """The constructor both transports share: their options are spelled here only."""
 
     def __init__(
         self,
-        transport: _Inner | None = None,
+        transport: _Wrapped | None = None,
         *,
         breaker: BreakerChoice = None,
         retry: Retry | None = DEFAULT_RETRY,
@@ -393,10 +393,10 @@ class _Transport(Generic[_Inner]):
             retry_errors=retry_errors,
             failure_when=failure_when,
         )
-        self.transport: _Inner = transport if transport is not None else self._new_transport()
+        self.transport: _Wrapped = transport if transport is not None else self._new_transport()
         self._core = _Core(self.options, self._runner)
 
-    def _new_transport(self) -> _Inner:
+    def _new_transport(self) -> _Wrapped:
         raise NotImplementedError
 
     def _runner(self, flow_of: Callable[..., _Flow]) -> Callable[..., Any]:
