@@ -192,8 +192,7 @@ async def test_a_key_set_without_usable_keys_keeps_the_last_good_one(
     jwks = JWKSClient(issuer.jwks_url, clock=clock)
     kid = issuer.kid()
     await jwks.get_key(kid)
-    with issuer._lock:
-        issuer._published.clear()  # the issuer now publishes nothing usable
+    issuer.unpublish()  # the issuer now publishes nothing usable
     issuer.publish_jwk({"kty": "oct", "kid": "h", "k": "c2VjcmV0"})
     clock.advance(300)
     assert (await jwks.get_key(kid)).kid == kid
