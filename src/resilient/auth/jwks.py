@@ -23,6 +23,9 @@ threads). What they promise:
   ``stale_for`` seconds past their expiry, then :class:`KeySetUnavailable` is raised;
 * **careful with the network**: https only (plain http only for loopback hosts), no
   redirects followed, the body capped at ``max_bytes``, every fetch bounded by ``timeout``;
+* **one httpx client** per client: the one given, or one made on the first fetch (no
+  connection kept between fetches, one TLS context for every client made) and closed by
+  ``aclose()`` / ``close()``, after which the client fetches no more;
 * **careful with keys**: only public signature keys are kept: RSA of 2048 bits or more,
   EC on P-256 or P-384, OKP Ed25519. Symmetric (``kty=oct``) and private keys, keys for
   encryption (``use=enc``) and anything PyJWT cannot parse are dropped.
