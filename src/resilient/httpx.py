@@ -18,8 +18,12 @@ circuit's ``retry_after`` when that fits in the deadline, and gives up at once o
 * :class:`SyncResilientTransport` wraps an ``httpx.BaseTransport`` (an
   ``httpx.HTTPTransport()`` by default), for ``httpx.Client``.
 
-Both share one set of decisions: which breaker, whether to retry, what counts as a
-failure. Only the calls into the wrapped transport are written twice.
+Both take the same options (one :class:`TransportOptions`, checked when made) and run the
+same flow: what is retried, which breaker an attempt passes, what counts as a failure,
+which responses are closed, and in what order, is decided once, by generators that yield
+what they need done (send this request, close that response, call this through the
+breaker or the retry policy) and are sent the outcome, like httpx's own ``auth_flow``.
+Each transport only carries those needs out, awaiting or blocking: logic once, I/O twice.
 
 This module needs httpx (``pip install 'resilient-asgi[httpx]'``); ``import resilient``
 does not import it.
@@ -28,8 +32,10 @@ does not import it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
-from typing import Any, Final, Literal, TypeAlias
+import functools
+from collections.abc import Awaitable, Callable, Collection, Generator
+from dataclasses import dataclass
+from typing import Any, Final, Generic, Literal, NamedTuple, TypeAlias, TypeVar
 
 try:
     import httpx
@@ -49,6 +55,7 @@ __all__ = [
     "RETRY_STATUSES",
     "ResilientTransport",
     "SyncResilientTransport",
+    "TransportOptions",
     "is_failure",
     "origin_of",
 ]
@@ -107,92 +114,53 @@ def _default_breaker(origin: str) -> CircuitBreaker:
     return CircuitBreaker(origin, failure_rate=0.5, minimum_calls=10, window=20, open_for=30.0)
 
 
-class _FailedResponse(httpx.HTTPStatusError):
-    """A response judged failed (by ``failure_when``), on its way through the breaker.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportOptions:
+    """The options of both transports, checked when made; see :class:`ResilientTransport`.
 
-    A breaker learns of failures from exceptions, so a failed response is raised through
-    it as an ``httpx.HTTPStatusError`` (what breakers' ``record=`` can name), then caught
-    outside it and returned to the caller like any other response.
+    Bad values raise :class:`~resilient.errors.ConfigurationError`. ``retry_methods`` is
+    kept in upper case and ``retry_statuses`` as a frozenset.
+
+    >>> TransportOptions(timeout=2.0, retry_methods=["get"]).retry_methods
+    frozenset({'GET'})
     """
 
+    breaker: BreakerChoice = None
+    retry: Retry | None = DEFAULT_RETRY
+    timeout: float | None = None
+    retry_methods: Collection[str] = RETRY_METHODS
+    retry_statuses: Collection[int] = RETRY_STATUSES
+    retry_errors: tuple[type[Exception], ...] = RETRY_ERRORS
+    failure_when: Callable[[httpx.Response], bool] = is_failure
 
-class _Resilience:
-    """The configuration and the decisions both transports share; no I/O."""
-
-    def __init__(
-        self,
-        *,
-        breaker: BreakerChoice,
-        retry: Retry | None,
-        timeout: float | None,
-        retry_methods: Collection[str],
-        retry_statuses: Collection[int],
-        retry_errors: tuple[type[Exception], ...],
-        failure_when: Callable[[httpx.Response], bool],
-    ) -> None:
-        self.timeout = None if timeout is None else validate_seconds("timeout", timeout)
-        if isinstance(retry_methods, str):
-            msg = f"retry_methods is a collection of methods, not the string {retry_methods!r}"
+    def __post_init__(self) -> None:
+        keep = functools.partial(object.__setattr__, self)  # frozen: set once, here
+        if self.timeout is not None:
+            keep("timeout", validate_seconds("timeout", self.timeout))
+        methods = self.retry_methods
+        if isinstance(methods, str):
+            msg = f"retry_methods is a collection of methods, not the string {methods!r}"
             raise ConfigurationError(msg)
-        self.retry_methods = frozenset(method.upper() for method in retry_methods)
-        self.retry_statuses = frozenset(retry_statuses)
-        if not all(isinstance(s, int) and 100 <= s <= 599 for s in self.retry_statuses):
-            msg = f"retry_statuses must be HTTP status codes, not {sorted(retry_statuses)!r}"
+        keep("retry_methods", frozenset(method.upper() for method in methods))
+        statuses = frozenset(self.retry_statuses)
+        if not all(isinstance(s, int) and 100 <= s <= 599 for s in statuses):
+            msg = f"retry_statuses must be HTTP status codes, not {sorted(statuses)!r}"
             raise ConfigurationError(msg)
-        if not isinstance(retry_errors, tuple) or not all(
-            isinstance(kind, type) and issubclass(kind, Exception) for kind in retry_errors
+        keep("retry_statuses", statuses)
+        errors = self.retry_errors
+        if not isinstance(errors, tuple) or not all(
+            isinstance(kind, type) and issubclass(kind, Exception) for kind in errors
         ):
-            msg = f"retry_errors must be a tuple of Exception types, not {retry_errors!r}"
+            msg = f"retry_errors must be a tuple of Exception types, not {errors!r}"
             raise ConfigurationError(msg)
-        self.retry_errors = retry_errors
-        if not callable(failure_when):
-            msg = f"failure_when must be a predicate on a response, not {failure_when!r}"
+        if not callable(self.failure_when):
+            msg = f"failure_when must be a predicate on a response, not {self.failure_when!r}"
             raise ConfigurationError(msg)
-        self.failure_when = failure_when
-        # A registry made here is the transport's own: closing the transport clears it.
-        self.registry = _own_registry(breaker)
-        self.breaker_for = _breaker_lookup(breaker) if self.registry is None else self.registry.get
-        self.retry = None if retry is None else self._narrow(retry)
-
-    def _narrow(self, policy: Retry) -> Retry:
-        """Return *policy* retrying what this transport retries, and what *policy* allows.
-
-        The transport decides what is worth another attempt (``retry_errors``,
-        ``retry_statuses``); the policy's own ``on=`` and ``result=`` narrow that further.
-        Its waits, deadline, budget, clock, sleep and observer are kept as they are.
-        """
-        if not isinstance(policy, Retry):
-            msg = f"retry must be a policy made by resilient.retry(...) or None, not {policy!r}"
+        if self.retry is not None and not isinstance(self.retry, Retry):
+            msg = f"retry must be a policy made by resilient.retry(...) or None, not {self.retry!r}"
             raise ConfigurationError(msg)
-        errors, statuses = self.retry_errors, self.retry_statuses
-        return policy.narrowed(
-            on=lambda error: isinstance(error, errors),
-            result=lambda response: response.status_code in statuses,
-            name=policy.name or "resilient.httpx",
-        )
-
-    def retries(self, request: httpx.Request) -> bool:
-        """Return whether *request* may be sent more than once.
-
-        It may when there is a retry policy, its method is idempotent or it carries an
-        ``Idempotency-Key``, and its body can be sent again (it is in memory).
-        """
-        if self.retry is None:
-            return False
-        if request.method not in self.retry_methods and "idempotency-key" not in request.headers:
-            return False
-        try:
-            request.content  # noqa: B018 (raises RequestNotRead for a streaming body)
-        except httpx.RequestNotRead:
-            return isinstance(request.stream, httpx.ByteStream)
-        return True
-
-    def failed(self, request: httpx.Request, response: httpx.Response) -> _FailedResponse | None:
-        """Return the exception that reports *response* to the breaker, if it failed."""
-        if not self.failure_when(response):
-            return None
-        message = f"{response.status_code} {response.reason_phrase} from {request.url}"
-        return _FailedResponse(message, request=request, response=response)
+        if _own_registry(self.breaker) is None:
+            _breaker_lookup(self.breaker)  # raises for what is not a breaker choice
 
 
 def _own_registry(breaker: BreakerChoice) -> BreakerRegistry | None:
@@ -223,13 +191,230 @@ def _breaker_lookup(breaker: BreakerChoice) -> Callable[[str], CircuitBreaker] |
     raise ConfigurationError(msg)
 
 
-class ResilientTransport(httpx.AsyncBaseTransport):
+class _FailedResponse(httpx.HTTPStatusError):
+    """A response judged failed (by ``failure_when``), on its way through the breaker.
+
+    A breaker learns of failures from exceptions, so a failed response is raised through
+    it as an ``httpx.HTTPStatusError`` (what breakers' ``record=`` can name), then caught
+    outside it and returned to the caller like any other response.
+    """
+
+
+# What a flow needs its transport to do, and what it is sent back.
+class _Send(NamedTuple):
+    """Send *request* through the wrapped transport, within the attempt's timeout."""
+
+    request: httpx.Request  # answered with the response
+
+
+class _Close(NamedTuple):
+    """Close *response*, whose connection goes back to the pool."""
+
+    response: httpx.Response  # answered with None
+
+
+class _Call(NamedTuple):
+    """Call *function* (a breaker's or the retry policy's) with *args*; await it if async.
+
+    It calls back into the transport's own runner of flows, which is why it is awaited in
+    the async transport and called in the sync one.
+    """
+
+    function: Callable[..., Any]
+    args: tuple[Any, ...]  # answered with its return value
+
+
+_Need: TypeAlias = _Send | _Close | _Call
+_Flow: TypeAlias = Generator[_Need, Any, httpx.Response]
+
+
+class _Core:
+    """The flow of a request through retry, breaker and the wrapped transport; no I/O.
+
+    Its flows are generators: they yield a :data:`_Need`, are sent its outcome (or have
+    its exception thrown in) and return the response. *runner* is the transport's: given
+    a flow's function, it returns a function that runs that flow, plain in the sync
+    transport and a coroutine function in the async one. The retry policy and the
+    breakers are handed those, so they call, and await or not, the way the transport does.
+    """
+
+    __slots__ = ("_attempt_call", "_judged_call", "_retried", "breaker_for", "options", "registry")
+
+    def __init__(
+        self, options: TransportOptions, runner: Callable[[Callable[..., _Flow]], Any]
+    ) -> None:
+        self.options = options
+        # A registry made here is the transport's own: closing the transport clears it.
+        self.registry = _own_registry(options.breaker)
+        self.breaker_for = (
+            _breaker_lookup(options.breaker) if self.registry is None else self.registry.get
+        )
+        self._attempt_call = runner(self._attempt)
+        self._judged_call = runner(self._judged)
+        policy = options.retry
+        self._retried = None if policy is None else self._narrow(policy)(self._attempt_call)
+
+    def _narrow(self, policy: Retry) -> Retry:
+        """Return *policy* retrying what this transport retries, and what *policy* allows.
+
+        The transport decides what is worth another attempt (``retry_errors``,
+        ``retry_statuses``); the policy's own ``on=`` and ``result=`` narrow that further.
+        Its waits, deadline, budget, clock, sleep and observer are kept as they are.
+        """
+        errors, statuses = self.options.retry_errors, self.options.retry_statuses
+        return policy.narrowed(
+            on=lambda error: isinstance(error, errors),
+            result=lambda response: response.status_code in statuses,
+            name=policy.name or "resilient.httpx",
+        )
+
+    def retries(self, request: httpx.Request) -> bool:
+        """Return whether *request* may be sent more than once.
+
+        It may when there is a retry policy, its method is idempotent or it carries an
+        ``Idempotency-Key``, and its body can be sent again (it is in memory).
+        """
+        if self._retried is None:
+            return False
+        methods = self.options.retry_methods
+        if request.method not in methods and "idempotency-key" not in request.headers:
+            return False
+        try:
+            request.content  # noqa: B018 (raises RequestNotRead for a streaming body)
+        except httpx.RequestNotRead:
+            return isinstance(request.stream, httpx.ByteStream)
+        return True
+
+    def request(self, request: httpx.Request) -> _Flow:
+        """Return the flow of *request*: its attempts, to the response the caller gets."""
+        retried = self._retried
+        if retried is None or not self.retries(request):
+            return (yield from self._attempt(request, []))
+        previous: list[httpx.Response] = []
+        try:
+            response: httpx.Response = yield _Call(retried, (request, previous))
+        except BaseException:
+            # Cancelled while waiting to retry: the response being retried is still open.
+            for opened in previous:
+                yield _Close(opened)
+            raise
+        return response
+
+    def _attempt(self, request: httpx.Request, previous: list[httpx.Response]) -> _Flow:
+        """One attempt, after closing the response it replaces: breaker -> the transport."""
+        if previous:
+            yield _Close(previous.pop())
+        breaker_for = self.breaker_for
+        if breaker_for is None:
+            response: httpx.Response = yield _Send(request)
+        else:
+            breaker = breaker_for(origin_of(request.url))
+            try:
+                response = yield _Call(breaker.call, (self._judged_call, request))
+            except _FailedResponse as failed:
+                response = failed.response
+        previous.append(response)
+        return response
+
+    def _judged(self, request: httpx.Request) -> _Flow:
+        """Send *request* inside the breaker, and raise its response there if it failed."""
+        response: httpx.Response = yield _Send(request)
+        if self.options.failure_when(response):
+            message = f"{response.status_code} {response.reason_phrase} from {request.url}"
+            raise _FailedResponse(message, request=request, response=response)
+        return response
+
+    def closed(self) -> None:
+        """Drop the breakers made per origin: the transport was closed."""
+        if self.registry is not None:
+            self.registry.clear()
+
+
+class _Steps:
+    """One flow, stepped by a transport that carries out its needs (see :class:`_Core`).
+
+    :meth:`next` returns the flow's next need, or ``None`` once the flow has returned
+    (:attr:`response` then holds what it returned); the transport answers each need with
+    :meth:`reply` or :meth:`fail` before asking for the next. An exception the flow lets
+    out comes out of :meth:`next`.
+    """
+
+    __slots__ = ("_answer", "_flow", "_value", "response")
+
+    def __init__(self, flow: _Flow) -> None:
+        self._flow = flow
+        self._answer: Callable[[Any], _Need] = flow.send
+        self._value: Any = None
+        self.response: httpx.Response
+
+    def next(self) -> _Need | None:
+        """Return the flow's next need, or ``None`` when it has returned its response."""
+        try:
+            return self._answer(self._value)
+        except StopIteration as done:
+            self.response = done.value
+            return None
+        finally:
+            self._value = None  # an error kept here would keep its traceback alive
+
+    def reply(self, value: object) -> None:
+        """Answer the need at hand with *value*."""
+        self._answer, self._value = self._flow.send, value
+
+    def fail(self, error: BaseException) -> None:
+        """Answer the need at hand with *error*, raised in the flow where it yielded."""
+        self._answer, self._value = self._flow.throw, error
+
+
+_Wrapped = TypeVar("_Wrapped", httpx.AsyncBaseTransport, httpx.BaseTransport)
+
+
+class _Transport(Generic[_Wrapped]):
+    """The constructor both transports share: their options are spelled here only."""
+
+    def __init__(
+        self,
+        transport: _Wrapped | None = None,
+        *,
+        breaker: BreakerChoice = None,
+        retry: Retry | None = DEFAULT_RETRY,
+        timeout: float | None = None,
+        retry_methods: Collection[str] = RETRY_METHODS,
+        retry_statuses: Collection[int] = RETRY_STATUSES,
+        retry_errors: tuple[type[Exception], ...] = RETRY_ERRORS,
+        failure_when: Callable[[httpx.Response], bool] = is_failure,
+    ) -> None:
+        self.options = TransportOptions(
+            breaker=breaker,
+            retry=retry,
+            timeout=timeout,
+            retry_methods=retry_methods,
+            retry_statuses=retry_statuses,
+            retry_errors=retry_errors,
+            failure_when=failure_when,
+        )
+        self.transport: _Wrapped = transport if transport is not None else self._new_transport()
+        self._core = _Core(self.options, self._runner)
+
+    def _new_transport(self) -> _Wrapped:
+        raise NotImplementedError
+
+    def _runner(self, flow_of: Callable[..., _Flow]) -> Callable[..., Any]:
+        """Return a function, of this transport's kind, that runs the flow ``flow_of(*args)``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transport!r})"
+
+
+class ResilientTransport(_Transport[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport):
     """An ``httpx`` transport for ``AsyncClient`` that retries and breaks circuits per host.
 
     >>> client = httpx.AsyncClient(transport=ResilientTransport(timeout=2.0))
 
     Each attempt passes a circuit breaker, then a timeout, then *transport* (a new
-    ``httpx.AsyncHTTPTransport()`` by default); the whole is retried by *retry*.
+    ``httpx.AsyncHTTPTransport()`` by default); the whole is retried by *retry*. The
+    options are kept, checked, in :attr:`options` (a :class:`TransportOptions`).
 
     *breaker*: ``None`` (the default) makes one :class:`~resilient.CircuitBreaker` per
     origin (``scheme://host:port``), named by it, opening when half of the last 20
@@ -264,75 +449,36 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     caller, under the client's timeouts.
     """
 
-    def __init__(
-        self,
-        transport: httpx.AsyncBaseTransport | None = None,
-        *,
-        breaker: BreakerChoice = None,
-        retry: Retry | None = DEFAULT_RETRY,
-        timeout: float | None = None,
-        retry_methods: Collection[str] = RETRY_METHODS,
-        retry_statuses: Collection[int] = RETRY_STATUSES,
-        retry_errors: tuple[type[Exception], ...] = RETRY_ERRORS,
-        failure_when: Callable[[httpx.Response], bool] = is_failure,
-    ) -> None:
-        self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
-        self.resilience = _Resilience(
-            breaker=breaker,
-            retry=retry,
-            timeout=timeout,
-            retry_methods=retry_methods,
-            retry_statuses=retry_statuses,
-            retry_errors=retry_errors,
-            failure_when=failure_when,
-        )
-        retried = self.resilience.retry
-        self._retried = None if retried is None else retried(self._attempt_after)
+    def _new_transport(self) -> httpx.AsyncBaseTransport:
+        return httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send *request* through retry, breaker and timeout; return the final response."""
-        if self._retried is None or not self.resilience.retries(request):
-            return await self._attempt(request)
-        previous: list[httpx.Response] = []
-        try:
-            return await self._retried(request, previous)
-        except BaseException:
-            # Cancelled while waiting to retry: the response being retried is still open.
-            for response in previous:
-                await response.aclose()
-            raise
+        return await self._run(self._core.request(request))
 
-    async def _attempt_after(
-        self, request: httpx.Request, previous: list[httpx.Response]
-    ) -> httpx.Response:
-        """One attempt of a retried request, after closing the response it replaces."""
-        if previous:
-            await previous.pop().aclose()
-        response = await self._attempt(request)
-        previous.append(response)
-        return response
+    def _runner(self, flow_of: Callable[..., _Flow]) -> Callable[..., Awaitable[httpx.Response]]:
+        async def run(*args: Any) -> httpx.Response:
+            return await self._run(flow_of(*args))
 
-    async def _attempt(self, request: httpx.Request) -> httpx.Response:
-        """One attempt: breaker -> timeout -> the wrapped transport."""
-        breaker_for = self.resilience.breaker_for
-        if breaker_for is None:
-            return await self._send(request)
-        breaker = breaker_for(origin_of(request.url))
-        try:
-            response: httpx.Response = await breaker.call(self._judged, request)
-        except _FailedResponse as failed:
-            return failed.response
-        return response
+        return run
 
-    async def _judged(self, request: httpx.Request) -> httpx.Response:
-        response = await self._send(request)
-        failed = self.resilience.failed(request, response)
-        if failed is not None:
-            raise failed
-        return response
+    async def _run(self, flow: _Flow) -> httpx.Response:
+        steps = _Steps(flow)
+        while (need := steps.next()) is not None:
+            try:
+                if isinstance(need, _Send):
+                    steps.reply(await self._send(need.request))
+                elif isinstance(need, _Close):
+                    await need.response.aclose()
+                    steps.reply(None)
+                else:
+                    steps.reply(await need.function(*need.args))
+            except BaseException as error:  # raised in the flow, which decides
+                steps.fail(error)
+        return steps.response
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
-        timeout = self.resilience.timeout
+        timeout = self.options.timeout
         if timeout is None:
             return await self.transport.handle_async_request(request)
         try:
@@ -345,15 +491,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close the wrapped transport; drop the breakers made per origin (see *breaker*)."""
         await self.transport.aclose()
-        if self.resilience.registry is not None:
-            self.resilience.registry.clear()
-
-    def __repr__(self) -> str:
-        return f"ResilientTransport({self.transport!r})"
+        self._core.closed()
 
 
-class SyncResilientTransport(httpx.BaseTransport):
-    """The twin of :class:`ResilientTransport` for ``httpx.Client``, with the same options.
+class SyncResilientTransport(_Transport[httpx.BaseTransport], httpx.BaseTransport):
+    """:class:`ResilientTransport` for ``httpx.Client``: the same options, the same flow.
 
     >>> client = httpx.Client(transport=SyncResilientTransport(timeout=2.0))
 
@@ -366,82 +508,44 @@ class SyncResilientTransport(httpx.BaseTransport):
     ``httpx.TimeoutException``).
     """
 
-    def __init__(
-        self,
-        transport: httpx.BaseTransport | None = None,
-        *,
-        breaker: BreakerChoice = None,
-        retry: Retry | None = DEFAULT_RETRY,
-        timeout: float | None = None,
-        retry_methods: Collection[str] = RETRY_METHODS,
-        retry_statuses: Collection[int] = RETRY_STATUSES,
-        retry_errors: tuple[type[Exception], ...] = RETRY_ERRORS,
-        failure_when: Callable[[httpx.Response], bool] = is_failure,
-    ) -> None:
-        self.transport = transport if transport is not None else httpx.HTTPTransport()
-        self.resilience = _Resilience(
-            breaker=breaker,
-            retry=retry,
-            timeout=timeout,
-            retry_methods=retry_methods,
-            retry_statuses=retry_statuses,
-            retry_errors=retry_errors,
-            failure_when=failure_when,
-        )
-        retried = self.resilience.retry
-        self._retried = None if retried is None else retried(self._attempt_after)
+    def _new_transport(self) -> httpx.BaseTransport:
+        return httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send *request* through retry, breaker and timeout; return the final response."""
-        timeout = self.resilience.timeout
+        return self._run(self._core.request(request))
+
+    def _runner(self, flow_of: Callable[..., _Flow]) -> Callable[..., httpx.Response]:
+        def run(*args: Any) -> httpx.Response:
+            return self._run(flow_of(*args))
+
+        return run
+
+    def _run(self, flow: _Flow) -> httpx.Response:
+        steps = _Steps(flow)
+        while (need := steps.next()) is not None:
+            try:
+                if isinstance(need, _Send):
+                    steps.reply(self._send(need.request))
+                elif isinstance(need, _Close):
+                    need.response.close()
+                    steps.reply(None)
+                else:
+                    steps.reply(need.function(*need.args))
+            except BaseException as error:  # raised in the flow, which decides
+                steps.fail(error)
+        return steps.response
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        timeout = self.options.timeout
         if timeout is not None:
             request.extensions = {**request.extensions, "timeout": _capped(request, timeout)}
-        if self._retried is None or not self.resilience.retries(request):
-            return self._attempt(request)
-        previous: list[httpx.Response] = []
-        try:
-            return self._retried(request, previous)
-        except BaseException:
-            for response in previous:
-                response.close()
-            raise
-
-    def _attempt_after(
-        self, request: httpx.Request, previous: list[httpx.Response]
-    ) -> httpx.Response:
-        """One attempt of a retried request, after closing the response it replaces."""
-        if previous:
-            previous.pop().close()
-        response = self._attempt(request)
-        previous.append(response)
-        return response
-
-    def _attempt(self, request: httpx.Request) -> httpx.Response:
-        """One attempt: breaker -> the wrapped transport (the timeout is in the request)."""
-        breaker_for = self.resilience.breaker_for
-        if breaker_for is None:
-            return self.transport.handle_request(request)
-        breaker = breaker_for(origin_of(request.url))
-        try:
-            return breaker.call(self._judged, request)
-        except _FailedResponse as failed:
-            return failed.response
-
-    def _judged(self, request: httpx.Request) -> httpx.Response:
-        response = self.transport.handle_request(request)
-        failed = self.resilience.failed(request, response)
-        if failed is not None:
-            raise failed
-        return response
+        return self.transport.handle_request(request)
 
     def close(self) -> None:
         """Close the wrapped transport; drop the breakers made per origin (see *breaker*)."""
         self.transport.close()
-        if self.resilience.registry is not None:
-            self.resilience.registry.clear()
-
-    def __repr__(self) -> str:
-        return f"SyncResilientTransport({self.transport!r})"
+        self._core.closed()
 
 
 def _capped(request: httpx.Request, timeout: float) -> dict[str, Any]:

@@ -3,7 +3,7 @@ the async and sync clients and validators on them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -23,8 +23,9 @@ def issuer(clock: FakeClock) -> Iterator[LocalIssuer]:
 
 
 @pytest.fixture
-def jwks(issuer: LocalIssuer, clock: FakeClock) -> JWKSClient:
-    return JWKSClient(issuer.jwks_url, clock=clock)
+async def jwks(issuer: LocalIssuer, clock: FakeClock) -> AsyncIterator[JWKSClient]:
+    async with JWKSClient(issuer.jwks_url, clock=clock) as jwks:
+        yield jwks
 
 
 @pytest.fixture
@@ -33,8 +34,9 @@ def validator(jwks: JWKSClient, issuer: LocalIssuer, clock: FakeClock) -> JWTVal
 
 
 @pytest.fixture
-def sync_jwks(issuer: LocalIssuer, clock: FakeClock) -> SyncJWKSClient:
-    return SyncJWKSClient(issuer.jwks_url, clock=clock)
+def sync_jwks(issuer: LocalIssuer, clock: FakeClock) -> Iterator[SyncJWKSClient]:
+    with SyncJWKSClient(issuer.jwks_url, clock=clock) as jwks:
+        yield jwks
 
 
 @pytest.fixture

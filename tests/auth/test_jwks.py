@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from resilient.auth import JWKSClient, JWTValidator
+from resilient.auth import JWKSClient, JWTValidator, SyncJWKSClient, SyncJWTValidator
 from resilient.auth.jwks import parse_key_set, parse_max_age
 from resilient.errors import (
     BadAudience,
@@ -72,6 +72,33 @@ def test_validator_options_are_checked_at_construction(jwks: JWKSClient) -> None
         kwargs: dict[str, Any] = {"issuer": "https://i.example", "audience": "api", **option}
         with pytest.raises(ConfigurationError):
             JWTValidator(jwks, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("options", "missing"),
+    [
+        ({}, "issuer= and audience="),
+        ({"issuer": "https://i.example"}, "audience="),
+        ({"audience": "api"}, "issuer="),
+    ],
+)
+@pytest.mark.parametrize(
+    ("kind", "source"),
+    [(JWTValidator, JWKSClient), (SyncJWTValidator, SyncJWKSClient)],
+)
+def test_a_validator_without_issuer_or_audience_says_which_is_missing(
+    kind: type[JWTValidator | SyncJWTValidator],
+    source: type[JWKSClient | SyncJWKSClient],
+    options: dict[str, str],
+    missing: str,
+) -> None:
+    jwks = source("https://i.example/jwks")
+    with pytest.raises(ConfigurationError) as refused:
+        kind(jwks, **options)  # type: ignore[arg-type]
+    assert str(refused.value).startswith(f"{kind.__name__} is missing {missing}: ")
+    assert "_Validation" not in str(refused.value)
+    if "audience" in missing:
+        assert "None for tokens without aud" in str(refused.value)
 
 
 async def test_concurrent_callers_share_one_fetch(
@@ -192,8 +219,7 @@ async def test_a_key_set_without_usable_keys_keeps_the_last_good_one(
     jwks = JWKSClient(issuer.jwks_url, clock=clock)
     kid = issuer.kid()
     await jwks.get_key(kid)
-    with issuer._lock:
-        issuer._published.clear()  # the issuer now publishes nothing usable
+    issuer.unpublish()  # the issuer now publishes nothing usable
     issuer.publish_jwk({"kty": "oct", "kid": "h", "k": "c2VjcmV0"})
     clock.advance(300)
     assert (await jwks.get_key(kid)).kid == kid

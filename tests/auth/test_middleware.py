@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket
 from resilient import JWTAuthMiddleware
 from resilient._asgi import Receive, Scope, Send
 from resilient.auth import JWKSClient, JWTValidator
+from resilient.auth.middleware import challenge_value
 from resilient.testing import LocalIssuer
 
 
@@ -283,3 +284,16 @@ async def test_any_bearer_token_gives_a_401_never_a_500(
     body = sent[1]["body"]
     assert isinstance(body, bytes)
     assert json.loads(body)["status"] == sent[0]["status"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ('no "kid" in the token', "no kid in the token"),
+        ("a\\b\r\nc\x00d\x7f", "abcd"),
+        ("clé", "cl"),
+        ("scope:orders.write, role:admin!", "scope:orders.write, role:admin!"),
+    ],
+)
+def test_a_challenge_value_keeps_what_rfc_6750_allows_between_quotes(text: str, value: str) -> None:
+    assert challenge_value(text) == value

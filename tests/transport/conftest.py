@@ -1,4 +1,5 @@
-"""A real upstream server on a loopback port, and transports that count responses."""
+"""A real upstream server on a loopback port, transports that count responses, and
+:class:`Via`: each behaviour test runs through both transports, async and sync."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
+from resilient import ResilientTransport, SyncResilientTransport
 from resilient._asgi import Receive, Scope, Send
 from resilient.testing import FakeClock
 from tests.retry.conftest import AsyncSleeper, Recorder, Sleeper
@@ -111,37 +114,38 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-class _CountedAsyncStream(httpx.AsyncByteStream):
-    def __init__(self, stream: httpx.AsyncByteStream, counter: ResponseCounter) -> None:
-        self.stream = stream
-        self.counter = counter
+class _CountedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body that tells its counter when it is closed, read either way."""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        self.counter.closed += 1
-        await self.stream.aclose()
-
-
-class _CountedSyncStream(httpx.SyncByteStream):
-    def __init__(self, stream: httpx.SyncByteStream, counter: ResponseCounter) -> None:
+    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, counter: Counting):
         self.stream = stream
         self.counter = counter
 
     def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self.stream, httpx.SyncByteStream)
         yield from self.stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        assert isinstance(self.stream, httpx.AsyncByteStream)
+        async for chunk in self.stream:
+            yield chunk
 
     def close(self) -> None:
         self.counter.closed += 1
+        assert isinstance(self.stream, httpx.SyncByteStream)
         self.stream.close()
 
+    async def aclose(self) -> None:
+        self.counter.closed += 1
+        assert isinstance(self.stream, httpx.AsyncByteStream)
+        await self.stream.aclose()
 
-class ResponseCounter:
-    """Counts the responses a wrapped transport returns, and how many of them were closed."""
 
-    def __init__(self) -> None:
+class Counting(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Wraps a transport, sync or async; counts the responses it returns and those closed."""
+
+    def __init__(self, transport: httpx.BaseTransport | httpx.AsyncBaseTransport) -> None:
+        self.transport = transport
         self.opened = 0
         self.closed = 0
 
@@ -149,49 +153,31 @@ class ResponseCounter:
     def open(self) -> int:
         return self.opened - self.closed
 
-
-class CountingTransport(httpx.AsyncBaseTransport, ResponseCounter):
-    """Wraps an async transport; counts the responses it returns and those closed."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
-        ResponseCounter.__init__(self)
-        self.transport = transport
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(self.transport, httpx.BaseTransport)
+        return self._counted(self.transport.handle_request(request))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.transport.handle_async_request(request)
+        assert isinstance(self.transport, httpx.AsyncBaseTransport)
+        return self._counted(await self.transport.handle_async_request(request))
+
+    def _counted(self, response: httpx.Response) -> httpx.Response:
         self.opened += 1
-        assert isinstance(response.stream, httpx.AsyncByteStream)
+        assert isinstance(response.stream, httpx.SyncByteStream | httpx.AsyncByteStream)
         return httpx.Response(
             response.status_code,
             headers=response.headers,
-            stream=_CountedAsyncStream(response.stream, self),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
-
-
-class SyncCountingTransport(httpx.BaseTransport, ResponseCounter):
-    """The sync twin of :class:`CountingTransport`."""
-
-    def __init__(self, transport: httpx.BaseTransport) -> None:
-        ResponseCounter.__init__(self)
-        self.transport = transport
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.transport.handle_request(request)
-        self.opened += 1
-        assert isinstance(response.stream, httpx.SyncByteStream)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_CountedSyncStream(response.stream, self),
+            stream=_CountedStream(response.stream, self),
             extensions=response.extensions,
         )
 
     def close(self) -> None:
+        assert isinstance(self.transport, httpx.BaseTransport)
         self.transport.close()
+
+    async def aclose(self) -> None:
+        assert isinstance(self.transport, httpx.AsyncBaseTransport)
+        await self.transport.aclose()
 
 
 class Script:
@@ -222,15 +208,131 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def sleeper(clock: FakeClock) -> Sleeper:
-    return Sleeper(clock)
-
-
-@pytest.fixture
-def async_sleeper(clock: FakeClock) -> AsyncSleeper:
-    return AsyncSleeper(clock)
+def sleeper(via: Via, clock: FakeClock) -> Sleeper:
+    """A sleep for *via*'s transport, which records its waits and advances the clock."""
+    return via.sleeper(clock)
 
 
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
+
+
+class Client:
+    """An ``httpx.AsyncClient`` or ``httpx.Client``, behind the same coroutine methods."""
+
+    def __init__(self, http: httpx.AsyncClient | httpx.Client) -> None:
+        self.http = http
+
+    async def request(self, method: str, url: str, **options: Any) -> httpx.Response:
+        if isinstance(self.http, httpx.AsyncClient):
+            return await self.http.request(method, url, **options)
+        return self.http.request(method, url, **options)
+
+    async def get(self, url: str, **options: Any) -> httpx.Response:
+        return await self.request("GET", url, **options)
+
+    async def post(self, url: str, **options: Any) -> httpx.Response:
+        return await self.request("POST", url, **options)
+
+    async def put(self, url: str, **options: Any) -> httpx.Response:
+        return await self.request("PUT", url, **options)
+
+    def build_request(self, method: str, url: str, **options: Any) -> httpx.Request:
+        return self.http.build_request(method, url, **options)
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        if isinstance(self.http, httpx.AsyncClient):
+            return await self.http.send(request)
+        return self.http.send(request)
+
+
+class Via:
+    """One of the two transports, and what a test needs to drive it.
+
+    A test that takes the ``via`` fixture runs once through :class:`ResilientTransport`
+    (``via.is_async``) and once through :class:`SyncResilientTransport`: the same calls,
+    the same assertions. Sync calls block the test's event loop, which nothing else needs
+    meanwhile (the upstream server runs in a thread of its own).
+    """
+
+    def __init__(self, is_async: bool) -> None:
+        self.is_async = is_async
+        #: What interrupts a wait: cancellation in async code, ^C in sync code.
+        self.interruption: type[BaseException] = (
+            asyncio.CancelledError if is_async else KeyboardInterrupt
+        )
+
+    def resilient(
+        self, inner: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None, **options: Any
+    ) -> ResilientTransport | SyncResilientTransport:
+        """A resilient transport of this kind around *inner* (a network one by default)."""
+        if self.is_async:
+            assert inner is None or isinstance(inner, httpx.AsyncBaseTransport)
+            return ResilientTransport(inner, **options)
+        assert inner is None or isinstance(inner, httpx.BaseTransport)
+        return SyncResilientTransport(inner, **options)
+
+    def network(self, **options: Any) -> httpx.AsyncHTTPTransport | httpx.HTTPTransport:
+        """httpx's own transport of this kind, over real TCP."""
+        return (
+            httpx.AsyncHTTPTransport(**options) if self.is_async else httpx.HTTPTransport(**options)
+        )
+
+    def sleeper(self, clock: FakeClock) -> Sleeper:
+        """A sleep of this kind that records its waits and advances *clock*."""
+        return AsyncSleeper(clock) if self.is_async else Sleeper(clock)
+
+    def interrupting_sleep(self) -> Callable[[float], Any]:
+        """A sleep of this kind that raises :attr:`interruption`."""
+        interruption = self.interruption
+
+        async def interrupted_async(seconds: float) -> None:
+            raise interruption
+
+        def interrupted(seconds: float) -> None:
+            raise interruption
+
+        return interrupted_async if self.is_async else interrupted
+
+    def body(self, *parts: bytes) -> AsyncIterator[bytes] | Iterator[bytes]:
+        """A streaming request body of this kind."""
+
+        async def streamed_async() -> AsyncIterator[bytes]:
+            for part in parts:
+                yield part
+
+        def streamed() -> Iterator[bytes]:
+            yield from parts
+
+        return streamed_async() if self.is_async else streamed()
+
+    async def read(self, request: httpx.Request) -> bytes:
+        """Read a request's streaming body into memory."""
+        return await request.aread() if self.is_async else request.read()
+
+    @contextlib.asynccontextmanager
+    async def client(
+        self,
+        transport: httpx.AsyncBaseTransport | httpx.BaseTransport,
+        base_url: str = "http://api.test",
+        **options: Any,
+    ) -> AsyncIterator[Client]:
+        """A client of this kind on *transport*, closed (with the transport) on leaving."""
+        if self.is_async:
+            assert isinstance(transport, httpx.AsyncBaseTransport)
+            async with httpx.AsyncClient(transport=transport, base_url=base_url, **options) as http:
+                yield Client(http)
+        else:
+            assert isinstance(transport, httpx.BaseTransport)
+            with httpx.Client(transport=transport, base_url=base_url, **options) as sync_http:
+                yield Client(sync_http)
+
+    def __repr__(self) -> str:
+        return "async" if self.is_async else "sync"
+
+
+@pytest.fixture(params=[True, False], ids=["async", "sync"])
+def via(request: pytest.FixtureRequest) -> Via:
+    """Each transport in turn: the test runs through both."""
+    return Via(is_async=request.param)

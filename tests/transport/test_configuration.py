@@ -8,7 +8,9 @@ import httpx
 import pytest
 
 from resilient import ConfigurationError, ResilientTransport, SyncResilientTransport
+from resilient import retry as make_retry
 from resilient.httpx import is_failure, origin_of
+from resilient.testing import FakeClock
 
 
 @pytest.mark.parametrize(
@@ -35,7 +37,7 @@ def test_bad_options_are_refused_at_construction(
 
 def test_retry_methods_are_compared_in_upper_case() -> None:
     transport = ResilientTransport(retry_methods=["get", "post"])
-    assert transport.resilience.retry_methods == {"GET", "POST"}
+    assert transport.options.retry_methods == {"GET", "POST"}
 
 
 @pytest.mark.parametrize(
@@ -56,3 +58,9 @@ def test_the_origin_names_scheme_host_and_port(url: str, origin: str) -> None:
 )
 def test_server_errors_and_429_count_as_failures(status: int, failed: bool) -> None:
     assert is_failure(httpx.Response(status)) is failed
+
+
+def test_the_sync_transport_refuses_an_async_sleep_up_front() -> None:
+    clock = FakeClock()
+    with pytest.raises(ConfigurationError, match="sleep must be too"):
+        SyncResilientTransport(retry=make_retry(sleep=clock.sleep))

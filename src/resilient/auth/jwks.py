@@ -23,6 +23,9 @@ threads). What they promise:
   ``stale_for`` seconds past their expiry, then :class:`KeySetUnavailable` is raised;
 * **careful with the network**: https only (plain http only for loopback hosts), no
   redirects followed, the body capped at ``max_bytes``, every fetch bounded by ``timeout``;
+* **one httpx client** per client: the one given, or one made on the first fetch (no
+  connection kept between fetches, one TLS context for every client made) and closed by
+  ``aclose()`` / ``close()``, after which the client fetches no more;
 * **careful with keys**: only public signature keys are kept: RSA of 2048 bits or more,
   EC on P-256 or P-384, OKP Ed25519. Symmetric (``kty=oct``) and private keys, keys for
   encryption (``use=enc``) and anything PyJWT cannot parse are dropped.
@@ -33,14 +36,18 @@ This module needs PyJWT and httpx (``pip install 'resilient-asgi[jwt]'``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import json
 import logging
+import ssl
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any, Final, TypeVar
+from types import TracebackType
+from typing import Any, Final, Generic, Self, TypeVar
 from urllib.parse import urlsplit
 
 try:
@@ -81,6 +88,21 @@ _DEFAULT_OBSERVER = LoggingObserver()
 # What a failed fetch may raise: the network, the HTTP status, the size, the JSON, the keys.
 _FETCH_ERRORS: Final = (httpx.HTTPError, ValueError, TimeoutError, RecursionError)
 _T = TypeVar("_T")
+# The client a JWKS client makes keeps no connection between fetches: they are minutes
+# apart, past httpx's keep-alive expiry (5 s), and a connection kept by an AsyncClient
+# fails the next fetch if the event loop it was made on has closed (asyncio.run, tests).
+_UNPOOLED: Final = httpx.Limits(max_keepalive_connections=0)
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """Return httpx's default TLS settings, made once for every client a JWKS client makes.
+
+    Making them reads a bundle of CA certificates (certifi's, or ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` as found on the first call): tens of milliseconds, which a new
+    httpx client would otherwise pay on a client's first fetch. Never changed once made.
+    """
+    return httpx.create_ssl_context()
 
 
 def check_url(url: str) -> str:
@@ -155,22 +177,30 @@ def _parse_key(entry: object) -> SigningKey | None:  # noqa: PLR0911 (one reason
     )
 
 
-class _KeySetClient:
-    """What both clients share: options, the cache's decisions, checks of what came back."""
+_Http = TypeVar("_Http", httpx.AsyncClient, httpx.Client)
+
+
+class _KeySetClient(Generic[_Http]):
+    """What both clients share: their options, the cache, the httpx client, the checks.
+
+    The options are spelled here only; the cache's decisions are made by
+    :class:`~resilient.auth.core.KeySetCache`; the checks are those of what came back.
+    """
 
     def __init__(
         self,
         url: str,
+        http: _Http | None = None,
         *,
-        min_ttl: float,
-        max_ttl: float,
-        default_ttl: float,
-        refetch_cooldown: float,
-        stale_for: float,
-        timeout: float,
-        max_bytes: int,
-        clock: Clock | None,
-        observer: Observer | None,
+        min_ttl: float = 60.0,
+        max_ttl: float = 86_400.0,
+        default_ttl: float = 300.0,
+        refetch_cooldown: float = 30.0,
+        stale_for: float = 6 * 3600.0,
+        timeout: float = 5.0,
+        max_bytes: int = 1 << 20,
+        clock: Clock | None = None,
+        observer: Observer | None = _DEFAULT_OBSERVER,
     ) -> None:
         self.url = check_url(url)
         self._cache = KeySetCache(
@@ -188,6 +218,13 @@ class _KeySetClient:
         self._clock = clock or SystemClock()
         self.observer = observer
         self.fetches = 0
+        self._http: _Http | None = http
+        self._owns_http = http is None  # made on the first fetch, closed with this client
+        self._closed = False
+        # Guards the cache, the fetch in flight and the httpx client when the callers are
+        # threads (the sync client); never held during I/O, so a fetch does not block
+        # lookups that need none. The async client's callers share one event loop.
+        self._lock = threading.Lock()
 
     @property
     def keys(self) -> Mapping[str, SigningKey]:
@@ -219,6 +256,28 @@ class _KeySetClient:
         """How long past their expiry the last good keys serve while the endpoint fails."""
         return self._cache.stale_for
 
+    def _client(self) -> _Http:
+        """Return the httpx client to fetch with: the one given, or this one's own."""
+        with self._lock:
+            if self._closed:
+                msg = f"the {type(self).__name__} is closed"
+                raise ValueError(msg)  # a failed fetch: stale keys still serve
+            if self._http is None:
+                self._http = self._new_client()
+            return self._http
+
+    def _new_client(self) -> _Http:
+        raise NotImplementedError
+
+    def _release(self) -> _Http | None:
+        """Close this client to fetches; return the httpx client to close, if it made one."""
+        with self._lock:
+            self._closed = True
+            http = self._http if self._owns_http else None
+            if self._owns_http:
+                self._http = None
+        return http
+
     @staticmethod
     def _usable_keys(document: object) -> dict[str, SigningKey]:
         """Return the keys of a fetched *document*; raise :class:`ValueError` if none."""
@@ -243,7 +302,7 @@ class _KeySetClient:
         failure.__cause__ = error
         return failure, event
 
-    def _request(self, http: httpx.Client | httpx.AsyncClient, url: str) -> httpx.Request:
+    def _request(self, http: _Http, url: str) -> httpx.Request:
         check_url(url)
         headers = {"accept": "application/json"}
         return http.build_request("GET", url, headers=headers, timeout=self.timeout)
@@ -264,75 +323,53 @@ class _KeySetClient:
         msg = f"the response is larger than {self.max_bytes} bytes"
         raise ValueError(msg)
 
-    @staticmethod
-    def _discovery_url(issuer: str) -> str:
-        check_url(issuer)
-        return issuer.rstrip("/") + "/.well-known/openid-configuration"
-
-    @staticmethod
-    def _jwks_uri(issuer: str, document: object) -> str:
-        if not isinstance(document, Mapping) or document.get("issuer") != issuer:
-            msg = f"the discovery document of {issuer!r} names another issuer"
-            raise ConfigurationError(msg)
-        jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str):
-            msg = f"the discovery document of {issuer!r} has no jwks_uri"
-            raise ConfigurationError(msg)
-        return jwks_uri
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
 
-def _discovery_failed(issuer: str, error: Exception) -> KeySetUnavailable:
-    msg = f"OpenID Connect discovery failed for {issuer!r}"
-    failure = KeySetUnavailable(msg)
-    failure.__cause__ = error
-    return failure
+def _discovery_url(issuer: str) -> str:
+    check_url(issuer)
+    return issuer.rstrip("/") + "/.well-known/openid-configuration"
 
 
-class JWKSClient(_KeySetClient):
+@contextlib.contextmanager
+def _discovering(issuer: str) -> Iterator[None]:
+    """Report a failed fetch of *issuer*'s discovery document as the key set unavailable."""
+    try:
+        yield
+    except _FETCH_ERRORS as error:
+        msg = f"OpenID Connect discovery failed for {issuer!r}"
+        raise KeySetUnavailable(msg) from error
+
+
+def _jwks_uri(issuer: str, document: object) -> str:
+    if not isinstance(document, Mapping) or document.get("issuer") != issuer:
+        msg = f"the discovery document of {issuer!r} names another issuer"
+        raise ConfigurationError(msg)
+    jwks_uri = document.get("jwks_uri")
+    if not isinstance(jwks_uri, str):
+        msg = f"the discovery document of {issuer!r} has no jwks_uri"
+        raise ConfigurationError(msg)
+    return jwks_uri
+
+
+class JWKSClient(_KeySetClient[httpx.AsyncClient]):
     """The signing keys of one issuer, fetched from its JWKS URL and cached (asyncio).
 
     *http* is an ``httpx.AsyncClient`` to fetch with (its redirects are not followed
-    whatever it is configured to do); without one, each fetch opens a short-lived client.
-    Times are in seconds. Each fetch emits :class:`~resilient.events.KeySetFetched` or
+    whatever it is configured to do), left open by :meth:`aclose`; without one, the
+    client makes its own on its first fetch, keeps it for the next ones and closes it in
+    :meth:`aclose` (or at the end of ``async with``), after which it fetches no more (its
+    cached keys still serve, as through an outage). Times are in seconds. Each fetch
+    emits :class:`~resilient.events.KeySetFetched` or
     :class:`~resilient.events.KeySetFetchFailed` to *observer* (logging by default). See
-    the module docstring for the guarantees; :class:`SyncJWKSClient` is its twin for code
-    without an event loop.
+    the module docstring for the guarantees; :class:`SyncJWKSClient` is the same client
+    for code without an event loop.
 
     >>> jwks = JWKSClient("https://issuer.example/.well-known/jwks.json")
     """
 
-    def __init__(
-        self,
-        url: str,
-        http: httpx.AsyncClient | None = None,
-        *,
-        min_ttl: float = 60.0,
-        max_ttl: float = 86_400.0,
-        default_ttl: float = 300.0,
-        refetch_cooldown: float = 30.0,
-        stale_for: float = 6 * 3600.0,
-        timeout: float = 5.0,
-        max_bytes: int = 1 << 20,
-        clock: Clock | None = None,
-        observer: Observer | None = _DEFAULT_OBSERVER,
-    ) -> None:
-        super().__init__(
-            url,
-            min_ttl=min_ttl,
-            max_ttl=max_ttl,
-            default_ttl=default_ttl,
-            refetch_cooldown=refetch_cooldown,
-            stale_for=stale_for,
-            timeout=timeout,
-            max_bytes=max_bytes,
-            clock=clock,
-            observer=observer,
-        )
-        self._http = http
-        self._inflight: asyncio.Task[None] | None = None
+    _inflight: asyncio.Task[None] | None = None
 
     @classmethod
     async def from_issuer(
@@ -344,13 +381,10 @@ class JWKSClient(_KeySetClient):
         key set), checks that the document names the same issuer, and returns a client
         for its ``jwks_uri``. *options* are the constructor's keywords.
         """
-        url = cls._discovery_url(issuer)
-        probe = cls(issuer, http, **options)
-        try:
-            document, _ = await probe._get(url)
-        except _FETCH_ERRORS as error:
-            raise _discovery_failed(issuer, error) from error
-        return cls(cls._jwks_uri(issuer, document), http, **options)
+        async with cls(issuer, http, **options) as probe:
+            with _discovering(issuer):
+                document, _ = await probe._get(_discovery_url(issuer))
+        return cls(_jwks_uri(issuer, document), http, **options)
 
     async def get_key(self, kid: str) -> SigningKey:
         """Return the key named *kid*, fetching the key set when it must.
@@ -367,6 +401,28 @@ class JWKSClient(_KeySetClient):
     async def refresh(self) -> None:
         """Fetch the key set now (sharing a fetch in flight); raise if it fails."""
         await self._drive(self._cache.refresh(self._clock))
+
+    async def aclose(self) -> None:
+        """Close the httpx client this one made (not one given as *http*); fetch no more."""
+        http = self._release()
+        if http is not None:
+            await http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=self.timeout, follow_redirects=False, limits=_UNPOOLED, verify=_tls()
+        )
 
     async def _drive(self, flow: Generator[Need, KeySetUnavailable | None, _T]) -> _T:
         failure: KeySetUnavailable | None = None
@@ -408,71 +464,36 @@ class JWKSClient(_KeySetClient):
         emit(self.observer, event)
 
     async def _get(self, url: str) -> tuple[object, str | None]:
+        http = self._client()
         async with asyncio.timeout(self.timeout):
-            if self._http is not None:
-                return await self._get_with(self._http, url)
-            async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as http:
-                return await self._get_with(http, url)
-
-    async def _get_with(self, http: httpx.AsyncClient, url: str) -> tuple[object, str | None]:
-        request = self._request(http, url)
-        response = await http.send(request, stream=True, follow_redirects=False)
-        try:
-            self._check_head(response)
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                self._check_size(body)
-        finally:
-            await response.aclose()
+            request = self._request(http, url)
+            response = await http.send(request, stream=True, follow_redirects=False)
+            try:
+                self._check_head(response)
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    self._check_size(body)
+            finally:
+                await response.aclose()
         return json.loads(body), response.headers.get("cache-control")
 
 
-class SyncJWKSClient(_KeySetClient):
+class SyncJWKSClient(_KeySetClient[httpx.Client]):
     """The signing keys of one issuer, fetched and cached, for code without an event loop.
 
-    The twin of :class:`JWKSClient`, with the same options and the same promises (one
+    :class:`JWKSClient` for threads, with the same options and the same promises (one
     :class:`~resilient.auth.core.KeySetCache` decides for both): only the I/O differs.
-    *http* is an ``httpx.Client``; fetches block the calling thread. It is thread-safe, and
-    single-flight across threads: the threads that need a fetch while one is in flight
-    wait for that one, while those whose kid is cached and fresh take no lock at all.
-    Use it with a :class:`~resilient.auth.SyncJWTValidator`.
+    *http* is an ``httpx.Client``; without one, the client makes its own, closed by
+    :meth:`close` (or at the end of ``with``). Fetches block the calling thread. It is
+    thread-safe, and single-flight across threads: the threads that need a fetch while
+    one is in flight wait for that one, while those whose kid is cached and fresh take
+    no lock at all. Use it with a :class:`~resilient.auth.SyncJWTValidator`.
 
     >>> jwks = SyncJWKSClient("https://issuer.example/.well-known/jwks.json")
     """
 
-    def __init__(
-        self,
-        url: str,
-        http: httpx.Client | None = None,
-        *,
-        min_ttl: float = 60.0,
-        max_ttl: float = 86_400.0,
-        default_ttl: float = 300.0,
-        refetch_cooldown: float = 30.0,
-        stale_for: float = 6 * 3600.0,
-        timeout: float = 5.0,
-        max_bytes: int = 1 << 20,
-        clock: Clock | None = None,
-        observer: Observer | None = _DEFAULT_OBSERVER,
-    ) -> None:
-        super().__init__(
-            url,
-            min_ttl=min_ttl,
-            max_ttl=max_ttl,
-            default_ttl=default_ttl,
-            refetch_cooldown=refetch_cooldown,
-            stale_for=stale_for,
-            timeout=timeout,
-            max_bytes=max_bytes,
-            clock=clock,
-            observer=observer,
-        )
-        self._http = http
-        # Guards the cache's state and the future of the fetch in flight; never held
-        # during I/O, so a fetch does not block lookups that need none.
-        self._lock = threading.Lock()
-        self._inflight: Future[None] | None = None
+    _inflight: Future[None] | None = None
 
     @classmethod
     def from_issuer(
@@ -484,13 +505,9 @@ class SyncJWKSClient(_KeySetClient):
         key set), checks that the document names the same issuer, and returns a client
         for its ``jwks_uri``. *options* are the constructor's keywords.
         """
-        url = cls._discovery_url(issuer)
-        probe = cls(issuer, http, **options)
-        try:
-            document, _ = probe._get(url)
-        except _FETCH_ERRORS as error:
-            raise _discovery_failed(issuer, error) from error
-        return cls(cls._jwks_uri(issuer, document), http, **options)
+        with cls(issuer, http, **options) as probe, _discovering(issuer):
+            document, _ = probe._get(_discovery_url(issuer))
+        return cls(_jwks_uri(issuer, document), http, **options)
 
     def get_key(self, kid: str) -> SigningKey:
         """Return the key named *kid*, fetching the key set when it must.
@@ -507,6 +524,28 @@ class SyncJWKSClient(_KeySetClient):
     def refresh(self) -> None:
         """Fetch the key set now (sharing a fetch in flight); raise if it fails."""
         self._drive(self._cache.refresh(self._clock))
+
+    def close(self) -> None:
+        """Close the httpx client this one made (not one given as *http*); fetch no more."""
+        http = self._release()
+        if http is not None:
+            http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _new_client(self) -> httpx.Client:
+        return httpx.Client(
+            timeout=self.timeout, follow_redirects=False, limits=_UNPOOLED, verify=_tls()
+        )
 
     def _drive(self, flow: Generator[Need, KeySetUnavailable | None, _T]) -> _T:
         failure: KeySetUnavailable | None = None
@@ -552,12 +591,7 @@ class SyncJWKSClient(_KeySetClient):
         emit(self.observer, event)
 
     def _get(self, url: str) -> tuple[object, str | None]:
-        if self._http is not None:
-            return self._get_with(self._http, url)
-        with httpx.Client(timeout=self.timeout, follow_redirects=False) as http:
-            return self._get_with(http, url)
-
-    def _get_with(self, http: httpx.Client, url: str) -> tuple[object, str | None]:
+        http = self._client()
         # httpx bounds each read; a server trickling bytes is bounded here as a whole,
         # on the real clock (the async client uses asyncio.timeout the same way).
         deadline = time.monotonic() + self.timeout

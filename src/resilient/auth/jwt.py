@@ -43,7 +43,7 @@ import json
 import math
 import re
 from collections.abc import Collection, Mapping
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, Self, TypeVar
 
 try:
     import jwt
@@ -214,7 +214,32 @@ def _strings(value: str | Collection[str] | None, name: str) -> frozenset[str] |
     return values
 
 
-class _Validation(Generic[_S]):
+_REQUIRED: Final = {
+    "issuer": "issuer= names the issuer (or issuers) a token must come from",
+    "audience": (
+        "audience= the audience (or audiences) it must be for, or None for tokens without "
+        "aud (Cognito access tokens, checked with client_id=)"
+    ),
+}
+
+
+class _RequiredOptions:
+    """Refuses a validator made without ``issuer=`` or ``audience=``, naming what is missing.
+
+    Python's own ``TypeError`` would name the private class that defines ``__init__``.
+    """
+
+    def __new__(cls, *args: Any, **options: Any) -> Self:
+        missing = [name for name in _REQUIRED if name not in options]
+        if missing and (args or options):  # copy and pickle call __new__ bare
+            names = " and ".join(f"{name}=" for name in missing)
+            reasons = "; ".join(_REQUIRED[name] for name in missing)
+            msg = f"{cls.__name__} is missing {names}: {reasons}"
+            raise ConfigurationError(msg)
+        return super().__new__(cls)
+
+
+class _Validation(_RequiredOptions, Generic[_S]):
     """The options and every check of a validator: all but the call for the key."""
 
     _wants_coroutines: bool

@@ -41,7 +41,14 @@ from resilient.problem import send_problem
 if TYPE_CHECKING:
     from resilient.auth.jwt import JWTValidator
 
-__all__ = ["REFUSAL", "AuthCredentials", "JWTAuthMiddleware", "JWTUser", "UnauthenticatedUser"]
+__all__ = [
+    "REFUSAL",
+    "AuthCredentials",
+    "JWTAuthMiddleware",
+    "JWTUser",
+    "UnauthenticatedUser",
+    "challenge_value",
+]
 
 REFUSAL = "resilient.auth.refusal"
 """The scope key where :func:`~resilient.auth.requires` leaves its refusal, ``(status,
@@ -53,6 +60,19 @@ _BEARER = re.compile(r"[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)[ 
 _BEARER_SCHEME = re.compile(r"[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr](?:[ \t]|$)")
 # RFC 6750 section 3: error_description is limited to %x20-21 / %x23-5B / %x5D-7E.
 _UNSAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def challenge_value(text: str) -> str:
+    """Return *text* without the characters a ``Bearer`` challenge's quoted values forbid.
+
+    RFC 6750 section 3 limits ``error_description`` to ``%x20-21 / %x23-5B / %x5D-7E``:
+    no double quote, no backslash, no control character, nothing beyond ASCII, so the
+    value can stand between quotes as it is. The realm is held to the same.
+
+    >>> challenge_value('no "kid" in the token')
+    'no kid in the token'
+    """
+    return _UNSAFE.sub("", text)
 
 
 class AuthCredentials:
@@ -177,7 +197,7 @@ class JWTAuthMiddleware:
         self.validator = validator
         self._exclude = tuple(PathPattern(p) for p in exclude)
         self.optional = optional
-        self.realm = _UNSAFE.sub("", realm)
+        self.realm = challenge_value(realm)
         self.retry_after = retry_after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -227,7 +247,7 @@ class JWTAuthMiddleware:
         else:
             challenge = f'Bearer realm="{self.realm}"'
             if error is not None:
-                description = _UNSAFE.sub("", detail)
+                description = challenge_value(detail)
                 challenge += f', error="{error}", error_description="{description}"'
             headers = [(b"www-authenticate", challenge.encode())]
         await send_problem(send, status, detail, headers=headers)

@@ -40,7 +40,7 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 
-from resilient.auth.middleware import _UNSAFE, REFUSAL, scopes_of
+from resilient.auth.middleware import REFUSAL, challenge_value, scopes_of
 from resilient.errors import ConfigurationError, Forbidden
 
 __all__ = ["Requirement", "requires"]
@@ -210,7 +210,7 @@ def _refuse(scope: Mapping[str, Any], error: Forbidden, *, authenticated: bool) 
         raise WebSocketException(1008, "not authorized") from error  # policy violation
     if authenticated:
         status, code = 403, error.error
-        description = _UNSAFE.sub("", str(error))
+        description = challenge_value(str(error))
         challenge = f'Bearer error="{code}", error_description="{description}"'
     else:
         status, code, challenge = 401, None, "Bearer"

@@ -56,9 +56,15 @@ class LocalIssuer:
     It makes one key per algorithm of *algorithms* (RSA 2048, EC P-256, Ed25519, ...),
     serves them at :attr:`jwks_url` (and an OpenID discovery document at
     ``{issuer}/.well-known/openid-configuration``), counts the JWKS fetches in
-    :attr:`fetches`, rotates keys (:meth:`rotate`), fails on demand (:meth:`fail`), and
-    mints tokens with chosen claims and headers (:meth:`mint`, :meth:`sign`). Claims' times
-    come from *clock*, so a test can share its :class:`FakeClock` with the validator.
+    :attr:`fetches`, rotates keys (:meth:`rotate`), withdraws them (:meth:`unpublish`),
+    fails on demand (:meth:`fail`), and mints tokens with chosen claims and headers
+    (:meth:`mint`, :meth:`sign`). Claims' times come from *clock*, so a test can share its
+    :class:`FakeClock` with the validator.
+
+    It closes each connection after one response (HTTP/1.0), unless *keep_alive*: then it
+    keeps connections open for the next request (HTTP/1.1, as real issuers do), and
+    counts them in :attr:`connections` (accepted so far) and :attr:`open_connections`
+    (not yet closed by the client), so a test can see a client reuse its connection.
 
     >>> with LocalIssuer() as issuer:  # doctest: +SKIP
     ...     token = issuer.mint({"sub": "alice"})
@@ -71,9 +77,11 @@ class LocalIssuer:
         algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA"),
         max_age: int | None = 300,
         clock: Clock | None = None,
+        keep_alive: bool = False,
     ) -> None:
         self.audience = audience
         self.max_age = max_age
+        self.keep_alive = keep_alive
         self._clock = clock or SystemClock()
         self._lock = threading.Lock()
         self._private: dict[str, tuple[str, Any]] = {}  # kid -> (alg, private key)
@@ -81,6 +89,8 @@ class LocalIssuer:
         self._extra: list[dict[str, Any]] = []  # raw JWKs published as they are
         self._current: dict[str, str] = {}  # alg -> kid used by default
         self.fetches = 0
+        self.connections = 0
+        self.open_connections = 0
         self.failing: int | None = None
         self.redirect_to: str | None = None
         self.padding = 0
@@ -140,6 +150,14 @@ class LocalIssuer:
         """Publish a raw JWK as it is (a symmetric key, a weak key, garbage...)."""
         with self._lock:
             self._extra.append(dict(jwk))
+
+    def unpublish(self, *kids: str) -> None:
+        """Take the keys *kids* out of the JWKS (every key when none is named).
+
+        They still sign tokens (:meth:`mint`); raw JWKs of :meth:`publish_jwk` stay.
+        """
+        with self._lock:
+            self._published = [kid for kid in self._published if kids and kid not in kids]
 
     def rotate(self, alg: str = "RS256", *, keep_old: bool = False) -> str:
         """Make a new key for *alg*, sign with it from now on, and publish it; return its kid.
@@ -246,6 +264,19 @@ class LocalIssuer:
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if issuer.keep_alive else "HTTP/1.0"
+
+            def setup(self) -> None:
+                super().setup()
+                with issuer._lock:
+                    issuer.connections += 1
+                    issuer.open_connections += 1
+
+            def finish(self) -> None:
+                with issuer._lock:
+                    issuer.open_connections -= 1
+                super().finish()
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == JWKS_PATH:

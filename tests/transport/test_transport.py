@@ -1,25 +1,27 @@
-"""``ResilientTransport``: retry -> breaker -> timeout -> call, for ``httpx.AsyncClient``."""
+"""Both transports, one set of behaviours: retry -> breaker -> timeout -> call.
+
+Each test runs twice, through ``ResilientTransport`` and an ``httpx.AsyncClient``, and
+through ``SyncResilientTransport`` and an ``httpx.Client`` (the ``via`` fixture).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from resilient import BreakerRegistry, CircuitBreaker, CircuitOpenError, ResilientTransport, retry
+from resilient import BreakerRegistry, CircuitBreaker, CircuitOpenError, retry
 from resilient.breaker import State
 from resilient.events import CallFailed, RetryGaveUp, RetryScheduled
 from resilient.retry import Retry
 from resilient.testing import FakeClock
-from tests.retry.conftest import AsyncSleeper, Recorder
-from tests.transport.conftest import CountingTransport, Script, Upstream
+from tests.retry.conftest import Recorder, Sleeper
+from tests.transport.conftest import Counting, Script, Upstream, Via
 
 
-def quick_retry(sleeper: AsyncSleeper, **options: Any) -> Retry:
+def quick_retry(sleeper: Sleeper, **options: Any) -> Retry:
     """A retry policy whose waits go to *sleeper* (and its fake clock)."""
     return retry(sleep=sleeper, clock=sleeper.clock, **options)
 
@@ -29,49 +31,39 @@ def breaker(clock: FakeClock, name: str = "upstream", **options: Any) -> Circuit
     return CircuitBreaker(name, clock=clock, observer=None, **(settings | options))
 
 
-def client(
-    transport: httpx.AsyncBaseTransport, base_url: str = "http://api.test"
-) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=transport, base_url=base_url)
-
-
-def resilient(inner: httpx.AsyncBaseTransport, **options: Any) -> ResilientTransport:
-    return ResilientTransport(inner, **options)
-
-
 # --- over real TCP, against a uvicorn server ---------------------------------------------
 
 
 async def test_a_get_is_retried_after_a_503_and_gets_the_200(
-    upstream: Upstream, base_url: str, async_sleeper: AsyncSleeper
+    via: Via, upstream: Upstream, base_url: str, sleeper: Sleeper
 ) -> None:
     upstream.statuses = [503, 200]
-    transport = resilient(httpx.AsyncHTTPTransport(), retry=quick_retry(async_sleeper))
-    async with client(transport, base_url) as http:
+    transport = via.resilient(via.network(), retry=quick_retry(sleeper))
+    async with via.client(transport, base_url) as http:
         response = await http.get("/scripted")
     assert response.status_code == 200
     assert upstream.hits["/scripted"] == 2
-    assert len(async_sleeper.waits) == 1
+    assert len(sleeper.waits) == 1
 
 
 async def test_a_post_is_not_retried(
-    upstream: Upstream, base_url: str, async_sleeper: AsyncSleeper
+    via: Via, upstream: Upstream, base_url: str, sleeper: Sleeper
 ) -> None:
     upstream.statuses = [503, 200]
-    transport = resilient(httpx.AsyncHTTPTransport(), retry=quick_retry(async_sleeper))
-    async with client(transport, base_url) as http:
+    transport = via.resilient(via.network(), retry=quick_retry(sleeper))
+    async with via.client(transport, base_url) as http:
         response = await http.post("/scripted", content=b"order")
     assert response.status_code == 503
     assert upstream.hits["/scripted"] == 1
-    assert async_sleeper.waits == []
+    assert sleeper.waits == []
 
 
 async def test_a_post_with_an_idempotency_key_is_retried_with_its_body(
-    upstream: Upstream, base_url: str, async_sleeper: AsyncSleeper
+    via: Via, upstream: Upstream, base_url: str, sleeper: Sleeper
 ) -> None:
     upstream.statuses = [502, 504, 201]
-    transport = resilient(httpx.AsyncHTTPTransport(), retry=quick_retry(async_sleeper))
-    async with client(transport, base_url) as http:
+    transport = via.resilient(via.network(), retry=quick_retry(sleeper))
+    async with via.client(transport, base_url) as http:
         response = await http.post(
             "/scripted", json={"sku": "A1"}, headers={"Idempotency-Key": '"order-1"'}
         )
@@ -80,47 +72,61 @@ async def test_a_post_with_an_idempotency_key_is_retried_with_its_body(
     assert upstream.bodies == [b'{"sku":"A1"}'] * 3
 
 
+async def test_a_post_is_retried_only_with_an_idempotency_key(
+    via: Via, upstream: Upstream, base_url: str, sleeper: Sleeper
+) -> None:
+    upstream.statuses = [503, 503, 200]
+    transport = via.resilient(via.network(), retry=quick_retry(sleeper))
+    async with via.client(transport, base_url) as http:
+        plain = await http.post("/scripted", content=b"order")
+        keyed = await http.post("/scripted", content=b"order", headers={"Idempotency-Key": '"k"'})
+    assert (plain.status_code, keyed.status_code) == (503, 200)
+    assert upstream.hits["/scripted"] == 3
+
+
 async def test_a_closed_port_raises_connect_error_once_attempts_run_out(
-    closed_port_url: str, clock: FakeClock, async_sleeper: AsyncSleeper
+    via: Via, closed_port_url: str, clock: FakeClock, sleeper: Sleeper
 ) -> None:
     guard = breaker(clock, minimum_calls=10, window=10)
-    transport = resilient(
-        httpx.AsyncHTTPTransport(), breaker=guard, retry=quick_retry(async_sleeper, attempts=3)
-    )
-    async with client(transport, closed_port_url) as http:
+    transport = via.resilient(via.network(), breaker=guard, retry=quick_retry(sleeper, attempts=3))
+    async with via.client(transport, closed_port_url) as http:
         with pytest.raises(httpx.ConnectError):
             await http.get("/anything")
-    assert len(async_sleeper.waits) == 2
+    assert len(sleeper.waits) == 2
     assert guard.metrics()["failures"] == 3  # the breaker saw every attempt
 
 
 async def test_the_breaker_opens_then_rejects_without_touching_the_network(
-    upstream: Upstream, base_url: str, clock: FakeClock
+    via: Via, upstream: Upstream, base_url: str, clock: FakeClock
 ) -> None:
     guard = breaker(clock, open_for=30.0)
-    transport = resilient(httpx.AsyncHTTPTransport(), breaker=guard, retry=None)
-    async with client(transport, base_url) as http:
+    transport = via.resilient(via.network(), breaker=guard, retry=None)
+    async with via.client(transport, base_url) as http:
         statuses = [(await http.get("/status/500")).status_code for _ in range(4)]
         with pytest.raises(CircuitOpenError) as rejected:
             await http.get("/status/500")
+        opened = guard.state
+        clock.advance(30.0)
+        probe = await http.get("/status/200")
     assert statuses == [500] * 4
     assert upstream.hits["/status/500"] == 4
-    assert guard.state is State.OPEN
+    assert opened is State.OPEN
     assert rejected.value.breaker == "upstream"
     assert rejected.value.retry_after == 30.0
+    assert probe.status_code == 200
+    assert guard.state is State.CLOSED
 
 
 async def test_retried_responses_are_closed_so_one_connection_serves_every_attempt(
-    upstream: Upstream, base_url: str, async_sleeper: AsyncSleeper
+    via: Via, upstream: Upstream, base_url: str, sleeper: Sleeper
 ) -> None:
     upstream.statuses = [503, 503, 200]
     # One connection in the pool: an attempt that left the last response open would wait
     # for the pool and fail with PoolTimeout.
-    pool = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1))
-    counting = CountingTransport(pool)
-    transport = resilient(counting, retry=quick_retry(async_sleeper, attempts=3))
-    async with client(transport, base_url) as http:
-        http.timeout = httpx.Timeout(10.0, pool=2.0)
+    counting = Counting(via.network(limits=httpx.Limits(max_connections=1)))
+    transport = via.resilient(counting, retry=quick_retry(sleeper, attempts=3))
+    timeout = httpx.Timeout(10.0, pool=2.0)
+    async with via.client(transport, base_url, timeout=timeout) as http:
         response = await http.get("/scripted")
         assert response.status_code == 200
         assert (counting.opened, counting.closed) == (3, 3)  # the client read and closed the last
@@ -128,87 +134,103 @@ async def test_retried_responses_are_closed_so_one_connection_serves_every_attem
 
 
 async def test_an_attempt_that_outlives_its_timeout_fails_and_is_retried(
-    upstream: Upstream, base_url: str, clock: FakeClock, async_sleeper: AsyncSleeper
+    via: Via, upstream: Upstream, base_url: str, clock: FakeClock, sleeper: Sleeper
 ) -> None:
     guard = breaker(clock, minimum_calls=10, window=10)
-    transport = resilient(
-        httpx.AsyncHTTPTransport(),
-        breaker=guard,
-        retry=quick_retry(async_sleeper, attempts=2),
-        timeout=0.2,
+    transport = via.resilient(
+        via.network(), breaker=guard, retry=quick_retry(sleeper, attempts=2), timeout=0.2
     )
-    async with client(transport, base_url) as http:
-        with pytest.raises(httpx.TimeoutException, match=r"within 0\.2s"):
+    async with via.client(transport, base_url, timeout=30.0) as http:
+        with pytest.raises(httpx.TimeoutException) as raised:
             await http.get("/stall")
     assert guard.metrics()["failures"] == 2
-    assert len(async_sleeper.waits) == 1
+    assert len(sleeper.waits) == 1
+    if via.is_async:  # the attempt as a whole is bounded
+        assert "within 0.2s" in str(raised.value)
+    else:  # each network operation is: here the read of the response
+        assert isinstance(raised.value, httpx.ReadTimeout)
+
+
+async def test_the_sync_timeout_keeps_a_shorter_client_timeout(
+    upstream: Upstream, base_url: str
+) -> None:
+    via = Via(is_async=False)
+    transport = via.resilient(via.network(), retry=None, timeout=30.0)
+    async with via.client(transport, base_url, timeout=0.2) as http:
+        request = http.build_request("GET", "/stall")
+        with pytest.raises(httpx.ReadTimeout):
+            await http.send(request)
+    assert request.extensions["timeout"] == {"connect": 0.2, "read": 0.2, "write": 0.2, "pool": 0.2}
 
 
 # --- deterministic answers through httpx.MockTransport -------------------------------------
 
 
-async def test_retry_after_is_honoured(async_sleeper: AsyncSleeper) -> None:
-    script = Script((503, {"Retry-After": "7"}), 200)
-    transport = resilient(httpx.MockTransport(script), retry=quick_retry(async_sleeper, cap=0.5))
-    async with client(transport) as http:
+@pytest.mark.parametrize(("status", "seconds"), [(503, 7.0), (429, 3.0)])
+async def test_retry_after_is_honoured(
+    via: Via, sleeper: Sleeper, status: int, seconds: float
+) -> None:
+    script = Script((status, {"Retry-After": f"{seconds:g}"}), 200)
+    transport = via.resilient(httpx.MockTransport(script), retry=quick_retry(sleeper, cap=0.5))
+    async with via.client(transport) as http:
         response = await http.get("/prices")
     assert response.status_code == 200
-    assert async_sleeper.waits == [7.0]
+    assert sleeper.waits == [seconds]
 
 
 async def test_a_retry_after_beyond_the_deadline_returns_the_response_at_once(
-    async_sleeper: AsyncSleeper, recorder: Recorder
+    via: Via, sleeper: Sleeper, recorder: Recorder
 ) -> None:
     script = Script((503, {"Retry-After": "120"}), 200)
-    policy = quick_retry(async_sleeper, deadline=10.0, observer=recorder)
-    transport = resilient(httpx.MockTransport(script), retry=policy)
-    async with client(transport) as http:
+    policy = quick_retry(sleeper, deadline=10.0, observer=recorder)
+    transport = via.resilient(httpx.MockTransport(script), retry=policy)
+    async with via.client(transport) as http:
         response = await http.get("/prices")
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "120"
     assert script.hits() == 1
-    assert async_sleeper.waits == []
+    assert sleeper.waits == []
     assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]  # type: ignore[attr-defined]
 
 
 async def test_an_open_circuit_within_the_deadline_is_waited_for(
-    clock: FakeClock, async_sleeper: AsyncSleeper, recorder: Recorder
+    via: Via, clock: FakeClock, sleeper: Sleeper, recorder: Recorder
 ) -> None:
     guard = breaker(clock, minimum_calls=2, window=2, open_for=5.0)
     script = Script(503, 503, 200)
-    policy = quick_retry(async_sleeper, attempts=4, deadline=30.0, cap=0.1, observer=recorder)
-    transport = resilient(httpx.MockTransport(script), breaker=guard, retry=policy)
-    async with client(transport) as http:
+    policy = quick_retry(sleeper, attempts=4, deadline=30.0, cap=0.1, observer=recorder)
+    transport = via.resilient(httpx.MockTransport(script), breaker=guard, retry=policy)
+    async with via.client(transport) as http:
         response = await http.get("/prices")
     assert response.status_code == 200
     assert script.hits() == 3  # two failures opened it; the rejection never reached the host
     causes = [e.cause for e in recorder.of(RetryScheduled)]  # type: ignore[attr-defined]
     assert isinstance(causes[2], CircuitOpenError)
-    assert async_sleeper.waits[2] == causes[2].retry_after  # waited exactly until half-open
+    assert sleeper.waits[2] == causes[2].retry_after  # waited exactly until half-open
     assert guard.state is State.CLOSED  # the probe succeeded
 
 
 async def test_an_open_circuit_beyond_the_deadline_gives_up_at_once(
-    clock: FakeClock, async_sleeper: AsyncSleeper, recorder: Recorder
+    via: Via, clock: FakeClock, sleeper: Sleeper, recorder: Recorder
 ) -> None:
     guard = breaker(clock, minimum_calls=2, window=2, open_for=60.0)
     script = Script(503, 503, 200)
-    policy = quick_retry(async_sleeper, attempts=4, deadline=10.0, cap=0.1, observer=recorder)
-    transport = resilient(httpx.MockTransport(script), breaker=guard, retry=policy)
-    async with client(transport) as http:
+    policy = quick_retry(sleeper, attempts=4, deadline=10.0, cap=0.1, observer=recorder)
+    transport = via.resilient(httpx.MockTransport(script), breaker=guard, retry=policy)
+    async with via.client(transport) as http:
         with pytest.raises(CircuitOpenError):
             await http.get("/prices")
     assert script.hits() == 2
-    assert len(async_sleeper.waits) == 2  # after each 503; none after the rejection
+    assert len(sleeper.waits) == 2  # after each 503; none after the rejection
     gave_up = recorder.of(RetryGaveUp)
     assert [e.reason for e in gave_up] == ["deadline"]  # type: ignore[attr-defined]
 
 
-async def test_each_host_has_its_own_breaker(clock: FakeClock) -> None:
+async def test_each_host_has_its_own_breaker(via: Via, clock: FakeClock) -> None:
     script = Script(*[500] * 4)
     breakers = BreakerRegistry(lambda origin: breaker(clock, origin))
-    transport = resilient(httpx.MockTransport(script), breaker=breakers, retry=None)
-    async with client(transport) as http:
+    transport = via.resilient(httpx.MockTransport(script), breaker=breakers, retry=None)
+    async with via.client(transport) as http:
         for _ in range(4):
             await http.get("https://a.test/")
         with pytest.raises(CircuitOpenError) as rejected:
@@ -223,15 +245,15 @@ async def test_each_host_has_its_own_breaker(clock: FakeClock) -> None:
     assert (script.hits("a.test"), script.hits("b.test")) == (4, 1)
 
 
-async def test_the_default_breakers_are_one_per_origin_and_made_once() -> None:
+async def test_the_default_breakers_are_one_per_origin_and_made_once(via: Via) -> None:
     made: list[str] = []
 
     def factory(origin: str) -> CircuitBreaker:
         made.append(origin)
         return CircuitBreaker(origin, observer=None)
 
-    transport = resilient(httpx.MockTransport(Script()), breaker=factory)
-    async with client(transport) as http:
+    transport = via.resilient(httpx.MockTransport(Script()), breaker=factory)
+    async with via.client(transport) as http:
         for url in [
             "http://a.test/1",
             "http://a.test:80/2",
@@ -242,11 +264,13 @@ async def test_the_default_breakers_are_one_per_origin_and_made_once() -> None:
     assert made == ["http://a.test:80", "http://[::1]:8000"]
 
 
-async def test_a_half_open_probe_that_succeeds_closes_the_circuit(clock: FakeClock) -> None:
+async def test_a_half_open_probe_that_succeeds_closes_the_circuit(
+    via: Via, clock: FakeClock
+) -> None:
     guard = breaker(clock, open_for=30.0)
     script = Script(*[503] * 4)
-    transport = resilient(httpx.MockTransport(script), breaker=guard, retry=None)
-    async with client(transport) as http:
+    transport = via.resilient(httpx.MockTransport(script), breaker=guard, retry=None)
+    async with via.client(transport) as http:
         for _ in range(4):
             await http.get("/")
         assert guard.state.value == "open"
@@ -258,17 +282,20 @@ async def test_a_half_open_probe_that_succeeds_closes_the_circuit(clock: FakeClo
     assert script.hits() == 5
 
 
-async def test_client_errors_do_not_count_against_the_host(clock: FakeClock) -> None:
+async def test_client_errors_do_not_count_against_the_host(via: Via, clock: FakeClock) -> None:
     guard = breaker(clock)
-    transport = resilient(httpx.MockTransport(Script(*[404] * 4, 400)), breaker=guard, retry=None)
-    async with client(transport) as http:
+    script = Script(*[404] * 4, 400)
+    transport = via.resilient(httpx.MockTransport(script), breaker=guard, retry=None)
+    async with via.client(transport) as http:
         statuses = [(await http.get("/")).status_code for _ in range(5)]
     assert statuses == [404, 404, 404, 404, 400]
     assert guard.state is State.CLOSED
     assert guard.metrics()["failures"] == 0
 
 
-async def test_a_breaker_that_does_not_record_status_errors_ignores_5xx(clock: FakeClock) -> None:
+async def test_a_breaker_that_does_not_record_status_errors_ignores_5xx(
+    via: Via, clock: FakeClock
+) -> None:
     recorder = Recorder()
     only_transport_errors = CircuitBreaker(
         "upstream", minimum_calls=2, window=2, record=httpx.TransportError, clock=clock
@@ -282,8 +309,8 @@ async def test_a_breaker_that_does_not_record_status_errors_ignores_5xx(clock: F
         observer=recorder,
     )
     for guard in (only_transport_errors, status_errors_too):
-        transport = resilient(httpx.MockTransport(Script(503, 503)), breaker=guard, retry=None)
-        async with client(transport) as http:
+        transport = via.resilient(httpx.MockTransport(Script(503, 503)), breaker=guard, retry=None)
+        async with via.client(transport) as http:
             await http.get("/")
             await http.get("/")
     assert only_transport_errors.state is State.CLOSED
@@ -293,115 +320,102 @@ async def test_a_breaker_that_does_not_record_status_errors_ignores_5xx(clock: F
     assert failed.error.response.status_code == 503  # type: ignore[attr-defined]
 
 
-async def test_a_streaming_body_is_sent_once(async_sleeper: AsyncSleeper) -> None:
-    async def body() -> AsyncIterator[bytes]:
-        yield b"part 1, "
-        yield b"part 2"
-
+async def test_a_streaming_body_is_sent_once(via: Via, sleeper: Sleeper) -> None:
     script = Script(503, 200)
-    transport = resilient(httpx.MockTransport(script), retry=quick_retry(async_sleeper))
-    async with client(transport) as http:
-        response = await http.put("/upload", content=body())
+    transport = via.resilient(httpx.MockTransport(script), retry=quick_retry(sleeper))
+    async with via.client(transport) as http:
+        response = await http.put("/upload", content=via.body(b"part 1, ", b"part 2"))
     assert response.status_code == 503
     assert script.hits() == 1
     assert script.requests[0].content == b"part 1, part 2"
 
 
-async def test_a_body_read_into_memory_is_retried(async_sleeper: AsyncSleeper) -> None:
-    async def body() -> AsyncIterator[bytes]:
-        yield b"part 1, "
-        yield b"part 2"
-
+async def test_a_body_read_into_memory_is_retried(via: Via, sleeper: Sleeper) -> None:
     script = Script(503, 200)
-    transport = resilient(httpx.MockTransport(script), retry=quick_retry(async_sleeper))
-    async with client(transport) as http:
-        request = http.build_request("PUT", "/upload", content=body())
-        await request.aread()
+    transport = via.resilient(httpx.MockTransport(script), retry=quick_retry(sleeper))
+    async with via.client(transport) as http:
+        request = http.build_request("PUT", "/upload", content=via.body(b"part 1, ", b"part 2"))
+        await via.read(request)
         response = await http.send(request)
     assert response.status_code == 200
     assert [r.content for r in script.requests] == [b"part 1, part 2"] * 2
 
 
-async def test_a_body_given_as_a_byte_stream_is_retried(async_sleeper: AsyncSleeper) -> None:
+async def test_a_body_given_as_a_byte_stream_is_retried(via: Via, sleeper: Sleeper) -> None:
     script = Script(503, 200)
-    transport = resilient(httpx.MockTransport(script), retry=quick_retry(async_sleeper))
+    transport = via.resilient(httpx.MockTransport(script), retry=quick_retry(sleeper))
     request = httpx.Request("PUT", "http://api.test/", stream=httpx.ByteStream(b"whole"))
-    async with client(transport) as http:
+    async with via.client(transport) as http:
         response = await http.send(request)
     assert response.status_code == 200
     assert [r.content for r in script.requests] == [b"whole"] * 2
 
 
 async def test_errors_that_another_attempt_would_repeat_are_not_retried(
-    async_sleeper: AsyncSleeper,
+    via: Via, sleeper: Sleeper
 ) -> None:
     script = Script(httpx.LocalProtocolError("bad header"), 200)
-    transport = resilient(httpx.MockTransport(script), retry=quick_retry(async_sleeper))
-    async with client(transport) as http:
+    transport = via.resilient(httpx.MockTransport(script), retry=quick_retry(sleeper))
+    async with via.client(transport) as http:
         with pytest.raises(httpx.LocalProtocolError):
             await http.get("/")
     assert script.hits() == 1
 
 
-async def test_the_policys_own_on_narrows_what_is_retried(async_sleeper: AsyncSleeper) -> None:
+async def test_the_policys_own_on_narrows_what_is_retried(via: Via, sleeper: Sleeper) -> None:
     script = Script(httpx.ReadTimeout("slow"), httpx.ConnectError("refused"), 200)
-    policy = quick_retry(async_sleeper, attempts=5, on=httpx.ConnectError)
-    transport = resilient(httpx.MockTransport(script), retry=policy)
-    async with client(transport) as http:
+    policy = quick_retry(sleeper, attempts=5, on=httpx.ConnectError)
+    transport = via.resilient(httpx.MockTransport(script), retry=policy)
+    async with via.client(transport) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.get("/")
     assert script.hits() == 1
 
 
-async def test_retry_statuses_are_configurable(async_sleeper: AsyncSleeper) -> None:
+async def test_retry_statuses_are_configurable(via: Via, sleeper: Sleeper) -> None:
     script = Script(500, 503, 200)
-    transport = resilient(
-        httpx.MockTransport(script), retry=quick_retry(async_sleeper), retry_statuses={500}
+    transport = via.resilient(
+        httpx.MockTransport(script), retry=quick_retry(sleeper), retry_statuses={500}
     )
-    async with client(transport) as http:
+    async with via.client(transport) as http:
         response = await http.get("/")
     assert response.status_code == 503
     assert script.hits() == 2
 
 
-async def test_without_retry_or_breaker_a_request_is_sent_once_as_it_is() -> None:
+async def test_without_retry_or_breaker_a_request_is_sent_once_as_it_is(via: Via) -> None:
     script = Script(*[503] * 30)
-    transport = resilient(httpx.MockTransport(script), retry=None, breaker=False)
-    async with client(transport) as http:
+    transport = via.resilient(httpx.MockTransport(script), retry=None, breaker=False)
+    async with via.client(transport) as http:
         statuses = {(await http.get("/")).status_code for _ in range(30)}
     assert statuses == {503}
     assert script.hits() == 30
 
 
-async def test_the_defaults_retry_a_get_after_a_connection_error() -> None:
+async def test_the_defaults_retry_a_get_after_a_connection_error(via: Via) -> None:
     script = Script(httpx.ConnectError("refused"), 200)
-    transport = ResilientTransport(httpx.MockTransport(script))
-    async with client(transport) as http:
+    transport = via.resilient(httpx.MockTransport(script))
+    async with via.client(transport) as http:
         response = await http.get("/")
     assert response.status_code == 200
     assert script.hits() == 2
 
 
-async def test_cancelled_while_waiting_to_retry_closes_the_response(
-    async_sleeper: AsyncSleeper,
-) -> None:
-    async def cancelled(seconds: float) -> None:
-        raise asyncio.CancelledError
-
-    counting = CountingTransport(httpx.MockTransport(Script(503, 200)))
-    transport = resilient(counting, retry=retry(sleep=cancelled))
-    async with client(transport) as http:
-        with pytest.raises(asyncio.CancelledError):
+async def test_interrupted_while_waiting_to_retry_closes_the_response(via: Via) -> None:
+    counting = Counting(httpx.MockTransport(Script(503, 200)))
+    transport = via.resilient(counting, retry=retry(sleep=via.interrupting_sleep()))
+    async with via.client(transport) as http:
+        with pytest.raises(via.interruption):
             await http.get("/")
     assert (counting.opened, counting.closed) == (1, 1)
 
 
 async def test_the_retry_events_name_the_transport(
-    async_sleeper: AsyncSleeper, recorder: Recorder
+    via: Via, sleeper: Sleeper, recorder: Recorder
 ) -> None:
-    policy = quick_retry(async_sleeper, observer=recorder, rng=random.Random(1))
-    transport = resilient(httpx.MockTransport(Script(503, 200)), retry=policy)
-    async with client(transport) as http:
+    policy = quick_retry(sleeper, observer=recorder, rng=random.Random(1))
+    transport = via.resilient(httpx.MockTransport(Script(503, 200)), retry=policy)
+    async with via.client(transport) as http:
         await http.get("/")
     scheduled = recorder.of(RetryScheduled)
     assert [(e.name, e.cause.status_code) for e in scheduled] == [  # type: ignore[attr-defined]
@@ -409,15 +423,20 @@ async def test_the_retry_events_name_the_transport(
     ]
 
 
-async def test_closing_the_transport_closes_the_wrapped_one() -> None:
+async def test_closing_the_transport_closes_the_wrapped_one(via: Via) -> None:
     class Closable(httpx.MockTransport):
         closed = False
+
+        def close(self) -> None:
+            self.closed = True
 
         async def aclose(self) -> None:
             self.closed = True
 
     inner = Closable(Script())
-    async with ResilientTransport(inner) as transport:
-        assert transport.transport is inner
+    transport = via.resilient(inner)
+    assert transport.transport is inner
+    async with via.client(transport) as http:
+        await http.get("/")
         assert not inner.closed
     assert inner.closed
