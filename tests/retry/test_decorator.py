@@ -19,7 +19,7 @@ from resilient import (
     retry,
 )
 from resilient.events import RetryGaveUp, RetryScheduled
-from resilient.retry.core import JITTERS, Jitter, backoff
+from resilient.retries.core import JITTERS, Jitter, backoff
 from resilient.testing import FakeClock
 from tests.retry.conftest import AsyncSleeper, Recorder, Sleeper
 

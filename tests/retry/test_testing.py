@@ -10,7 +10,7 @@ import pytest
 
 from resilient import retry
 from resilient.events import RetryGaveUp, RetryScheduled
-from resilient.retry.core import waits
+from resilient.retries.core import waits
 from resilient.testing import FakeClock, retries_without_waits, set_retry_waits
 from tests.retry.conftest import AsyncSleeper, Recorder, Sleeper
 

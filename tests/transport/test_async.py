@@ -13,7 +13,7 @@ import pytest
 from resilient import BreakerRegistry, CircuitBreaker, CircuitOpenError, ResilientTransport, retry
 from resilient.breaker import State
 from resilient.events import CallFailed, RetryGaveUp, RetryScheduled
-from resilient.retry import Retry
+from resilient.retries import Retry
 from resilient.testing import FakeClock
 from tests.retry.conftest import AsyncSleeper, Recorder
 from tests.transport.conftest import CountingTransport, Script, Upstream

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Final
 
 from resilient.clock import Clock
 from resilient.errors import BackendError, ConfigurationError
-from resilient.retry.core import validate_seconds
+from resilient.retries.core import validate_seconds
 
 if TYPE_CHECKING:
     from resilient.backends.redis import RedisBackend
@@ -195,7 +195,7 @@ class RetryBudget:
         backend = self._backend
         if backend is None:
             return
-        from resilient.retry.redis import BUDGET  # noqa: PLC0415
+        from resilient.retries.redis import BUDGET  # noqa: PLC0415
 
         with self._lock:
             delta, self._pending = self._pending, 0

@@ -28,8 +28,8 @@ from resilient.events import (
     RetryScheduled,
     emit,
 )
-from resilient.retry.budget import RetryBudget
-from resilient.retry.core import JITTERS, Jitter, backoff, retry_after_of, validate_seconds, waits
+from resilient.retries.budget import RetryBudget
+from resilient.retries.core import JITTERS, Jitter, backoff, retry_after_of, validate_seconds, waits
 
 if TYPE_CHECKING:
     from tenacity import AttemptManager, RetryCallState
@@ -79,7 +79,7 @@ def retry(
     *attempts* counts every try, the first included. *deadline* bounds the whole call,
     waits included, in seconds: a retry whose wait would reach it is not made. Waits
     follow *jitter* (``"full"``, ``"equal"`` or ``"decorrelated"``, see
-    :mod:`resilient.retry.core`) from *base* up to *cap* seconds, and are stretched to
+    :mod:`resilient.retries.core`) from *base* up to *cap* seconds, and are stretched to
     what the failure asks for: a ``retry_after`` attribute
     (:class:`~resilient.RateLimitExceeded`, :class:`~resilient.CircuitOpenError`, ...)
     or a ``Retry-After`` header (of an ``httpx.Response`` result, or of an exception's
