@@ -122,7 +122,6 @@ PRIVATE_BASELINE = frozenset(
         ("tests/ratelimit/test_limiter.py", "uses _deny_cache, private to another module"),
         ("tests/ratelimit/test_memory.py", "uses _expiries, private to another module"),
         ("tests/ratelimit/test_middleware.py", "uses _header_cache, private to another module"),
-        ("tests/retry/test_budget_shared.py", "uses _task, private to another module"),
         ("tests/test_keys.py", "imports _CACHE_SIZE from resilient.keys"),
         ("tests/test_keys.py", "uses _peer_keys, private to another module"),
     }

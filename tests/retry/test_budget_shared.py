@@ -85,11 +85,30 @@ async def test_async_callers_sync_in_the_background_at_most_once_an_interval(
     before = await scripts_run(two_backends[0])
     for _ in range(10):
         a.deposit()  # the first starts a sync; the others fall in the same interval
-    assert a._task is not None
-    await a._task  # the background sync (no waiting on time: it is awaited)
+    await a.wait_for_sync()  # the background sync (no waiting on time: it is awaited)
+    assert await scripts_run(two_backends[0]) - before == 1
     clock.advance(1.0)
     a.deposit()  # a new interval: a second sync carries the deposits since the first
-    await a._task
+    await a.wait_for_sync()
     assert await scripts_run(two_backends[0]) - before == 2
     await b.sync_now()
     assert b.balance == 5.5
+
+
+async def test_waiting_for_a_sync_needs_none_in_flight_and_survives_its_failure(
+    fresh_redis_server: RedisServer,
+) -> None:
+    clock = FakeClock()
+    client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
+    async with RedisBackend(client) as backend:
+        own = budget(backend, clock)
+        await own.wait_for_sync()  # nothing deposited yet: nothing to wait for
+        own.deposit()
+        await own.wait_for_sync()
+        assert own.balance == 0.5
+        fresh_redis_server.stop()
+        clock.advance(1.0)
+        own.deposit()  # this sync fails: waiting for it does not raise
+        await own.wait_for_sync()
+        assert own.balance == 1.0  # its own deposits still count
+    await client.aclose()

@@ -186,6 +186,18 @@ class RetryBudget:
         finally:
             self._syncing = False
 
+    async def wait_for_sync(self) -> None:
+        """Wait until the background sync in flight, if any, has ended.
+
+        Async callers sync in the background (see the class docstring), so a deposit
+        returns before Redis has it. Await this where the shared balance must hold what
+        this instance did, at shutdown say, or in a test. Cancelling the wait does not
+        cancel the sync; the sync's failure is not raised here (the tokens stay pending).
+        """
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
+
     async def sync_now(self) -> None:
         """Add this instance's pending tokens to the shared balance and read it back.
 
