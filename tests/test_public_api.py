@@ -28,6 +28,8 @@ PUBLIC_MODULES = [
     "resilient.ratelimit",
     "resilient.retries",
     "resilient.retries.core",
+    "resilient.retries.flow",
+    "resilient.retries.options",
     "resilient.testing",
 ]
 

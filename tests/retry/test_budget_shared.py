@@ -54,12 +54,18 @@ async def test_without_redis_an_instance_falls_back_to_its_own_budget(
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         own = budget(backend, clock)
+        await own.wait_for_sync()  # none in flight: nothing to wait for
         for _ in range(4):
-            own.deposit()
+            own.deposit()  # the first starts a sync in the background
+        await own.wait_for_sync()
         fresh_redis_server.stop()
         with pytest.raises(BackendError):
             await own.sync_now()
         assert own.balance == 2  # its own deposits still count
+        clock.advance(1.0)
+        own.deposit()  # a new interval: a sync that fails, and waiting for it does not raise
+        await own.wait_for_sync()
+        assert own.balance == 2.5
         assert own.try_withdraw()
     await client.aclose()
 
@@ -93,22 +99,3 @@ async def test_async_callers_sync_in_the_background_at_most_once_an_interval(
     assert await scripts_run(two_backends[0]) - before == 2
     await b.sync_now()
     assert b.balance == 5.5
-
-
-async def test_waiting_for_a_sync_needs_none_in_flight_and_survives_its_failure(
-    fresh_redis_server: RedisServer,
-) -> None:
-    clock = FakeClock()
-    client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
-    async with RedisBackend(client) as backend:
-        own = budget(backend, clock)
-        await own.wait_for_sync()  # nothing deposited yet: nothing to wait for
-        own.deposit()
-        await own.wait_for_sync()
-        assert own.balance == 0.5
-        fresh_redis_server.stop()
-        clock.advance(1.0)
-        own.deposit()  # this sync fails: waiting for it does not raise
-        await own.wait_for_sync()
-        assert own.balance == 1.0  # its own deposits still count
-    await client.aclose()

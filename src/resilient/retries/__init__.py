@@ -10,6 +10,7 @@ Importing this package does not import tenacity: the first failure that is retri
 from __future__ import annotations
 
 from resilient.retries.budget import RetryBudget
-from resilient.retries.policy import Attempt, Attempts, Retry, RetryOn, retry
+from resilient.retries.options import RetryOn, RetryOptions
+from resilient.retries.policy import Attempt, Attempts, Retry, retry
 
-__all__ = ["Attempt", "Attempts", "Retry", "RetryBudget", "RetryOn", "retry"]
+__all__ = ["Attempt", "Attempts", "Retry", "RetryBudget", "RetryOn", "RetryOptions", "retry"]
