@@ -184,7 +184,8 @@ class Retry:
         if self.options.result is not None:
             msg = "a retry policy with result= decorates functions; a block returns nothing"
             raise ConfigurationError(msg)
-        return Attempts(self, self.options.name or "<block>")
+        name = self.options.name or "<block>"
+        return Attempts(partial(self._attempts_sync, name), partial(self._attempts_async, name))
 
     def __repr__(self) -> str:
         options = self.options
@@ -311,6 +312,21 @@ class Retry:
                 await self._pause_async(step)
         return cast("_R", last.outcome())
 
+    def _attempts_sync(self, name: str) -> Iterator[Attempt]:
+        self._check_sync_sleep(name)
+        for step in self._block(name):
+            if isinstance(step, Attempt):
+                yield step
+            else:
+                self._pause(step)
+
+    async def _attempts_async(self, name: str) -> AsyncIterator[Attempt]:
+        for step in self._block(name):
+            if isinstance(step, Attempt):
+                yield step
+            else:
+                await self._pause_async(step)
+
     def _check_sync_sleep(self, name: str) -> None:
         sleep = self.options.sleep
         if sleep is not None and inspect.iscoroutinefunction(sleep):
@@ -335,28 +351,19 @@ class Attempts:
     yields an :class:`Attempt`, which the block must run under ``with``.
     """
 
-    __slots__ = ("_name", "_policy")
+    __slots__ = ("_async", "_sync")
 
-    def __init__(self, policy: Retry, name: str) -> None:
-        self._policy = policy
-        self._name = name
+    def __init__(
+        self, sync: Callable[[], Iterator[Attempt]], async_: Callable[[], AsyncIterator[Attempt]]
+    ) -> None:
+        self._sync = sync
+        self._async = async_
 
     def __iter__(self) -> Iterator[Attempt]:
-        policy = self._policy
-        policy._check_sync_sleep(self._name)
-        for step in policy._block(self._name):
-            if isinstance(step, Attempt):
-                yield step
-            else:
-                policy._pause(step)
+        return self._sync()
 
-    async def __aiter__(self) -> AsyncIterator[Attempt]:
-        policy = self._policy
-        for step in policy._block(self._name):
-            if isinstance(step, Attempt):
-                yield step
-            else:
-                await policy._pause_async(step)
+    def __aiter__(self) -> AsyncIterator[Attempt]:
+        return self._async()
 
 
 def _catch_all(error: BaseException) -> bool:
@@ -369,7 +376,8 @@ class Attempt:
     On leaving the ``with``, a retryable exception is swallowed (the loop decides what
     comes next) and kept in ``error``; any other exception of the first attempt
     propagates. After the first, an attempt keeps whatever it raised, and the loop
-    decides whether it ends the call.
+    decides whether it ends the call. ``value`` is what a decorated function returned
+    (a block leaves it ``None``).
     """
 
     __slots__ = ("_catches", "error", "number", "value")
