@@ -228,9 +228,11 @@ class Retry:
             last.outcome()  # raises what the last attempt raised
 
     def _starter(self) -> Callable[[], float] | None:
-        """Return :meth:`_start`, or ``None`` when a call has nothing to do before it starts."""
+        """Return the cheapest way to :meth:`_start` a call, or ``None`` for nothing to do."""
         options = self.options
-        return None if options.budget is None and options.deadline is None else self._start
+        if options.budget is None:
+            return None if options.deadline is None else self._monotonic
+        return self._start
 
     def _start(self) -> float:
         """Begin a call: return when (if a deadline needs to know), and feed the budget."""
