@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -60,20 +60,13 @@ def test_threads_share_a_policy_and_each_call_keeps_its_own_count(recorder: Reco
     clock = FakeClock()
     policy = retry(attempts=3, base=0.01, cap=0.01, sleep=lambda _: None, clock=clock)
     watched = retry(attempts=3, sleep=lambda _: None, observer=recorder, name="watched")
-    results: list[int] = []
-    lock = threading.Lock()
 
-    def work() -> None:
+    def work(_: int) -> list[int]:
         mine = [policy(Flaky(failures))() for failures in (0, 1, 2) * 30]
-        mine.append(watched(Flaky(2))())
-        with lock:
-            results.extend(mine)
+        return [*mine, watched(Flaky(2))()]
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = [made for mine in pool.map(work, range(8)) for made in mine]
     assert sorted(results) == sorted([1, 2, 3] * 30 * 8 + [3] * 8)
     assert [e.attempt for e in recorder.of(RetryScheduled)].count(1) == 8  # type: ignore[attr-defined]
     assert [e.attempt for e in recorder.of(RetryScheduled)].count(2) == 8  # type: ignore[attr-defined]
