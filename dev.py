@@ -119,7 +119,6 @@ PRIVATE_BASELINE = frozenset(
         ("tests/ratelimit/test_memory.py", "uses _data, private to another module"),
         ("tests/ratelimit/test_memory.py", "uses _expiries, private to another module"),
         ("tests/ratelimit/test_middleware.py", "uses _header_cache, private to another module"),
-        ("tests/retry/test_budget_shared.py", "uses _task, private to another module"),
     }
 )
 PUBLIC_UNDERSCORED = frozenset(

@@ -46,7 +46,7 @@ import redis
 
 import resilient
 import resilient.testing
-from resilient.retry.core import waits
+from resilient.retries.core import waits
 from resilient.testing import RedisCluster, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]

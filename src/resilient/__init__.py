@@ -41,7 +41,7 @@ from resilient.ratelimit import (
     TokenBucket,
     rate_limit,
 )
-from resilient.retry import RetryBudget, retry
+from resilient.retries import RetryBudget, retry
 
 if TYPE_CHECKING:
     from resilient.auth import (

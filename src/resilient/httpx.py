@@ -45,8 +45,8 @@ except ImportError as error:  # pragma: no cover (the test suite always has http
 
 from resilient.breaker import BreakerRegistry, CircuitBreaker
 from resilient.errors import CircuitOpenError, ConfigurationError
-from resilient.retry import Retry, retry
-from resilient.retry.core import validate_seconds
+from resilient.retries import Retry, retry
+from resilient.retries.core import validate_seconds
 
 __all__ = [
     "DEFAULT_RETRY",

@@ -1,11 +1,22 @@
-"""Helpers for the retry tests: a sleep that moves a FakeClock, and an event recorder."""
+"""Helpers for the retry tests: sleeps that move a FakeClock, an event recorder, and the
+``driver`` fixture, which runs each behaviour test through the sync and the async drivers.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import pytest
 
 from resilient.events import Event
+from resilient.retries import Attempt, Attempts, Retry
 from resilient.testing import FakeClock
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class Sleeper:
@@ -38,6 +49,59 @@ class Recorder:
 
     def of(self, kind: type[Event]) -> list[Event]:
         return [e for e in self.events if isinstance(e, kind)]
+
+
+class Driver:
+    """Runs a policy through its sync driver (``def``, ``for``) or its async one.
+
+    ``sleep`` records the waits and advances the clock: a sync sleep for the sync driver,
+    an async one for the async driver.
+    """
+
+    def __init__(self, kind: str, clock: FakeClock) -> None:
+        self.kind = kind
+        self.sleep = Sleeper(clock) if kind == "sync" else AsyncSleeper(clock)
+
+    def decorate(self, policy: Retry, function: Callable[_P, _T]) -> Callable[_P, _T]:
+        """Return *function* retried by *policy*, as a ``def`` or as an ``async def``.
+
+        The async one runs *function* as its body, and each call runs on a new event loop.
+        """
+        if self.kind == "sync":
+            return policy(function)
+
+        @functools.wraps(function)
+        async def body(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            return function(*args, **kwargs)
+
+        retried = policy(body)
+
+        @functools.wraps(function)
+        def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            return asyncio.run(retried(*args, **kwargs))
+
+        return call
+
+    def block(self, attempts: Attempts, body: Callable[[Attempt], Any]) -> Attempt:
+        """Run *body* under each attempt, with ``for`` or ``async for``; return the last."""
+        if self.kind == "sync":
+            for attempt in attempts:
+                with attempt:
+                    body(attempt)
+            return attempt
+
+        async def run() -> Attempt:
+            async for attempt in attempts:
+                with attempt:
+                    body(attempt)
+            return attempt
+
+        return asyncio.run(run())
+
+
+@pytest.fixture(params=["sync", "async"])
+def driver(request: pytest.FixtureRequest, clock: FakeClock) -> Driver:
+    return Driver(request.param, clock)
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ import pytest
 
 from resilient import ConfigurationError, RetryBudget, retry
 from resilient.events import RetryBudgetExhausted, RetryGaveUp
+from resilient.retries import Attempt
 from resilient.testing import FakeClock
-from tests.retry.conftest import Recorder, Sleeper
+from tests.retry.conftest import Driver, Recorder
 
 
 def test_every_call_deposits_the_ratio_and_every_retry_withdraws_one(clock: FakeClock) -> None:
@@ -91,38 +92,40 @@ def test_threads_deposit_and_withdraw_exactly(clock: FakeClock) -> None:
 
 
 def test_retry_stops_when_the_budget_is_empty(
-    clock: FakeClock, sleeper: Sleeper, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: Recorder
 ) -> None:
     budget = RetryBudget(ratio=0.1, min_per_second=0, clock=clock)
     calls = 0
 
-    @retry(attempts=3, budget=budget, sleep=sleeper, observer=recorder)
-    def always_down() -> None:
+    def down() -> None:
         nonlocal calls
         calls += 1
         raise ConnectionError
 
+    policy = retry(attempts=3, budget=budget, sleep=driver.sleep, observer=recorder)
+    always_down = driver.decorate(policy, down)
     for _ in range(100):
         with pytest.raises(ConnectionError):
             always_down()
     # Every tenth call has saved up one retry; that retry fails and finds the budget empty.
     assert calls == 110
-    assert len(sleeper.waits) == 10
+    assert len(driver.sleep.waits) == 10
     assert len(recorder.of(RetryBudgetExhausted)) == 100
     assert {e.reason for e in recorder.of(RetryGaveUp)} == {"budget"}  # type: ignore[attr-defined]
 
 
 def test_successful_calls_fill_the_budget_for_later_retries(
-    clock: FakeClock, sleeper: Sleeper
+    clock: FakeClock, driver: Driver
 ) -> None:
     budget = RetryBudget(ratio=0.5, min_per_second=0, clock=clock)
     failing = False
 
-    @retry(attempts=2, budget=budget, sleep=sleeper)
-    def call() -> str:
+    def work() -> str:
         if failing:
             raise ConnectionError
         return "ok"
+
+    call = driver.decorate(retry(attempts=2, budget=budget, sleep=driver.sleep), work)
 
     for _ in range(4):
         assert call() == "ok"
@@ -133,19 +136,19 @@ def test_successful_calls_fill_the_budget_for_later_retries(
             call()
     # 2.0 + 3 * 0.5 deposited; three retries withdrawn.
     assert budget.balance == 0.5
-    assert len(sleeper.waits) == 3
+    assert len(driver.sleep.waits) == 3
 
 
-async def test_async_calls_share_the_budget(clock: FakeClock) -> None:
+def test_the_reserve_alone_allows_a_retry(clock: FakeClock, driver: Driver) -> None:
     budget = RetryBudget(ratio=0.0, min_per_second=0.1, window=10.0, clock=clock)
 
-    @retry(attempts=5, budget=budget, sleep=clock.sleep)
-    async def down() -> None:
+    def fail() -> None:
         raise ConnectionError
 
     with pytest.raises(ConnectionError):
-        await down()
+        driver.decorate(retry(attempts=5, budget=budget, sleep=driver.sleep), fail)()
     assert budget.balance == 0.0
+    assert len(driver.sleep.waits) == 1
 
 
 @pytest.mark.parametrize(
@@ -167,29 +170,32 @@ def test_repr() -> None:
     assert repr(RetryBudget()) == "RetryBudget(ratio=0.2, min_per_second=10.0, window=10.0)"
 
 
-def test_blocks_deposit_and_withdraw_too(clock: FakeClock, sleeper: Sleeper) -> None:
+class Failing:
+    """A block that always fails, counting its runs."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, attempt: Attempt) -> None:
+        self.runs += 1
+        raise ConnectionError
+
+
+def test_blocks_deposit_and_withdraw_too(clock: FakeClock, driver: Driver) -> None:
     budget = RetryBudget(ratio=0.5, min_per_second=0, clock=clock)
     for _ in range(2):
-        for attempt in retry(budget=budget, sleep=sleeper).attempts():
-            with attempt:
-                pass
+        driver.block(retry(budget=budget, sleep=driver.sleep).attempts(), lambda a: None)
     assert budget.balance == 1.0
-    runs = 0
-    with pytest.raises(ConnectionError):  # noqa: PT012
-        for attempt in retry(attempts=5, budget=budget, sleep=sleeper).attempts():
-            with attempt:
-                runs += 1
-                raise ConnectionError
-    assert runs == 2  # 1.5 tokens: one retry, then the budget is empty
+    failing = Failing()
+    with pytest.raises(ConnectionError):
+        driver.block(retry(attempts=5, budget=budget, sleep=driver.sleep).attempts(), failing)
+    assert failing.runs == 2  # 1.5 tokens: one retry, then the budget is empty
 
 
-async def test_async_blocks_deposit_and_withdraw_too(clock: FakeClock) -> None:
+def test_a_block_deposits_before_it_withdraws(clock: FakeClock, driver: Driver) -> None:
     budget = RetryBudget(ratio=1.0, min_per_second=0, clock=clock)
-    runs = 0
-    with pytest.raises(ConnectionError):  # noqa: PT012
-        async for attempt in retry(attempts=5, budget=budget, sleep=clock.sleep).attempts():
-            with attempt:
-                runs += 1
-                raise ConnectionError
-    assert runs == 2
+    failing = Failing()
+    with pytest.raises(ConnectionError):
+        driver.block(retry(attempts=5, budget=budget, sleep=driver.sleep).attempts(), failing)
+    assert failing.runs == 2
     assert budget.balance == 0.0

@@ -54,12 +54,18 @@ async def test_without_redis_an_instance_falls_back_to_its_own_budget(
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         own = budget(backend, clock)
+        await own.wait_for_sync()  # none in flight: nothing to wait for
         for _ in range(4):
-            own.deposit()
+            own.deposit()  # the first starts a sync in the background
+        await own.wait_for_sync()
         fresh_redis_server.stop()
         with pytest.raises(BackendError):
             await own.sync_now()
         assert own.balance == 2  # its own deposits still count
+        clock.advance(1.0)
+        own.deposit()  # a new interval: a sync that fails, and waiting for it does not raise
+        await own.wait_for_sync()
+        assert own.balance == 2.5
         assert own.try_withdraw()
     await client.aclose()
 
@@ -85,11 +91,11 @@ async def test_async_callers_sync_in_the_background_at_most_once_an_interval(
     before = await scripts_run(two_backends[0])
     for _ in range(10):
         a.deposit()  # the first starts a sync; the others fall in the same interval
-    assert a._task is not None
-    await a._task  # the background sync (no waiting on time: it is awaited)
+    await a.wait_for_sync()  # the background sync (no waiting on time: it is awaited)
+    assert await scripts_run(two_backends[0]) - before == 1
     clock.advance(1.0)
     a.deposit()  # a new interval: a second sync carries the deposits since the first
-    await a._task
+    await a.wait_for_sync()
     assert await scripts_run(two_backends[0]) - before == 2
     await b.sync_now()
     assert b.balance == 5.5

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from resilient import ConfigurationError, retry
+from resilient.retries import RetryOptions
 from resilient.testing import FakeClock
 
 
@@ -72,3 +75,27 @@ def test_repr() -> None:
     assert repr(retry(attempts=5, deadline=10, jitter="equal")) == (
         "Retry(attempts=5, deadline=10.0, jitter='equal', base=0.1, cap=10.0)"
     )
+
+
+def test_each_keyword_of_retry_is_the_option_of_the_same_name() -> None:
+    keywords = inspect.signature(retry).parameters.values()
+    fields = [field for field in dataclasses.fields(RetryOptions) if field.init]
+    assert [(k.name, k.annotation) for k in keywords] == [(f.name, f.type) for f in fields]
+    assert {k.kind for k in keywords} == {inspect.Parameter.KEYWORD_ONLY}
+    defaults = retry().options
+    assert all(getattr(defaults, k.name) == k.default for k in keywords)
+
+
+def test_the_options_are_kept_validated_and_frozen() -> None:
+    policy = retry(attempts=5, deadline=10, base=1, cap=2)
+    assert policy.options.deadline == 10.0
+    assert isinstance(policy.options.deadline, float)
+    assert isinstance(policy.options.base, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.options.attempts = 1  # type: ignore[misc]
+    narrowed = policy.narrowed(on=OSError, name="narrow")
+    assert narrowed.options.name == "narrow"
+    assert narrowed.options.attempts == 5
+    assert policy.options.name is None  # the original is unchanged
+    with pytest.raises(ConfigurationError, match="KeyboardInterrupt is not an Exception"):
+        policy.narrowed(on=KeyboardInterrupt)  # type: ignore[arg-type]

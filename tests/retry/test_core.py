@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from resilient import BackendUnavailable, CircuitOpenError
-from resilient.retry.core import JITTERS, Jitter, backoff, parse_retry_after, retry_after_of
+from resilient.retries.core import JITTERS, Jitter, backoff, parse_retry_after, retry_after_of
 
 SAMPLES = 20_000
 NOW = 1_700_000_000.0

@@ -1,4 +1,8 @@
-"""``@retry`` on ``def`` and ``async def``: what is retried, how long it waits, when it stops."""
+"""``@retry`` on ``def`` and ``async def``: what is retried, how long it waits, when it stops.
+
+Each behaviour is tested through both drivers (the ``driver`` fixture); the tests named
+for ``async def`` are about what only a coroutine does.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ from resilient import (
     ConfigurationError,
     retry,
 )
-from resilient.events import RetryGaveUp, RetryScheduled
-from resilient.retry.core import JITTERS, Jitter, backoff
+from resilient.events import Event, RetryGaveUp, RetryScheduled
+from resilient.retries.core import JITTERS, Jitter, backoff
 from resilient.testing import FakeClock
-from tests.retry.conftest import AsyncSleeper, Recorder, Sleeper
+from tests.retry.conftest import AsyncSleeper, Driver, Recorder, Sleeper
 
 
 class Flaky:
@@ -39,20 +43,21 @@ class Flaky:
         return self.value
 
 
-def test_a_success_is_returned_at_once(sleeper: Sleeper, recorder: Recorder) -> None:
+def test_a_success_is_returned_at_once(driver: Driver, recorder: Recorder) -> None:
     flaky = Flaky()
-    fetch = retry(sleep=sleeper, observer=recorder)(flaky)
+    fetch = driver.decorate(retry(sleep=driver.sleep, observer=recorder), flaky)
     assert fetch() == "ok"
     assert flaky.calls == 1
-    assert sleeper.waits == []
+    assert driver.sleep.waits == []
     assert recorder.events == []
 
 
 def test_failures_are_retried_with_full_jitter_from_the_given_rng(
-    clock: FakeClock, sleeper: Sleeper, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: Recorder
 ) -> None:
+    sleeper = driver.sleep
     flaky = Flaky(ConnectionError("1"), ConnectionError("2"), ConnectionError("3"))
-    fetch = retry(
+    policy = retry(
         attempts=4,
         base=0.5,
         cap=1.5,
@@ -60,7 +65,8 @@ def test_failures_are_retried_with_full_jitter_from_the_given_rng(
         sleep=sleeper,
         rng=random.Random(42),
         observer=recorder,
-    )(flaky)
+    )
+    fetch = driver.decorate(policy, flaky)
     assert fetch() == "ok"
     assert flaky.calls == 4
     expected = random.Random(42)
@@ -79,11 +85,13 @@ def test_failures_are_retried_with_full_jitter_from_the_given_rng(
 
 
 @pytest.mark.parametrize("jitter", JITTERS)
-def test_each_jitter_gives_the_waits_of_its_formula(jitter: Jitter, sleeper: Sleeper) -> None:
+def test_each_jitter_gives_the_waits_of_its_formula(jitter: Jitter, driver: Driver) -> None:
+    sleeper = driver.sleep
     flaky = Flaky(*(OSError() for _ in range(6)))
-    retry(attempts=7, jitter=jitter, base=0.2, cap=3.0, sleep=sleeper, rng=random.Random(5))(
-        flaky
-    )()
+    policy = retry(
+        attempts=7, jitter=jitter, base=0.2, cap=3.0, sleep=sleeper, rng=random.Random(5)
+    )
+    driver.decorate(policy, flaky)()
     rng, previous, expected = random.Random(5), 0.2, []
     for n in range(6):
         previous = backoff(jitter, n, previous, base=0.2, cap=3.0, rng=rng)
@@ -92,64 +100,69 @@ def test_each_jitter_gives_the_waits_of_its_formula(jitter: Jitter, sleeper: Sle
 
 
 def test_when_attempts_run_out_the_last_exception_is_raised_with_its_traceback(
-    sleeper: Sleeper, recorder: Recorder
+    driver: Driver, recorder: Recorder
 ) -> None:
     calls = 0
 
-    @retry(attempts=3, sleep=sleeper, observer=recorder)
     def connect() -> None:
         nonlocal calls
         calls += 1
         raise ConnectionRefusedError(f"attempt {calls}")
 
+    retried = driver.decorate(retry(attempts=3, sleep=driver.sleep, observer=recorder), connect)
     with pytest.raises(ConnectionRefusedError, match="attempt 3") as raised:
-        connect()
+        retried()
     assert calls == 3
-    assert len(sleeper.waits) == 2
+    assert len(driver.sleep.waits) == 2
     frames = traceback.extract_tb(raised.value.__traceback__)
     assert frames[-1].name == "connect"
     assert frames[-1].line == 'raise ConnectionRefusedError(f"attempt {calls}")'
     assert raised.value.__context__ is None  # not chained to the earlier attempts
+    assert not any("tenacity" in frame.filename for frame in frames)
     (gave_up,) = recorder.of(RetryGaveUp)
     assert (gave_up.attempts, gave_up.reason, gave_up.cause) == (3, "attempts", raised.value)  # type: ignore[attr-defined]
     assert gave_up.name.endswith("connect")  # type: ignore[attr-defined]
 
 
-def test_one_attempt_means_no_retry(sleeper: Sleeper) -> None:
+def test_one_attempt_means_no_retry(driver: Driver) -> None:
     flaky = Flaky(OSError("once"))
     with pytest.raises(OSError, match="once"):
-        retry(attempts=1, sleep=sleeper)(flaky)()
+        driver.decorate(retry(attempts=1, sleep=driver.sleep), flaky)()
     assert flaky.calls == 1
 
 
-def test_only_the_exceptions_named_by_on_are_retried(sleeper: Sleeper, recorder: Recorder) -> None:
+def test_only_the_exceptions_named_by_on_are_retried(driver: Driver, recorder: Recorder) -> None:
     flaky = Flaky(ConnectionError(), ValueError("bad input"))
-    guarded = retry(on=ConnectionError, sleep=sleeper, observer=recorder)(flaky)
-    with pytest.raises(ValueError, match="bad input"):
+    guarded = driver.decorate(
+        retry(on=ConnectionError, sleep=driver.sleep, observer=recorder), flaky
+    )
+    with pytest.raises(ValueError, match="bad input") as raised:
         guarded()
     assert flaky.calls == 2
     assert [e.reason for e in recorder.of(RetryGaveUp)] == ["not_retryable"]  # type: ignore[attr-defined]
+    frames = traceback.extract_tb(raised.value.__traceback__)
+    assert not any("tenacity" in frame.filename for frame in frames)
 
     first_time = Flaky(ValueError("at once"))
     with pytest.raises(ValueError, match="at once"):
-        retry(on=(ConnectionError, TimeoutError), sleep=sleeper)(first_time)()
+        driver.decorate(retry(on=(ConnectionError, TimeoutError), sleep=driver.sleep), first_time)()
     assert first_time.calls == 1
 
 
-def test_on_may_be_a_predicate(sleeper: Sleeper) -> None:
+def test_on_may_be_a_predicate(driver: Driver) -> None:
     def transient(error: Exception) -> bool:
         return isinstance(error, OSError) and error.errno == 111
 
     flaky = Flaky(OSError(111, "refused"), OSError(2, "no such file"))
     with pytest.raises(OSError, match="no such file"):
-        retry(on=transient, sleep=sleeper)(flaky)()
+        driver.decorate(retry(on=transient, sleep=driver.sleep), flaky)()
     assert flaky.calls == 2
 
 
-def test_on_nothing_retries_results_only(sleeper: Sleeper) -> None:
+def test_on_nothing_retries_results_only(driver: Driver) -> None:
     flaky = Flaky(OSError("not retried"))
     with pytest.raises(OSError, match="not retried"):
-        retry(on=(), result=lambda r: r is None, sleep=sleeper)(flaky)()
+        driver.decorate(retry(on=(), result=lambda r: r is None, sleep=driver.sleep), flaky)()
     assert flaky.calls == 1
 
 
@@ -161,14 +174,14 @@ def test_on_nothing_retries_results_only(sleeper: Sleeper) -> None:
         SystemExit(1),
     ],
 )
-def test_some_errors_are_never_retried(error: BaseException, sleeper: Sleeper) -> None:
+def test_some_errors_are_never_retried(error: BaseException, driver: Driver) -> None:
     flaky = Flaky(error)
     with pytest.raises(type(error)):
-        retry(on=ValueError, sleep=sleeper)(flaky)()
+        driver.decorate(retry(on=ValueError, sleep=driver.sleep), flaky)()
     with pytest.raises(type(error)):
-        retry(sleep=sleeper)(Flaky(error))()
+        driver.decorate(retry(sleep=driver.sleep), Flaky(error))()
     assert flaky.calls == 1
-    assert sleeper.waits == []
+    assert driver.sleep.waits == []
 
 
 async def test_cancellation_is_never_retried(async_sleeper: AsyncSleeper) -> None:
@@ -188,62 +201,65 @@ async def test_cancellation_is_never_retried(async_sleeper: AsyncSleeper) -> Non
     assert calls == 1
 
 
-def test_results_matching_the_predicate_are_retried(sleeper: Sleeper) -> None:
+def test_results_matching_the_predicate_are_retried(driver: Driver) -> None:
     replies = [httpx.Response(503), httpx.Response(502), httpx.Response(200)]
 
-    @retry(result=lambda r: r.status_code >= 500, sleep=sleeper)
     def get() -> httpx.Response:
         return replies.pop(0)
 
-    assert get().status_code == 200
-    assert len(sleeper.waits) == 2
+    policy = retry(result=lambda r: r.status_code >= 500, sleep=driver.sleep)
+    assert driver.decorate(policy, get)().status_code == 200
+    assert len(driver.sleep.waits) == 2
 
 
 def test_when_attempts_run_out_the_last_result_is_returned(
-    sleeper: Sleeper, recorder: Recorder
+    driver: Driver, recorder: Recorder
 ) -> None:
     statuses = iter([503, 502, 504, 200])
 
-    @retry(attempts=3, result=lambda r: r.status_code >= 500, sleep=sleeper, observer=recorder)
     def get() -> httpx.Response:
         return httpx.Response(next(statuses))
 
-    assert get().status_code == 504
+    policy = retry(
+        attempts=3, result=lambda r: r.status_code >= 500, sleep=driver.sleep, observer=recorder
+    )
+    assert driver.decorate(policy, get)().status_code == 504
     (gave_up,) = recorder.of(RetryGaveUp)
     assert gave_up.reason == "attempts"  # type: ignore[attr-defined]
     assert gave_up.cause.status_code == 504  # type: ignore[attr-defined]
 
 
 def test_the_deadline_counts_the_attempts_and_the_waits(
-    clock: FakeClock, sleeper: Sleeper, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: Recorder
 ) -> None:
     calls = 0
 
-    @retry(
-        attempts=10,
-        deadline=1.2,
-        jitter="decorrelated",
-        base=0.25,
-        cap=0.25,  # every wait is exactly 0.25 s
-        clock=clock,
-        sleep=sleeper,
-        observer=recorder,
-    )
     def slow() -> None:
         nonlocal calls
         calls += 1
         clock.advance(0.25)
         raise TimeoutError(calls)
 
+    policy = retry(
+        attempts=10,
+        deadline=1.2,
+        jitter="decorrelated",
+        base=0.25,
+        cap=0.25,  # every wait is exactly 0.25 s
+        clock=clock,
+        sleep=driver.sleep,
+        observer=recorder,
+    )
     with pytest.raises(TimeoutError) as raised:
-        slow()
+        driver.decorate(policy, slow)()
     # 0.25 run, 0.25 wait, 0.25 run, 0.25 wait, 0.25 run: another wait would reach 1.5 s.
     assert raised.value.args == (3,)
-    assert sleeper.waits == [0.25, 0.25]
+    assert driver.sleep.waits == [0.25, 0.25]
     assert clock.monotonic() == 1.25
     assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
 @given(
     jitter=st.sampled_from(JITTERS),
     attempts=st.integers(1, 30),
@@ -256,6 +272,7 @@ def test_the_deadline_counts_the_attempts_and_the_waits(
 )
 def test_no_wait_ever_reaches_past_the_deadline(
     *,
+    kind: str,
     jitter: Jitter,
     attempts: int,
     deadline: float,
@@ -266,31 +283,33 @@ def test_no_wait_ever_reaches_past_the_deadline(
     retry_after: float | None,
 ) -> None:
     clock = FakeClock()
+    driver = Driver(kind, clock)
     sleeps: list[tuple[float, float]] = []  # (elapsed when the wait starts, wait)
 
-    def sleep(seconds: float) -> None:
-        sleeps.append((clock.monotonic(), seconds))
-        clock.advance(seconds)
-
-    @retry(
-        attempts=attempts,
-        deadline=deadline,
-        jitter=jitter,
-        base=base,
-        cap=base * cap_factor,
-        clock=clock,
-        sleep=sleep,
-        rng=random.Random(seed),
-        observer=None,
-    )
     def fail() -> None:
         clock.advance(run_time)
         if retry_after is None:
             raise ConnectionError
         raise BackendUnavailable("busy", retry_after=retry_after)
 
+    def observe(event: Event, /) -> None:
+        if isinstance(event, RetryScheduled):  # sent just before the wait starts
+            sleeps.append((clock.monotonic(), event.wait))
+
+    policy = retry(
+        attempts=attempts,
+        deadline=deadline,
+        jitter=jitter,
+        base=base,
+        cap=base * cap_factor,
+        clock=clock,
+        sleep=driver.sleep,
+        rng=random.Random(seed),
+        observer=observe,
+    )
     with pytest.raises(ConnectionError if retry_after is None else BackendUnavailable):
-        fail()
+        driver.decorate(policy, fail)()
+    assert [wait for _, wait in sleeps] == driver.sleep.waits
     assert len(sleeps) <= attempts - 1
     for elapsed, wait in sleeps:
         assert wait >= 0
@@ -301,79 +320,81 @@ def test_no_wait_ever_reaches_past_the_deadline(
             assert wait <= base * cap_factor
 
 
-def test_retry_after_of_a_response_stretches_the_wait(clock: FakeClock, sleeper: Sleeper) -> None:
+def test_retry_after_of_a_response_stretches_the_wait(clock: FakeClock, driver: Driver) -> None:
     replies = [
         httpx.Response(429, headers={"Retry-After": "3"}),
         httpx.Response(503, headers={"Retry-After": email.utils.formatdate(clock.time() + 8)}),
         httpx.Response(200),
     ]
 
-    @retry(result=lambda r: r.status_code in (429, 503), clock=clock, sleep=sleeper)
     def get() -> httpx.Response:
         return replies.pop(0)
 
-    assert get().status_code == 200
-    assert sleeper.waits == [3.0, 5.0]  # the date is 8 s after the start, read 3 s in
+    policy = retry(result=lambda r: r.status_code in (429, 503), clock=clock, sleep=driver.sleep)
+    assert driver.decorate(policy, get)().status_code == 200
+    assert driver.sleep.waits == [3.0, 5.0]  # the date is 8 s after the start, read 3 s in
 
 
-def test_retry_after_of_an_http_status_error(clock: FakeClock, sleeper: Sleeper) -> None:
+def test_retry_after_of_an_http_status_error(clock: FakeClock, driver: Driver) -> None:
     request = httpx.Request("GET", "https://api.example/")
     response = httpx.Response(429, headers={"Retry-After": "2"}, request=request)
     flaky = Flaky(httpx.HTTPStatusError("429", request=request, response=response))
-    assert retry(on=httpx.HTTPStatusError, clock=clock, sleep=sleeper)(flaky)() == "ok"
-    assert sleeper.waits == [2.0]
+    policy = retry(on=httpx.HTTPStatusError, clock=clock, sleep=driver.sleep)
+    assert driver.decorate(policy, flaky)() == "ok"
+    assert driver.sleep.waits == [2.0]
 
 
-def test_a_jittered_wait_longer_than_retry_after_is_kept(sleeper: Sleeper) -> None:
+def test_a_jittered_wait_longer_than_retry_after_is_kept(driver: Driver) -> None:
     flaky = Flaky(BackendUnavailable("busy", retry_after=0.001))
-    retry(jitter="equal", base=1.0, cap=1.0, sleep=sleeper)(flaky)()
-    assert len(sleeper.waits) == 1
-    assert 0.5 <= sleeper.waits[0] <= 1.0
+    driver.decorate(retry(jitter="equal", base=1.0, cap=1.0, sleep=driver.sleep), flaky)()
+    assert len(driver.sleep.waits) == 1
+    assert 0.5 <= driver.sleep.waits[0] <= 1.0
 
 
 def test_a_retry_after_beyond_the_deadline_gives_up_at_once(
-    clock: FakeClock, sleeper: Sleeper, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: Recorder
 ) -> None:
     calls = 0
 
-    @retry(
-        deadline=5.0,
-        result=lambda r: r.status_code == 429,
-        clock=clock,
-        sleep=sleeper,
-        observer=recorder,
-    )
     def get() -> httpx.Response:
         nonlocal calls
         calls += 1
         return httpx.Response(429, headers={"Retry-After": "60"})
 
-    assert get().status_code == 429
+    policy = retry(
+        deadline=5.0,
+        result=lambda r: r.status_code == 429,
+        clock=clock,
+        sleep=driver.sleep,
+        observer=recorder,
+    )
+    assert driver.decorate(policy, get)().status_code == 429
     assert calls == 1
-    assert sleeper.waits == []
+    assert driver.sleep.waits == []
     assert clock.monotonic() == 0
     assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]  # type: ignore[attr-defined]
 
 
 def test_an_open_circuit_is_retried_when_it_reopens_within_the_deadline(
-    clock: FakeClock, sleeper: Sleeper
+    clock: FakeClock, driver: Driver
 ) -> None:
     half_open_soon = CircuitOpenError("open", breaker="payments", retry_after=1.5)
     flaky = Flaky(half_open_soon)
-    assert retry(deadline=5.0, clock=clock, sleep=sleeper)(flaky)() == "ok"
-    assert sleeper.waits == [1.5]
+    assert driver.decorate(retry(deadline=5.0, clock=clock, sleep=driver.sleep), flaky)() == "ok"
+    assert driver.sleep.waits == [1.5]
 
 
 def test_an_open_circuit_is_not_waited_for_past_the_deadline(
-    clock: FakeClock, sleeper: Sleeper
+    clock: FakeClock, driver: Driver
 ) -> None:
     open_long = CircuitOpenError("open", breaker="payments", retry_after=30.0)
     flaky = Flaky(open_long)
+    policy = retry(attempts=5, deadline=10.0, clock=clock, sleep=driver.sleep)
     with pytest.raises(CircuitOpenError) as raised:
-        retry(attempts=5, deadline=10.0, clock=clock, sleep=sleeper)(flaky)()
+        driver.decorate(policy, flaky)()
     assert raised.value is open_long
     assert flaky.calls == 1
-    assert sleeper.waits == []
+    assert driver.sleep.waits == []
 
 
 async def test_async_functions_are_retried_with_an_async_sleep(
@@ -441,47 +462,35 @@ async def test_an_async_function_may_take_a_sync_sleep(clock: FakeClock, sleeper
     assert len(sleeper.waits) == 1
 
 
-def test_the_real_sleep_is_used_by_default() -> None:
+def test_the_real_sleep_is_used_by_default(driver: Driver) -> None:
     flaky = Flaky(OSError())
-    assert retry(base=0.001, cap=0.001)(flaky)() == "ok"  # a real, 1 ms wait at most
+    assert driver.decorate(retry(base=0.001, cap=0.001), flaky)() == "ok"  # a 1 ms wait at most
     assert flaky.calls == 2
 
 
-async def test_the_real_async_sleep_is_used_by_default() -> None:
-    errors = [OSError()]
-
-    @retry(base=0.001, cap=0.001)
-    async def fetch() -> str:
-        if errors:
-            raise errors.pop()
-        return "ok"
-
-    assert await fetch() == "ok"
-
-
-def test_events_are_logged_by_default(caplog: pytest.LogCaptureFixture, sleeper: Sleeper) -> None:
+def test_events_are_logged_by_default(caplog: pytest.LogCaptureFixture, driver: Driver) -> None:
     caplog.set_level("INFO", logger="resilient")
+    policy = retry(attempts=2, sleep=driver.sleep, name="inventory")
     with pytest.raises(OSError, match="down"):
-        retry(attempts=2, sleep=sleeper, name="inventory")(
-            Flaky(OSError("down"), OSError("down"))
-        )()
+        driver.decorate(policy, Flaky(OSError("down"), OSError("down")))()
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0].startswith("RetryScheduled(block='retry', name='inventory', attempt=1")
     assert messages[1].startswith("RetryGaveUp(block='retry', name='inventory', attempts=2")
     assert [r.levelname for r in caplog.records] == ["INFO", "WARNING"]
 
 
-def test_methods_and_arguments_pass_through(sleeper: Sleeper) -> None:
+def test_methods_and_arguments_pass_through(driver: Driver) -> None:
     class Client:
         def __init__(self) -> None:
             self.calls: list[tuple[int, str]] = []
 
-        @retry(sleep=sleeper)
-        def get(self, item: int, *, fields: str = "all") -> str:
+        def fetch(self, item: int, *, fields: str = "all") -> str:
             self.calls.append((item, fields))
             if len(self.calls) == 1:
                 raise ConnectionError
             return f"{item}:{fields}"
+
+        get = driver.decorate(retry(sleep=driver.sleep), fetch)
 
     client = Client()
     assert client.get(7, fields="name") == "7:name"

@@ -10,9 +10,9 @@ import pytest
 
 from resilient import retry
 from resilient.events import RetryGaveUp, RetryScheduled
-from resilient.retry.core import waits
+from resilient.retries.core import waits
 from resilient.testing import FakeClock, retries_without_waits, set_retry_waits
-from tests.retry.conftest import AsyncSleeper, Recorder, Sleeper
+from tests.retry.conftest import Driver, Recorder
 
 
 def always_failing(counter: list[int]) -> None:
@@ -20,26 +20,24 @@ def always_failing(counter: list[int]) -> None:
     raise ConnectionError(len(counter))
 
 
-def test_without_waits_retries_run_but_never_sleep(sleeper: Sleeper, recorder: Recorder) -> None:
+def test_without_waits_retries_run_but_never_sleep(driver: Driver, recorder: Recorder) -> None:
     calls: list[int] = []
-    flaky = retry(attempts=4, base=5.0, cap=60.0, sleep=sleeper, observer=recorder)(always_failing)
+    policy = retry(attempts=4, base=5.0, cap=60.0, sleep=driver.sleep, observer=recorder)
+    flaky = driver.decorate(policy, always_failing)
     with retries_without_waits(), pytest.raises(ConnectionError):
         flaky(calls)
     assert len(calls) == 4
-    assert sleeper.waits == []
+    assert driver.sleep.waits == []
     # The decisions are those of production: the events still carry the waits skipped.
     assert [e.attempt for e in recorder.of(RetryScheduled)] == [1, 2, 3]  # type: ignore[attr-defined]
     assert all(0 <= e.wait <= 60.0 for e in recorder.of(RetryScheduled))  # type: ignore[attr-defined]
     assert waits.enabled  # restored
 
 
-async def test_without_waits_async_retries_never_sleep(
-    async_sleeper: AsyncSleeper,
-) -> None:
+def test_without_waits_retries_end_as_they_would_with_them(driver: Driver) -> None:
     calls = 0
 
-    @retry(attempts=3, base=5.0, sleep=async_sleeper)
-    async def fetch() -> int:
+    def fetch() -> int:
         nonlocal calls
         calls += 1
         if calls < 3:
@@ -47,25 +45,28 @@ async def test_without_waits_async_retries_never_sleep(
         return calls
 
     with retries_without_waits():
-        assert await fetch() == 3
-    assert async_sleeper.waits == []
+        assert driver.decorate(retry(attempts=3, base=5.0, sleep=driver.sleep), fetch)() == 3
+    assert driver.sleep.waits == []
 
 
 def test_without_waits_a_retry_after_past_the_deadline_still_gives_up(
-    clock: FakeClock, sleeper: Sleeper, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: Recorder
 ) -> None:
-    @retry(deadline=1.0, result=lambda r: r.status_code == 429, clock=clock, observer=recorder)
     def get() -> httpx.Response:
         return httpx.Response(429, headers={"Retry-After": "30"})
 
+    policy = retry(
+        deadline=1.0, result=lambda r: r.status_code == 429, clock=clock, observer=recorder
+    )
     with retries_without_waits():
-        assert get().status_code == 429
+        assert driver.decorate(policy, get)().status_code == 429
     assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]  # type: ignore[attr-defined]
 
 
-def test_the_function_form_and_nesting(sleeper: Sleeper) -> None:
+def test_the_function_form_and_nesting(driver: Driver) -> None:
     calls: list[int] = []
-    flaky = retry(attempts=2, sleep=sleeper)(always_failing)
+    sleeper = driver.sleep
+    flaky = driver.decorate(retry(attempts=2, sleep=sleeper), always_failing)
     set_retry_waits(False)
     try:
         with retries_without_waits():

@@ -15,7 +15,7 @@ import pytest
 from resilient import BreakerRegistry, CircuitBreaker, CircuitOpenError, retry
 from resilient.breaker import State
 from resilient.events import CallFailed, RetryGaveUp, RetryScheduled
-from resilient.retry import Retry
+from resilient.retries import Retry
 from resilient.testing import FakeClock
 from tests.retry.conftest import Recorder, Sleeper
 from tests.transport.conftest import Counting, Script, Upstream, Via

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from resilient.retry.core import waits
+from resilient.retries.core import waits
 
 __all__ = ["retries_without_waits", "set_retry_waits"]
 

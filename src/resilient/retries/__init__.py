@@ -2,14 +2,15 @@
 
 * :func:`retry`: a decorator for ``def`` and ``async def``, and ``.attempts()`` for blocks;
 * :class:`RetryBudget`: caps retries at a share of calls, shared between callers;
-* :mod:`~resilient.retry.core`: the pure jitter formulas and ``Retry-After`` parsing.
+* :mod:`~resilient.retries.core`: the pure jitter formulas and ``Retry-After`` parsing.
 
 Importing this package does not import tenacity: the first failure that is retried does.
 """
 
 from __future__ import annotations
 
-from resilient.retry.budget import RetryBudget
-from resilient.retry.policy import Attempt, Attempts, Retry, RetryOn, retry
+from resilient.retries.budget import RetryBudget
+from resilient.retries.options import RetryOn, RetryOptions
+from resilient.retries.policy import Attempt, Attempts, Retry, retry
 
-__all__ = ["Attempt", "Attempts", "Retry", "RetryBudget", "RetryOn", "retry"]
+__all__ = ["Attempt", "Attempts", "Retry", "RetryBudget", "RetryOn", "RetryOptions", "retry"]

@@ -6,4 +6,4 @@ from resilient.backends.redis import Script
 
 __all__ = ["BUDGET"]
 
-BUDGET = Script("resilient.retry.lua", "budget.lua", needs_now=True)
+BUDGET = Script("resilient.retries.lua", "budget.lua", needs_now=True)

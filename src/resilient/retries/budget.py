@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Final
 
 from resilient.clock import Clock
 from resilient.errors import BackendError, ConfigurationError
-from resilient.retry.core import validate_seconds
+from resilient.retries.core import validate_seconds
 
 if TYPE_CHECKING:
     from resilient.backends.redis import RedisBackend
@@ -186,6 +186,18 @@ class RetryBudget:
         finally:
             self._syncing = False
 
+    async def wait_for_sync(self) -> None:
+        """Wait until the background sync in flight, if any, has ended.
+
+        Async callers sync in the background (see the class docstring), so a deposit
+        returns before Redis has it. Await this where the shared balance must hold what
+        this instance did, at shutdown say, or in a test. Cancelling the wait does not
+        cancel the sync; the sync's failure is not raised here (the tokens stay pending).
+        """
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
+
     async def sync_now(self) -> None:
         """Add this instance's pending tokens to the shared balance and read it back.
 
@@ -195,7 +207,7 @@ class RetryBudget:
         backend = self._backend
         if backend is None:
             return
-        from resilient.retry.redis import BUDGET  # noqa: PLC0415
+        from resilient.retries.redis import BUDGET  # noqa: PLC0415
 
         with self._lock:
             delta, self._pending = self._pending, 0
