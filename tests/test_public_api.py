@@ -77,7 +77,7 @@ def test_the_design_names_are_importable_from_the_top() -> None:
         "JWTValidator",
         "JWTAuthMiddleware",
         "InvalidToken",
-        "requires",
+        "authorize",
     ]:
         assert name in resilient.__all__
 
@@ -114,8 +114,8 @@ print("ok")
 def test_every_module_is_reached_by_attribute_after_importing_resilient() -> None:
     # A name a package exports must not hide one of its modules: the `retry` decorator once
     # hid the package of the same name, so `resilient.retry.policy` raised AttributeError
-    # after `import resilient`; the package is `resilient.retries` now. (`requires` still
-    # hides `resilient.auth.requires`: left for its own change.)
+    # after `import resilient`; the package is `resilient.retries` now. Likewise `requires`
+    # hid `resilient.auth.requires`: the function is `authorize` now, in `authorization`.
     code = """
 import functools, importlib, pkgutil
 import resilient
@@ -131,7 +131,7 @@ for info in pkgutil.walk_packages(resilient.__path__, "resilient."):
     reached = functools.reduce(getattr, info.name.split(".")[1:], resilient)
     if reached is not module:
         hidden.append(info.name)
-assert hidden == ["resilient.auth.requires"], hidden
+assert hidden == [], hidden
 print("ok")
 """
     result = subprocess.run(

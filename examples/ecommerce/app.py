@@ -57,9 +57,9 @@ from resilient import (
     SlidingWindow,
     SystemClock,
     TokenBucket,
+    authorize,
     by_ip,
     by_user,
-    requires,
     retry,
 )
 from resilient.events import observe_all
@@ -82,7 +82,7 @@ def problem(
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's HTTP errors (404, 405, 403 from ``requires``...) as problem bodies."""
+    """Starlette's HTTP errors (404, 405, 403 from ``authorize``...) as problem bodies."""
     assert isinstance(exc, HTTPException)
     return problem(exc.status_code, str(exc.detail), headers=exc.headers)
 
@@ -244,7 +244,7 @@ class Shop:
                 clock=clock,
                 observer=observer,
             )
-            self.admin = requires(groups=["admin"])
+            self.admin = authorize(groups=["admin"])
         else:
             jwks = JWKSClient(
                 settings.public_url + "/.well-known/jwks.json",
@@ -261,7 +261,7 @@ class Shop:
                 clock=clock,
                 observer=observer,
             )
-            self.admin = requires(roles=["admin"])
+            self.admin = authorize(roles=["admin"])
         self.payments_breaker = CircuitBreaker(
             "payments",
             failure_rate=0.5,
@@ -407,7 +407,7 @@ class Shop:
 
     async def create_order(self, request: Request) -> Response:
         user_id, _ = subject(request)
-        requires(scopes=["orders:write"]).check_scope(request.scope)
+        authorize(scopes=["orders:write"]).check_scope(request.scope)
         wanted = order_lines(await json_body(request))
         try:
             order = await self.db.reserve(user_id, wanted)

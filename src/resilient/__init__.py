@@ -50,7 +50,7 @@ if TYPE_CHECKING:
         JWTValidator,
         SyncJWKSClient,
         SyncJWTValidator,
-        requires,
+        authorize,
     )
     from resilient.httpx import ResilientTransport, SyncResilientTransport
 
@@ -95,13 +95,13 @@ __all__ = [
     "SystemClock",
     "TokenBucket",
     "__version__",
+    "authorize",
     "by_header",
     "by_ip",
     "by_user",
     "cached",
     "idempotent",
     "rate_limit",
-    "requires",
     "retry",
 ]
 
@@ -115,7 +115,7 @@ _LAZY = {
     "SyncJWKSClient": "resilient.auth",
     "SyncJWTValidator": "resilient.auth",
     "SyncResilientTransport": "resilient.httpx",
-    "requires": "resilient.auth",
+    "authorize": "resilient.auth",
 }
 
 

@@ -1,4 +1,4 @@
-"""requires(...) as a FastAPI dependency: a real FastAPI app behind JWTAuthMiddleware."""
+"""authorize(...) as a FastAPI dependency: a real FastAPI app behind JWTAuthMiddleware."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI
 
-from resilient import JWTAuthMiddleware, requires
+from resilient import JWTAuthMiddleware, authorize
 from resilient.auth import JWTValidator, Requirement
 from resilient.testing import LocalIssuer
 
-Claims = Annotated[dict[str, Any], Depends(requires())]
+Claims = Annotated[dict[str, Any], Depends(authorize())]
 
 
 def make_app() -> FastAPI:
     app = FastAPI()
 
-    @app.post("/orders", dependencies=[Depends(requires(scopes=["orders:write"]))])
+    @app.post("/orders", dependencies=[Depends(authorize(scopes=["orders:write"]))])
     async def create_order() -> dict[str, str]:
         return {"order": "created"}
 
@@ -32,11 +32,11 @@ def make_app() -> FastAPI:
 
     @app.get("/staff")
     def staff(
-        claims: Annotated[dict[str, Any], Depends(requires(groups=["staff"], roles=["ops"]))],
+        claims: Annotated[dict[str, Any], Depends(authorize(groups=["staff"], roles=["ops"]))],
     ) -> dict[str, str]:
         return {"hello": claims["sub"]}
 
-    admin = APIRouter(dependencies=[Depends(requires(roles=["admin"]))])
+    admin = APIRouter(dependencies=[Depends(authorize(roles=["admin"]))])
 
     @admin.get("/admin/stats")
     async def stats() -> dict[str, int]:
@@ -48,7 +48,7 @@ def make_app() -> FastAPI:
 
 @pytest.fixture
 async def client(validator: JWTValidator) -> AsyncIterator[httpx.AsyncClient]:
-    # optional=True: anonymous requests reach the app, so requires(...) must refuse them.
+    # optional=True: anonymous requests reach the app, so authorize(...) must refuse them.
     app = JWTAuthMiddleware(make_app(), validator=validator, optional=True)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -148,7 +148,7 @@ async def test_without_the_middleware_fastapi_renders_the_refusal_itself() -> No
 
 
 def test_a_requirement_shows_fastapi_one_connection_parameter() -> None:
-    signature = inspect.signature(requires(scopes=["a"]))
+    signature = inspect.signature(authorize(scopes=["a"]))
     assert list(signature.parameters) == ["request"]
     # The class still describes its constructor.
     assert list(inspect.signature(Requirement).parameters) == ["scopes", "roles", "groups"]
@@ -157,7 +157,7 @@ def test_a_requirement_shows_fastapi_one_connection_parameter() -> None:
 def test_importing_the_auth_block_imports_neither_fastapi_nor_starlette() -> None:
     code = (
         "import sys, resilient.auth\n"
-        "resilient.auth.requires(scopes=['a'])\n"
+        "resilient.auth.authorize(scopes=['a'])\n"
         "assert 'fastapi' not in sys.modules and 'starlette' not in sys.modules\n"
         "print('ok')"
     )

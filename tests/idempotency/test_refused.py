@@ -1,7 +1,7 @@
 """A request refused before it ran (401, 403, 429, ...) does not burn its idempotency key.
 
 The stack is the one a service composes: authentication outside the idempotency guard,
-authorization (``requires``) and a rate limit inside it, on real middleware, a real
+authorization (``authorize``) and a rate limit inside it, on real middleware, a real
 Starlette app and tokens from a real local issuer.
 """
 
@@ -26,7 +26,7 @@ from resilient import (
     RateLimitMiddleware,
     Rule,
     SlidingWindow,
-    requires,
+    authorize,
 )
 from resilient.auth import JWKSClient, JWTValidator
 from resilient.idempotency import DEFAULT_REFUSED_STATUSES
@@ -38,14 +38,14 @@ KEY = {"Idempotency-Key": "order-1"}
 
 
 class Service:
-    """Auth outside the guard; a rate limit and ``requires`` inside it, as the shop has."""
+    """Auth outside the guard; a rate limit and ``authorize`` inside it, as the shop has."""
 
     def __init__(self, issuer: LocalIssuer, clock: FakeClock, **options: Any) -> None:
         self.runs = 0
         self.issuer = issuer
         backend = MemoryBackend()
 
-        @requires(scopes=["orders:write"])
+        @authorize(scopes=["orders:write"])
         async def create_order(request: Request) -> Response:
             self.runs += 1
             return JSONResponse({"order": self.runs}, status_code=201)
@@ -108,7 +108,7 @@ async def test_a_403_from_requires_is_not_stored_and_the_key_runs_once_the_scope
     granted = service.bearer("profile orders:write")
     ran = await http.post("/orders", json={}, headers={**KEY, **granted})
     replayed = await http.post("/orders", json={}, headers={**KEY, **granted})
-    for response in (refused, again):  # (JWTAuthMiddleware answers requires' refusals
+    for response in (refused, again):  # (JWTAuthMiddleware answers authorize' refusals
         assert response.status_code == 403  # itself, with its own header fields)
         assert "idempotent-replayed" not in response.headers
         assert "insufficient_scope" in response.headers["www-authenticate"]

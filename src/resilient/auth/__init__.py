@@ -10,7 +10,7 @@
   cache decisions (logic once, I/O twice);
 * :class:`JWTAuthMiddleware`: bearer tokens checked at the edge of an ASGI application,
   the principal put in the scope in Starlette's shape (:mod:`resilient.auth.middleware`);
-* :func:`requires`: scopes, roles and groups an endpoint needs (403 otherwise), as a
+* :func:`authorize`: scopes, roles and groups an endpoint needs (403 otherwise), as a
   decorator or a FastAPI dependency.
 
 This package needs PyJWT and httpx (``pip install 'resilient-asgi[jwt]'``); ``import
@@ -19,6 +19,7 @@ resilient`` does not import it.
 
 from __future__ import annotations
 
+from resilient.auth.authorization import Requirement, authorize
 from resilient.auth.jwks import JWKSClient, SigningKey, SyncJWKSClient
 from resilient.auth.jwt import (
     ASYMMETRIC_ALGORITHMS,
@@ -33,7 +34,6 @@ from resilient.auth.middleware import (
     JWTUser,
     UnauthenticatedUser,
 )
-from resilient.auth.requires import Requirement, requires
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -49,5 +49,5 @@ __all__ = [
     "SyncJWTValidator",
     "SyncKeySource",
     "UnauthenticatedUser",
-    "requires",
+    "authorize",
 ]

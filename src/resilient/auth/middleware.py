@@ -10,7 +10,7 @@
   :class:`JWTUser`: ``is_authenticated``, ``display_name``, ``identity``, ``claims``) and
   ``scope["auth"]`` (an :class:`AuthCredentials` whose ``scopes`` come from the ``scope``
   or ``scp`` claim), so ``request.user``, ``request.auth.scopes`` and Starlette's own
-  ``requires`` work. ``scope["state"]["claims"]`` holds the claims too.
+  ``authorize`` work. ``scope["state"]["claims"]`` holds the claims too.
 * Without a token (no ``Authorization`` header, or one of another scheme, such as
   ``Basic``): 401 with a bare ``WWW-Authenticate: Bearer realm="..."`` (RFC 6750 section
   3.1: no error code when no bearer credentials were sent), unless ``optional=True``,
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 REFUSAL = "resilient.auth.refusal"
-"""The scope key where :func:`~resilient.auth.requires` leaves its refusal, ``(status,
+"""The scope key where :func:`~resilient.auth.authorization` leaves its refusal, ``(status,
 detail, error)``, for the middleware to answer with its realm and a problem body."""
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -254,11 +254,11 @@ class JWTAuthMiddleware:
 
 
 class _Responder:
-    """One request's way out: answers a refusal of ``requires`` as the middleware's own.
+    """One request's way out: answers a refusal of ``authorize`` as the middleware's own.
 
-    The application renders the ``HTTPException`` that ``requires`` raised its own way
+    The application renders the ``HTTPException`` that ``authorize`` raised its own way
     (plain text, FastAPI's JSON...); when the response starts with the status that
-    ``requires`` left in the scope, the middleware sends its refusal instead and drops
+    ``authorize`` left in the scope, the middleware sends its refusal instead and drops
     the application's body.
     """
 

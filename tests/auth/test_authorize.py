@@ -1,4 +1,4 @@
-"""requires: scopes, roles and groups, checked on the principal the middleware found."""
+"""authorize: scopes, roles and groups, checked on the principal the middleware found."""
 
 from __future__ import annotations
 
@@ -12,23 +12,23 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from resilient import Forbidden, JWTAuthMiddleware, requires
+from resilient import Forbidden, JWTAuthMiddleware, authorize
 from resilient.auth import JWTUser, JWTValidator
 from resilient.errors import ConfigurationError
 from resilient.testing import LocalIssuer
 
 
-@requires(scopes=["orders:read"], groups=["staff"])
+@authorize(scopes=["orders:read"], groups=["staff"])
 async def orders(request: Request) -> JSONResponse:
     return JSONResponse({"orders": []})
 
 
-@requires(roles=["admin"])
+@authorize(roles=["admin"])
 def admin(request: Request) -> PlainTextResponse:
     return PlainTextResponse("admin")
 
 
-@requires(scopes=["chat"])
+@authorize(scopes=["chat"])
 async def chat(websocket: WebSocket) -> None:
     await websocket.accept()
     await websocket.send_text("hello")
@@ -88,7 +88,7 @@ async def test_roles_are_checked_on_sync_endpoints_too(
 
 
 def test_check_raises_forbidden_with_what_is_missing() -> None:
-    requirement = requires(scopes=["a", "b"], roles=["r"], groups=["g"])
+    requirement = authorize(scopes=["a", "b"], roles=["r"], groups=["g"])
     with pytest.raises(Forbidden) as caught:
         requirement.check({"scope": "a", "roles": ["r"]})
     assert caught.value.missing == ("scope:b", "group:g")
@@ -98,14 +98,14 @@ def test_check_raises_forbidden_with_what_is_missing() -> None:
 
 
 def test_an_unauthenticated_scope_is_forbidden() -> None:
-    requirement = requires(scopes=["a"])
+    requirement = authorize(scopes=["a"])
     with pytest.raises(Forbidden):
         requirement.check_scope({"type": "http"})
     requirement.check_scope({"type": "http", "user": JWTUser({"scope": "a"})})
 
 
 def test_an_endpoint_without_a_request_is_a_configuration_error() -> None:
-    @requires(scopes=["a"])
+    @authorize(scopes=["a"])
     def lonely() -> None:
         pass  # pragma: no cover
 
@@ -115,7 +115,7 @@ def test_an_endpoint_without_a_request_is_a_configuration_error() -> None:
 
 def test_a_string_instead_of_a_list_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="list of strings"):
-        requires(scopes="orders:read")
+        authorize(scopes="orders:read")
 
 
 async def test_an_anonymous_request_is_a_401_with_the_middlewares_challenge(
@@ -172,4 +172,4 @@ async def test_a_websocket_without_the_scope_is_closed_with_1008(
 
 def test_a_requirement_called_with_neither_endpoint_nor_request_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="without an endpoint or a request"):
-        requires(scopes=["a"])(request=object())
+        authorize(scopes=["a"])(request=object())

@@ -1,15 +1,15 @@
-"""``requires``: authorization by scopes, roles and groups, on top of ``JWTAuthMiddleware``.
+"""``authorize``: authorization by scopes, roles and groups, on top of ``JWTAuthMiddleware``.
 
 ::
 
-    @requires(scopes=["orders:read"], groups=["staff"])        # a decorator
+    @authorize(scopes=["orders:read"], groups=["staff"])        # a decorator
     async def orders(request): ...
 
-    @app.post("/orders", dependencies=[Depends(requires(scopes=["orders:write"]))])
+    @app.post("/orders", dependencies=[Depends(authorize(scopes=["orders:write"]))])
     async def create_order(): ...                               # a FastAPI dependency
 
     @app.get("/me")
-    async def me(claims: dict = Depends(requires())): ...       # which returns the claims
+    async def me(claims: dict = Depends(authorize())): ...       # which returns the claims
 
 The principal is the one :class:`~resilient.auth.JWTAuthMiddleware` put in the scope.
 Every listed scope, role and group is required:
@@ -43,7 +43,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar, overload
 from resilient.auth.middleware import REFUSAL, challenge_value, scopes_of
 from resilient.errors import ConfigurationError, Forbidden
 
-__all__ = ["Requirement", "requires"]
+__all__ = ["Requirement", "authorize"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -188,7 +188,7 @@ class Requirement:
         return wrapper
 
     def __repr__(self) -> str:
-        return f"requires(scopes={self.scopes!r}, roles={self.roles!r}, groups={self.groups!r})"
+        return f"authorize(scopes={self.scopes!r}, roles={self.roles!r}, groups={self.groups!r})"
 
 
 def _claims_of(scope: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -220,16 +220,16 @@ def _refuse(scope: Mapping[str, Any], error: Forbidden, *, authenticated: bool) 
     raise HTTPException(status, str(error), headers={"WWW-Authenticate": challenge}) from error
 
 
-def requires(
+def authorize(
     *, scopes: Iterable[str] = (), roles: Iterable[str] = (), groups: Iterable[str] = ()
 ) -> Requirement:
     """Return a :class:`Requirement`: every one of *scopes*, *roles* and *groups*.
 
     A decorator, or a FastAPI dependency that returns the claims:
 
-    >>> @requires(scopes=["orders:read"])
+    >>> @authorize(scopes=["orders:read"])
     ... async def orders(request): ...
 
-    >>> def create_order(claims: dict = Depends(requires(scopes=["orders:write"]))): ...
+    >>> def create_order(claims: dict = Depends(authorize(scopes=["orders:write"]))): ...
     """
     return Requirement(scopes=scopes, roles=roles, groups=groups)
