@@ -312,9 +312,19 @@ class BreakerCore:
         return TimeWindow(config.window)
 
     def retry_after(self, now: float) -> float:
-        """Seconds until a rejected call could be admitted (0 when half-open)."""
+        """Seconds until a rejected call could be admitted (0 when half-open).
+
+        Waited from *now*, they reach the end of the open period: ``now + retry_after``
+        is not below it, although ``now + (open_until - now)`` may round below it.
+        """
         if self.state is State.OPEN:
-            return max(0.0, self.open_until - now)
+            until = self.open_until
+            wait = until - now
+            if wait <= 0:
+                return 0.0
+            while now + wait < until:  # once or twice at most: an ulp of *until* each
+                wait += math.ulp(until)
+            return wait
         if self.state is State.FORCED_OPEN:
             return math.inf
         return 0.0
