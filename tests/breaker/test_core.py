@@ -254,6 +254,20 @@ def test_open_for_grows_on_each_reopening_up_to_its_cap_and_resets_on_close() ->
     assert core.open_for == 1.0
 
 
+def opened_by_one_failure(open_for: float) -> BreakerConfig:
+    return make_config(
+        failure_rate=1.0,
+        slow_call_rate=1.0,
+        minimum_calls=1,
+        window=1,
+        window_type="count",
+        open_for=open_for,
+        open_for_growth=1.0,
+        max_open_for=None,
+        half_open_calls=1,
+    )
+
+
 @example(opened_at=0.014646174039934602, waited=0.07188354727617899, open_for=5.0)
 @given(
     opened_at=st.floats(0, 1e6, allow_nan=False),
@@ -266,18 +280,7 @@ def test_a_call_made_retry_after_seconds_later_is_admitted(
     # Seen as a rare failure of the transport's retry: it waited exactly retry_after on a
     # fake clock (now + (open_until - now) rounded to just below open_until) and was
     # rejected again, with "retry in 0.000s".
-    config = make_config(
-        failure_rate=1.0,
-        slow_call_rate=1.0,
-        minimum_calls=1,
-        window=1,
-        window_type="count",
-        open_for=open_for,
-        open_for_growth=1.0,
-        max_open_for=None,
-        half_open_calls=1,
-    )
-    core = BreakerCore(config)
+    core = BreakerCore(opened_by_one_failure(open_for))
     core.record(0, FAILED, opened_at)
     assert core.state is State.OPEN
     now = opened_at + waited
@@ -288,18 +291,7 @@ def test_a_call_made_retry_after_seconds_later_is_admitted(
 
 
 def test_retry_after_is_exact_when_the_sum_is() -> None:
-    config = make_config(
-        failure_rate=1.0,
-        slow_call_rate=1.0,
-        minimum_calls=1,
-        window=1,
-        window_type="count",
-        open_for=10.0,
-        open_for_growth=1.0,
-        max_open_for=None,
-        half_open_calls=1,
-    )
-    core = BreakerCore(config)
+    core = BreakerCore(opened_by_one_failure(10.0))
     core.record(0, FAILED, 0.0)
     assert core.retry_after(0.0) == 10.0
     assert core.retry_after(9.5) == 0.5
