@@ -1,3 +1,7 @@
+"""The breaker's behaviour through its forms: each test runs through the sync driver (a
+``def``, ``with``) and the async driver (an ``async def``, ``async with``) where both apply.
+"""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +16,7 @@ from resilient import CircuitOpenError, ConfigurationError
 from resilient.breaker import BreakerRegistry, CircuitBreaker, State
 from resilient.events import BreakerStateChanged, CallFailed, CallRejected, CallSucceeded, Event
 from resilient.testing import FakeClock
+from tests.breaker.conftest import Via
 
 
 class Recorder:
@@ -52,29 +57,29 @@ def ok() -> str:
     return "ok"
 
 
-def test_it_opens_on_the_failure_rate_and_rejects_until_open_for_ends() -> None:
+async def test_it_opens_on_the_failure_rate_and_rejects_until_open_for_ends(via: Via) -> None:
     clock, recorder = FakeClock(), Recorder()
     b = breaker(clock=clock, observer=recorder)
-    guarded_fail, guarded_ok = b(fail), b(ok)
-    assert guarded_ok() == "ok"
-    assert guarded_ok() == "ok"
+    guarded_fail, guarded_ok = via.guard(b, fail), via.guard(b, ok)
+    assert await guarded_ok() == "ok"
+    assert await guarded_ok() == "ok"
     with pytest.raises(Boom):
-        guarded_fail()
+        await guarded_fail()
     assert state(b) is State.CLOSED
     with pytest.raises(Boom):
-        guarded_fail()  # 2 of 4 = 0.5: open
+        await guarded_fail()  # 2 of 4 = 0.5: open
     assert state(b) is State.OPEN
     with pytest.raises(CircuitOpenError) as raised:
-        guarded_ok()
+        await guarded_ok()
     assert raised.value.retry_after == 10.0
     assert raised.value.breaker == "dep"
     clock.advance(9.5)
     with pytest.raises(CircuitOpenError) as raised:
-        guarded_ok()
+        await guarded_ok()
     assert raised.value.retry_after == pytest.approx(0.5)
     clock.advance(0.5)
     assert state(b) is State.HALF_OPEN
-    assert guarded_ok() == "ok"  # the probe succeeds: closed
+    assert await guarded_ok() == "ok"  # the probe succeeds: closed
     assert state(b) is State.CLOSED
     assert [(e.old, e.new) for e in recorder.of(BreakerStateChanged)] == [
         ("closed", "open"),
@@ -115,21 +120,24 @@ async def test_async_functions_and_call_and_context_managers() -> None:
         await fetch(1)
 
 
-def test_context_manager_failures_count() -> None:
+async def test_context_manager_failures_count(via: Via) -> None:
     b = breaker()
     for _ in range(4):
-        with pytest.raises(Boom), b:
-            fail()
+        with pytest.raises(Boom):
+            async with via.block(b):
+                fail()
     assert state(b) is State.OPEN
 
 
-async def test_nested_context_managers_in_concurrent_tasks_keep_their_own_entries() -> None:
+async def test_nested_context_managers_in_concurrent_tasks_keep_their_own_entries(
+    via: Via,
+) -> None:
     clock = FakeClock()
     b = breaker(clock=clock, slow_call_duration=1.0, window=10, minimum_calls=10)
     gate = asyncio.Event()
 
     async def task(slow: bool) -> None:
-        async with b:
+        async with via.block(b):
             await gate.wait()
             if slow:
                 clock.advance(2)
@@ -143,22 +151,22 @@ async def test_nested_context_managers_in_concurrent_tasks_keep_their_own_entrie
     assert metrics["failures"] == 0
 
 
-def test_record_ignore_and_failure_when_classify_outcomes() -> None:
+async def test_record_ignore_and_failure_when_classify_outcomes(via: Via) -> None:
     b = breaker(record=(Boom,), ignore=(KeyError,), failure_when=lambda r: r == "bad")
 
-    @b
-    def guarded(kind: str) -> str:
+    def classified(kind: str) -> str:
         if kind == "key":
             raise KeyError(kind)
         if kind == "value":
             raise ValueError("invalid literal")
         return kind
 
+    guarded = via.guard(b, classified)
     with pytest.raises(KeyError):
-        guarded("key")  # ignored: counts as nothing
+        await guarded("key")  # ignored: counts as nothing
     with pytest.raises(ValueError, match="invalid literal"):
-        guarded("value")  # not recorded: counts as a success
-    assert guarded("bad") == "bad"  # a failure by the predicate
+        await guarded("value")  # not recorded: counts as a success
+    assert await guarded("bad") == "bad"  # a failure by the predicate
     assert b.metrics() == {
         "calls": 2,
         "failures": 1,
@@ -168,57 +176,53 @@ def test_record_ignore_and_failure_when_classify_outcomes() -> None:
     }
 
 
-def test_a_response_predicate_for_httpx() -> None:
+async def test_a_response_predicate_for_httpx(via: Via) -> None:
     b = breaker(failure_when=lambda r: r.status_code >= 500 or r.status_code == 429)
-    respond = b(httpx.Response)
+    respond = via.guard(b, httpx.Response)
     for status in (200, 503, 429, 201):
-        respond(status)
+        await respond(status)
     assert state(b) is State.OPEN
 
 
-def test_slow_calls_open_the_circuit() -> None:
+async def test_slow_calls_open_the_circuit(via: Via) -> None:
     clock = FakeClock()
     b = breaker(clock=clock, slow_call_duration=1.0, slow_call_rate=0.5, failure_rate=1.0)
-
-    @b
-    def work(seconds: float) -> None:
-        clock.advance(seconds)
-
-    work(0.5)
-    work(1.5)
-    work(0.2)
+    work = via.guard(b, clock.advance)
+    await work(0.5)
+    await work(1.5)
+    await work(0.2)
     assert state(b) is State.CLOSED
-    work(1.01)
+    await work(1.01)
     assert state(b) is State.OPEN
     assert b.metrics()["slow_call_rate"] == 0.5
 
 
-def test_time_based_window_forgets_old_calls() -> None:
+async def test_time_based_window_forgets_old_calls(via: Via) -> None:
     clock = FakeClock()
     b = breaker(clock=clock, window=10, window_type="time", minimum_calls=3)
-    guarded_fail, guarded_ok = b(fail), b(ok)
+    guarded_fail, guarded_ok = via.guard(b, fail), via.guard(b, ok)
     with pytest.raises(Boom):
-        guarded_fail()
+        await guarded_fail()
     with pytest.raises(Boom):
-        guarded_fail()
+        await guarded_fail()
     clock.advance(11)  # those two failures leave the window
-    guarded_ok()
-    guarded_ok()
+    await guarded_ok()
+    await guarded_ok()
     with pytest.raises(Boom):
-        guarded_fail()
+        await guarded_fail()
     assert state(b) is State.CLOSED  # 1 failure in 3 calls
     with pytest.raises(Boom):
-        guarded_fail()
+        await guarded_fail()
     assert state(b) is State.OPEN  # 2 in 4
 
 
-def test_fallback_answers_while_open() -> None:
+async def test_fallback_answers_while_open(via: Via) -> None:
     b = breaker(fallback=lambda x: f"cached {x}")
-    guarded = b(lambda x: fail())
+    guarded = via.guard(b, lambda x: fail())
     for _ in range(4):
         with pytest.raises(Boom):
-            guarded(1)
-    assert guarded(7) == "cached 7"
+            await guarded(1)
+    assert await guarded(7) == "cached 7"
 
 
 async def test_async_fallback() -> None:
@@ -237,19 +241,19 @@ async def test_async_fallback() -> None:
     assert await failing(3) == "cached 3"
 
 
-def test_manual_control() -> None:
+async def test_manual_control(via: Via) -> None:
     recorder = Recorder()
     b = breaker(observer=recorder)
-    guarded = b(ok)
+    guarded = via.guard(b, ok)
     b.force_open()
     assert state(b) is State.FORCED_OPEN
     with pytest.raises(CircuitOpenError) as raised:
-        guarded()
+        await guarded()
     assert raised.value.retry_after == float("inf")
     b.disable()
     for _ in range(10):
         with pytest.raises(Boom):
-            b(fail)()
+            await via.guard(b, fail)()
     assert state(b) is State.DISABLED  # records nothing
     b.reset()
     assert state(b) is State.CLOSED
@@ -263,62 +267,65 @@ def test_manual_control() -> None:
     ]
 
 
-def test_half_open_admits_exactly_the_probes_and_reopens_longer() -> None:
-    clock = FakeClock()
-    b = breaker(clock=clock, half_open_calls=2, open_for_growth=2.0, max_open_for=30.0)
+async def trip(via: Via, b: CircuitBreaker) -> None:
     for _ in range(4):
         with pytest.raises(Boom):
-            b(fail)()
+            await via.guard(b, fail)()
+
+
+async def test_half_open_admits_exactly_the_probes_and_reopens_longer(via: Via) -> None:
+    clock = FakeClock()
+    b = breaker(clock=clock, half_open_calls=2, open_for_growth=2.0, max_open_for=30.0)
+    await trip(via, b)
     clock.advance(10)
-    b.__enter__()
-    b.__enter__()  # two probes are out
+    await via.enter(b)
+    await via.enter(b)  # two probes are out
     with pytest.raises(CircuitOpenError) as raised:
-        b.call(ok)
+        await via.call(b, ok)
     assert raised.value.retry_after == 0.0
-    b.__exit__(Boom, Boom(), None)
-    b.__exit__(None, None, None)  # 1 failure in 2 probes = 0.5: open again, for 20 s
+    await via.exit(b, Boom())
+    await via.exit(b)  # 1 failure in 2 probes = 0.5: open again, for 20 s
     assert state(b) is State.OPEN
     clock.advance(19)
     with pytest.raises(CircuitOpenError):
-        b.call(ok)
+        await via.call(b, ok)
     clock.advance(1)
-    assert b.call(ok) == "ok"
+    assert await via.call(b, ok) == "ok"
 
 
-def test_a_cancelled_probe_gives_its_slot_back() -> None:
+async def test_a_cancelled_probe_gives_its_slot_back(via: Via) -> None:
     clock = FakeClock()
     b = breaker(clock=clock, half_open_calls=1)
-    for _ in range(4):
-        with pytest.raises(Boom):
-            b(fail)()
+    await trip(via, b)
     clock.advance(10)
-    with pytest.raises(asyncio.CancelledError), b:
-        raise asyncio.CancelledError
+    with pytest.raises(asyncio.CancelledError):
+        async with via.block(b):
+            raise asyncio.CancelledError
     assert state(b) is State.HALF_OPEN
-    assert b.call(ok) == "ok"
+    assert await via.call(b, ok) == "ok"
     assert state(b) is State.CLOSED
 
 
-def test_outcomes_of_calls_from_before_a_transition_do_not_count() -> None:
+async def test_outcomes_of_calls_from_before_a_transition_do_not_count(via: Via) -> None:
     clock = FakeClock()
     b = breaker(clock=clock, half_open_calls=1, minimum_calls=2, window=2)
-    b.__enter__()  # a slow call starts while closed
+    await via.enter(b)  # a slow call starts while closed
     for _ in range(2):
         with pytest.raises(Boom):
-            b(fail)()
+            await via.guard(b, fail)()
     clock.advance(10)
-    b.__enter__()  # the probe
-    b.__exit__(Boom, Boom(), None)  # LIFO: this is the probe's exit... it failed
+    await via.enter(b)  # the probe
+    await via.exit(b, Boom())  # LIFO: this is the probe's exit... it failed
     assert state(b) is State.OPEN
-    b.__exit__(None, None, None)  # the old call ends: its success changes nothing
+    await via.exit(b)  # the old call ends: its success changes nothing
     assert state(b) is State.OPEN
 
 
-def test_successes_are_observed_only_on_request() -> None:
+async def test_successes_are_observed_only_on_request(via: Via) -> None:
     recorder = Recorder()
-    breaker(observer=recorder)(ok)()
+    await via.guard(breaker(observer=recorder), ok)()
     assert recorder.of(CallSucceeded) == []
-    breaker(observer=recorder, observe_successes=True)(ok)()
+    await via.guard(breaker(observer=recorder, observe_successes=True), ok)()
     assert len(recorder.of(CallSucceeded)) == 1
 
 

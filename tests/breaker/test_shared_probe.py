@@ -72,6 +72,10 @@ async def ok() -> str:
     return "ok"
 
 
+def sync_ok() -> str:
+    return "ok"
+
+
 async def fail() -> None:
     raise Boom
 
@@ -83,13 +87,31 @@ async def trip(breaker: CircuitBreaker) -> None:
     assert breaker.state is State.OPEN
 
 
-async def admitted(breaker: CircuitBreaker) -> bool:
-    """Whether a call that succeeds gets through *breaker* now."""
+@pytest.fixture(params=["async", "worker thread"])
+def way(request: pytest.FixtureRequest) -> str:
+    """How calls are made: by the async driver, or by the sync driver from a worker thread
+    (which waits for the event loop to claim the lease, as an async call does)."""
+    return str(request.param)
+
+
+async def admitted(breaker: CircuitBreaker, way: str = "async") -> bool:
+    """Whether a call that succeeds gets through *breaker* now (made *way*)."""
     try:
-        await breaker.call(ok)
+        if way == "async":
+            await breaker.call(ok)
+        else:
+            await asyncio.to_thread(breaker.call, sync_ok)
     except CircuitOpenError:
         return False
     return True
+
+
+async def opened_then_over(clock: FakeClock, a: CircuitBreaker, b: CircuitBreaker) -> None:
+    """*a* opens the circuit, *b* learns it, and the open period (10 s) ends for both."""
+    await trip(a)
+    await store(a).sync_now()
+    await store(b).sync_now()
+    clock.advance(10)
 
 
 class Held:
@@ -164,48 +186,59 @@ async def test_traffic_only_on_instances_that_were_not_elected_gets_through(
 
 
 async def test_the_first_call_after_the_open_period_probes_without_waiting_for_a_sync(
-    backends: Factory,
+    backends: Factory, way: str
 ) -> None:
     clock = FakeClock()
     a, b = (make(backend, clock) for backend in await backends(2))
-    await trip(a)
-    await store(a).sync_now()
-    await store(b).sync_now()
-    clock.advance(10)
-    assert await admitted(b)  # b probed (one round trip) and closed
+    await opened_then_over(clock, a, b)
+    assert await admitted(b, way)  # b probed (one round trip) and closed
     assert b.state is State.CLOSED
     await store(b).sync_now()  # publishes the close
     await store(a).sync_now()
     assert a.state is State.CLOSED
 
 
-async def test_an_idle_prober_does_not_keep_its_lease(backends: Factory) -> None:
+async def test_a_block_claims_the_lease_as_a_call_does(backends: Factory, way: str) -> None:
+    clock = FakeClock()
+    a, b = (make(backend, clock) for backend in await backends(2))
+    await opened_then_over(clock, a, b)
+    if way == "async":
+        async with b:  # claims the lease (one round trip), then probes
+            pass
+    else:
+
+        def block() -> None:
+            with b:  # waits for the event loop to claim the lease, then probes
+                pass
+
+        await asyncio.to_thread(block)
+    assert b.state is State.CLOSED
+    await store(b).sync_now()  # publishes the close
+    await store(a).sync_now()
+    assert a.state is State.CLOSED
+
+
+async def test_an_idle_prober_does_not_keep_its_lease(backends: Factory, way: str) -> None:
     clock = FakeClock()
     a, b = (
         make(backend, clock, half_open_calls=2, sync_interval=1.0) for backend in await backends(2)
     )
-    await trip(a)
-    await store(a).sync_now()
-    await store(b).sync_now()
-    clock.advance(10)
-    assert await admitted(a)  # a holds the lease: 1 probe of 2 done, then no more traffic
-    assert not await admitted(b)  # b waits while a's lease runs
+    await opened_then_over(clock, a, b)
+    assert await admitted(a, way)  # a holds the lease: 1 probe of 2 done, then no more traffic
+    assert not await admitted(b, way)  # b waits while a's lease runs
     for _ in range(3):  # a syncs every second, with no call in flight: no renewal
         clock.advance(1)
         await store(a).sync_now()
     clock.advance(0.001)
-    assert await admitted(b)  # a's lease ran out: b, which has the traffic, probes
-    assert await admitted(b)  # 2 of 2: closed
+    assert await admitted(b, way)  # a's lease ran out: b, which has the traffic, probes
+    assert await admitted(b, way)  # 2 of 2: closed
     assert b.state is State.CLOSED
 
 
 async def test_a_prober_with_a_call_in_flight_keeps_its_lease(backends: Factory) -> None:
     clock = FakeClock()
     a, b = (make(backend, clock, sync_interval=1.0) for backend in await backends(2))
-    await trip(a)
-    await store(a).sync_now()
-    await store(b).sync_now()
-    clock.advance(10)
+    await opened_then_over(clock, a, b)
     probe = Held(a)
     assert await probe.started()
     assert probe.probe
@@ -224,10 +257,7 @@ async def test_a_prober_with_a_call_in_flight_keeps_its_lease(backends: Factory)
 async def test_the_lease_of_a_prober_that_died_runs_out(backends: Factory) -> None:
     clock = FakeClock()
     a, b = (make(backend, clock, sync_interval=1.0) for backend in await backends(2))
-    await trip(a)
-    await store(a).sync_now()
-    await store(b).sync_now()
-    clock.advance(10)
+    await opened_then_over(clock, a, b)
     probe = Held(a)
     assert await probe.started()  # a probes, then dies: it never syncs again
     clock.advance(1)
@@ -241,7 +271,7 @@ async def test_the_lease_of_a_prober_that_died_runs_out(backends: Factory) -> No
 
 
 async def test_without_redis_a_call_after_the_open_period_probes_locally(
-    fresh_redis_server: RedisServer,
+    fresh_redis_server: RedisServer, way: str
 ) -> None:
     clock, events = FakeClock(), list[Event]()
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
@@ -251,7 +281,7 @@ async def test_without_redis_a_call_after_the_open_period_probes_locally(
         await store(a).sync_now()
         fresh_redis_server.stop()
         clock.advance(10)
-        assert await admitted(a)  # the claim fails: a decides alone, and probes
+        assert await admitted(a, way)  # the claim fails: a decides alone, and probes
         assert a.state is State.CLOSED
     await client.aclose()
     failures = [e for e in events if isinstance(e, BackendFailed)]
@@ -259,7 +289,7 @@ async def test_without_redis_a_call_after_the_open_period_probes_locally(
 
 
 async def test_a_circuit_redis_forgot_is_claimed_once(
-    backends: Factory, redis_server: RedisServer
+    backends: Factory, redis_server: RedisServer, way: str
 ) -> None:
     # Redis restarted empty (here: flushed) while both instances were open: the first
     # call after the open period restores the shared state and probes; the other waits.
@@ -272,8 +302,8 @@ async def test_a_circuit_redis_forgot_is_claimed_once(
     await flusher.flushall()
     await flusher.aclose()
     clock.advance(10)
-    assert await admitted(a)
-    assert not await admitted(b)
+    assert await admitted(a, way)
+    assert not await admitted(b, way)
 
 
 # --- random traces ------------------------------------------------------------------------
@@ -457,10 +487,7 @@ async def test_concurrent_calls_share_one_claim_and_rejections_cost_no_round_tri
     made = await backends(2)
     a, b = (make(backend, clock, half_open_calls=3) for backend in made)
     client = made[0].client
-    await trip(a)
-    await store(a).sync_now()
-    await store(b).sync_now()
-    clock.advance(10)
+    await opened_then_over(clock, a, b)
     before = await evalsha_calls(client)
     calls = [Held(b) for _ in range(50)]  # 50 calls reach b at once
     started = [await call.started() for call in calls]
@@ -481,10 +508,7 @@ async def test_concurrent_calls_share_one_claim_and_rejections_cost_no_round_tri
 async def test_a_sync_call_has_the_lease_claimed_for_the_next_call(backends: Factory) -> None:
     clock = FakeClock()
     a, b = (make(backend, clock) for backend in await backends(2))
-    await trip(a)
-    await store(a).sync_now()
-    await store(b).sync_now()
-    clock.advance(10)
+    await opened_then_over(clock, a, b)
 
     @b
     def charge() -> str:
@@ -503,10 +527,7 @@ async def test_a_sync_call_from_a_worker_thread_claims_the_lease_at_once(
 ) -> None:
     clock = FakeClock()
     a, b = (make(backend, clock) for backend in await backends(2))
-    await trip(a)
-    await store(a).sync_now()
-    await store(b).sync_now()
-    clock.advance(10)
+    await opened_then_over(clock, a, b)
 
     @b
     def charge() -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextvars
+import enum
 import functools
 import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
 from resilient.backends.redis import RedisBackend
 from resilient.breaker.core import (
@@ -40,9 +41,19 @@ __all__ = ["BreakerRegistry", "CircuitBreaker"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+_T = TypeVar("_T")
 _DEFAULT_OBSERVER = LoggingObserver()
 _CLOSED = State.CLOSED
-_IGNORED = -1  # classification: neither a success nor a failure
+
+
+class _Need(enum.Enum):
+    """What an admission needs done before it can decide (see ``CircuitBreaker._admit``)."""
+
+    LEASE = "lease"
+    """The call would probe a shared circuit: claim its probe lease, then ask again."""
+
+
+_LEASE: Final = _Need.LEASE  # read on every call: a module global, not an enum lookup
 
 
 class CircuitBreaker:
@@ -85,6 +96,7 @@ class CircuitBreaker:
         "_failure_when",
         "_ignore",
         "_lock",
+        "_quiet",
         "_record",
         "_shared",
         "_slow",
@@ -146,6 +158,8 @@ class CircuitBreaker:
         self._slow = slow_call_duration
         # Whether outcomes need the time: slow calls, or a time-based window.
         self._timed = slow_call_duration is not None or window_type == "time"
+        # Whether a success needs neither the time nor a look at its result.
+        self._quiet = not self._timed and failure_when is None
         self.fallback = fallback
         self.clock = clock or SystemClock()
         self.observer = observer
@@ -272,51 +286,41 @@ class CircuitBreaker:
                 BreakerStateChanged("breaker", self.name, old.value, new.value, reason),
             )
 
-    # --- admission and outcomes ---------------------------------------------------------
+    # --- the logic of a call, once for every form -------------------------------------
+    #
+    # _admit decides whether a call goes ahead, or says what it needs done before it can
+    # decide (a shared circuit's probe lease claimed), and _admit_claimed decides once that
+    # is done. _returned and _raised record how the call ended. The drivers below (the
+    # decorator and call() for def and async def, with, async with) only carry that out:
+    # each claims the lease, calls and awaits the sync way or the async way. The admission
+    # is not a generator, as auth/core.py's lookup is: making one per call costs more than
+    # all the rest of a call through a closed circuit.
 
-    def _admit(self) -> int:
-        """Admit a call or raise :class:`CircuitOpenError`; return its generation.
+    def _admit(self) -> int | Literal[_Need.LEASE]:
+        """Admit a call: return its generation, or :attr:`_Need.LEASE` (claim it first).
 
-        A call that would probe a shared circuit without the probe lease claims it first:
-        from a worker thread, waiting for the event loop's round trip; on the loop's own
-        thread it cannot wait, so it is rejected and the sync task claims the lease for
-        the next call. :meth:`_admit_async` claims it on the call path.
+        Raises :class:`CircuitOpenError` if the circuit rejects the call.
         """
         core = self._core
         generation = core.generation  # read first: a transition after it voids the call
         shared = self._shared
-        if shared is not None:
+        if shared is not None and shared.idle:
             shared.ensure_running()
         if core.state is _CLOSED:
             return generation
         admitted, wants_lease = self._try_admit()
-        if (
-            admitted is None
-            and wants_lease
-            and shared is not None
-            and shared.claim_from_thread(self)
-        ):
-            admitted, _ = self._try_admit()
-        if admitted is None:
-            self._reject()
-        return admitted  # type: ignore[return-value]
+        if admitted is None and wants_lease:
+            return _LEASE
+        return self._admitted(admitted)
 
-    async def _admit_async(self) -> int:
-        """:meth:`_admit`, claiming a shared circuit's probe lease now (one round trip)."""
-        core = self._core
-        generation = core.generation
-        shared = self._shared
-        if shared is not None:
-            shared.ensure_running()
-        if core.state is _CLOSED:
-            return generation
-        admitted, wants_lease = self._try_admit()
-        if admitted is None and wants_lease and shared is not None:
-            await shared.claim(self)
-            admitted, _ = self._try_admit()
-        if admitted is None:
-            self._reject()
-        return admitted  # type: ignore[return-value]
+    def _admit_claimed(self, applied: bool) -> int:
+        """:meth:`_admit`, once the probe lease is claimed and the answer *applied* (or not)."""
+        return self._admitted(self._try_admit()[0] if applied else None)
+
+    def _admitted(self, generation: int | None) -> int:
+        if generation is None:
+            raise self._rejected()
+        return generation
 
     def _try_admit(self) -> tuple[int | None, bool]:
         """Admit a call if the core does.
@@ -332,15 +336,35 @@ class CircuitBreaker:
         self._report(transition)
         return admitted, wants_lease
 
-    def _reject(self) -> None:
+    def _rejected(self) -> CircuitOpenError:
+        """Report a rejected call; return the error that tells its caller."""
         core = self._core
         with self._lock:
             retry_after = core.retry_after(self.clock.monotonic())
         emit(self.observer, CallRejected("breaker", self.name, retry_after))
         msg = f"circuit {self.name!r} is {core.state.value}; retry in {retry_after:.3f}s"
-        raise CircuitOpenError(msg, breaker=self.name, retry_after=retry_after)
+        return CircuitOpenError(msg, breaker=self.name, retry_after=retry_after)
 
-    def _succeeded(self, generation: int, start: float, result: object) -> None:
+    def _start(self) -> float:
+        """When an admitted call starts, if its outcome needs the time (else 0)."""
+        return self.clock.monotonic() if self._timed else 0.0
+
+    def _returned(self, generation: int, start: float, result: _T) -> _T:
+        """Record that the call admitted in *generation* returned *result*; hand it back.
+
+        It counts as a success, unless it was slow or *failure_when* says it failed.
+        """
+        core = self._core
+        if (
+            self._quiet
+            and generation == core.generation
+            and core.window.clean
+            and core.state is _CLOSED
+            and not self.observe_successes
+        ):
+            # Most calls: nothing to time, judge or report, and a success in a window full
+            # of successes changes nothing. No lock, no clock.
+            return result
         flags = 0
         duration = None
         if self._timed:
@@ -352,13 +376,10 @@ class CircuitBreaker:
             now = -1.0  # read below, only when the outcome must be recorded
         if self._failure_when is not None and self._failure_when(result):
             flags |= FAILED
-        core = self._core
         if flags:
             self._failed(generation, flags, now, None, duration)
-            return
-        if core.state is _CLOSED and core.window.clean and generation == core.generation:
-            pass  # a success in a window full of successes changes nothing: no lock
-        else:
+            return result
+        if core.state is not _CLOSED or not core.window.clean or generation != core.generation:
             if now < 0:
                 now = self.clock.monotonic()
             with self._lock:
@@ -366,6 +387,7 @@ class CircuitBreaker:
             self._report(transition)
         if self.observe_successes:
             emit(self.observer, CallSucceeded("breaker", self.name, duration))
+        return result
 
     def _raised(self, generation: int, start: float, exc: BaseException) -> None:
         if not isinstance(exc, Exception) or isinstance(exc, self._ignore):
@@ -373,7 +395,7 @@ class CircuitBreaker:
                 self._core.release(generation)
             return
         if not isinstance(exc, self._record):
-            self._succeeded(generation, start, None)
+            self._returned(generation, start, None)
             return
         now = self.clock.monotonic()
         duration = now - start if self._timed else None
@@ -397,105 +419,84 @@ class CircuitBreaker:
         emit(self.observer, CallFailed("breaker", self.name, exc, bool(flags & SLOW), duration))
         self._report(transition)
 
-    def _start(self) -> float:
-        return self.clock.monotonic() if self._timed else 0.0
+    # --- the drivers: the sync way and the async way ----------------------------------
 
-    # --- the forms: decorator, call, context managers ------------------------------------
+    def _claim_sync(self) -> int:
+        """Claim the probe lease from this thread, then admit (see :meth:`_admit`).
 
-    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
-        """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker."""
-        # The wrappers inline the success path of a closed breaker that needs neither the
-        # time nor a look at the result: that path is most calls, and costs a few reads.
-        core = self._core
-        fast = not self._timed and self._failure_when is None and not self.observe_successes
+        From a worker thread this waits for the event loop's round trip; on the loop's own
+        thread nothing may block, so the call is rejected and the sync task claims the
+        lease for the next call (:meth:`SharedBreakerStore.claim_from_thread`).
+        """
+        shared = self._shared  # None: detached meanwhile, so it decides alone
+        return self._admit_claimed(shared is None or shared.claim_from_thread(self))
+
+    async def _claim_async(self) -> int:
+        """Claim the probe lease now (one round trip), then admit (see :meth:`_admit`)."""
         shared = self._shared
+        if shared is not None:
+            await shared.claim(self)
+        return self._admit_claimed(True)
+
+    def _guard(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Return *function* guarded by the breaker, by the sync or the async driver.
+
+        A ``def`` gets the sync driver, an ``async def`` the async one. Each only carries
+        out what the logic above decides: it claims the lease, calls and awaits its way.
+        """
         if inspect.iscoroutinefunction(function):
 
-            @functools.wraps(function)
-            async def guarded_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
-                generation = core.generation
-                if shared is not None and shared.idle:
-                    shared.ensure_running()
-                if not fast or core.state is not _CLOSED:
-                    return await self._call_async(function, args, kwargs)
+            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    generation = self._admit()
+                    if generation is _LEASE:
+                        generation = await self._claim_async()
+                except CircuitOpenError:
+                    if self.fallback is None:
+                        raise
+                    answer = self.fallback(*args, **kwargs)
+                    return await answer if inspect.isawaitable(answer) else answer
+                started = self._start()
                 try:
                     result = await function(*args, **kwargs)
                 except BaseException as exc:
-                    self._raised(generation, 0.0, exc)
+                    self._raised(generation, started, exc)
                     raise
-                if not core.window.clean or generation != core.generation:
-                    self._succeeded(generation, 0.0, result)
-                return result
+                return self._returned(generation, started, result)
 
-            return guarded_async  # type: ignore[return-value]
+            return guarded_async
 
-        @functools.wraps(function)
-        def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            generation = core.generation
-            if shared is not None and shared.idle:
-                shared.ensure_running()
-            if not fast or core.state is not _CLOSED:
-                return self._call_sync(function, args, kwargs)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                generation = self._admit()
+                if generation is _LEASE:
+                    generation = self._claim_sync()
+            except CircuitOpenError:
+                if self.fallback is None:
+                    raise
+                return self.fallback(*args, **kwargs)
+            started = self._start()
             try:
                 result = function(*args, **kwargs)
             except BaseException as exc:
-                self._raised(generation, 0.0, exc)
+                self._raised(generation, started, exc)
                 raise
-            if not core.window.clean or generation != core.generation:
-                self._succeeded(generation, 0.0, result)
-            return result
+            return self._returned(generation, started, result)
 
         return guarded
 
+    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
+        """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker."""
+        return functools.wraps(function)(self._guard(function))
+
     def call(self, function: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
         """Call *function* through the breaker; for an ``async def``, returns its awaitable."""
-        if inspect.iscoroutinefunction(function):
-            return self._call_async(function, args, kwargs)  # type: ignore[return-value]
-        return self._call_sync(function, args, kwargs)
-
-    def _call_sync(
-        self, function: Callable[..., _R], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> _R:
-        try:
-            generation = self._admit()
-        except CircuitOpenError:
-            if self.fallback is None:
-                raise
-            return self.fallback(*args, **kwargs)  # type: ignore[no-any-return]
-        start = self.clock.monotonic() if self._timed else 0.0
-        try:
-            result = function(*args, **kwargs)
-        except BaseException as exc:
-            self._raised(generation, start, exc)
-            raise
-        self._succeeded(generation, start, result)
-        return result
-
-    async def _call_async(
-        self,
-        function: Callable[..., Awaitable[_R]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> _R:
-        try:
-            # Closed: the plain admission, without a coroutine of its own.
-            generation = self._admit() if self._core.state is _CLOSED else await self._admit_async()
-        except CircuitOpenError:
-            if self.fallback is None:
-                raise
-            fallback = self.fallback(*args, **kwargs)
-            return await fallback if inspect.isawaitable(fallback) else fallback  # type: ignore[no-any-return]
-        start = self.clock.monotonic() if self._timed else 0.0
-        try:
-            result = await function(*args, **kwargs)
-        except BaseException as exc:
-            self._raised(generation, start, exc)
-            raise
-        self._succeeded(generation, start, result)
-        return result
+        return self._guard(function)(*args, **kwargs)  # type: ignore[no-any-return]
 
     def __enter__(self) -> CircuitBreaker:
         generation = self._admit()
+        if generation is _LEASE:
+            generation = self._claim_sync()
         self._entered.set((*self._entered.get(), (generation, self._start())))
         return self
 
@@ -509,12 +510,14 @@ class CircuitBreaker:
         (generation, start), rest = entered[-1], entered[:-1]
         self._entered.set(rest)
         if exc is None:
-            self._succeeded(generation, start, None)
+            self._returned(generation, start, None)
         else:
             self._raised(generation, start, exc)
 
     async def __aenter__(self) -> CircuitBreaker:
-        generation = self._admit() if self._core.state is _CLOSED else await self._admit_async()
+        generation = self._admit()
+        if generation is _LEASE:
+            generation = await self._claim_async()
         self._entered.set((*self._entered.get(), (generation, self._start())))
         return self
 

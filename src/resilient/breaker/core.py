@@ -52,9 +52,10 @@ __all__ = [
 ]
 
 FAILED = 1
-"""Outcome flag: the call failed."""
+"""Outcome flag: the call failed (``flags & FAILED`` counts it: 1 or 0)."""
 SLOW = 2
 """Outcome flag: the call was slower than ``slow_call_duration``."""
+_SLOW_SHIFT = 1  # (flags & SLOW) >> _SLOW_SHIFT counts a slow call: 1 or 0
 
 
 class State(enum.Enum):
@@ -68,19 +69,23 @@ class State(enum.Enum):
 
 
 class Shared(enum.Enum):
-    """What the shared state says of a circuit, as one instance reads it."""
+    """What the shared state says of a circuit, as one instance reads it.
 
-    CLOSED = "c"
+    The store's scripts answer in short codes, which :mod:`resilient.breaker.redis` maps
+    to these.
+    """
+
+    CLOSED = "closed"
     """Closed for every instance."""
-    OPEN = "o"
+    OPEN = "open"
     """Open for every instance, for the seconds given."""
-    WAIT = "w"
+    WAIT = "wait"
     """Another instance holds the probe lease, for the seconds given."""
-    LEASED = "p"
+    LEASED = "leased"
     """This instance holds the probe lease, for the seconds given."""
-    FREE = "f"
+    FREE = "free"
     """The open period is over and nobody holds the lease: the next call may claim it."""
-    UNREACHABLE = "u"
+    UNREACHABLE = "unreachable"
     """The shared state cannot be read: the instance decides alone."""
 
 
@@ -191,12 +196,12 @@ class CountWindow:
         if self.calls == self.size:
             old = self.ring[pos]
             self.failures -= old & FAILED
-            self.slows -= (old & SLOW) >> 1
+            self.slows -= (old & SLOW) >> _SLOW_SHIFT
         else:
             self.calls += 1
         self.ring[pos] = flags
         self.failures += flags & FAILED
-        self.slows += (flags & SLOW) >> 1
+        self.slows += (flags & SLOW) >> _SLOW_SHIFT
         self.pos = pos + 1 if pos + 1 < self.size else 0
         self.clean = self.calls == self.size and not self.failures and not self.slows
 
@@ -239,7 +244,7 @@ class TimeWindow:
         """Add one outcome at *now* (never earlier than the newest bucket)."""
         epoch = self._roll(now)
         bucket = self.buckets[max(epoch, self.current) % self.n]
-        failed, slow = flags & FAILED, (flags & SLOW) >> 1
+        failed, slow = flags & FAILED, (flags & SLOW) >> _SLOW_SHIFT
         bucket[0] += 1
         bucket[1] += failed
         bucket[2] += slow
@@ -312,9 +317,19 @@ class BreakerCore:
         return TimeWindow(config.window)
 
     def retry_after(self, now: float) -> float:
-        """Seconds until a rejected call could be admitted (0 when half-open)."""
+        """Seconds until a rejected call could be admitted (0 when half-open).
+
+        Waited from *now*, they reach the end of the open period: ``now + retry_after``
+        is not below it, although ``now + (open_until - now)`` may round below it.
+        """
         if self.state is State.OPEN:
-            return max(0.0, self.open_until - now)
+            until = self.open_until
+            wait = until - now
+            if wait <= 0:
+                return 0.0
+            while now + wait < until:  # once or twice at most: an ulp of *until* each
+                wait += math.ulp(until)
+            return wait
         if self.state is State.FORCED_OPEN:
             return math.inf
         return 0.0
@@ -422,7 +437,7 @@ class BreakerCore:
         config = self.config
         self.probe_calls += 1
         self.probe_failures += flags & FAILED
-        self.probe_slows += (flags & SLOW) >> 1
+        self.probe_slows += (flags & SLOW) >> _SLOW_SHIFT
         calls = self.probe_calls
         if calls < config.half_open_calls:
             return None

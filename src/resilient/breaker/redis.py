@@ -36,7 +36,7 @@ import secrets
 import threading
 from concurrent.futures import CancelledError
 from math import ceil
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from resilient._tasks import stop
 from resilient.backends.redis import RedisBackend, Script
@@ -55,7 +55,19 @@ _SYNC = Script("resilient.breaker.lua", "sync.lua", needs_now=True)
 _CLAIM = Script("resilient.breaker.lua", "claim.lua", needs_now=True)
 _KEEP_MS = 86_400_000  # a closed circuit's state is kept a day after its last change
 _LEASE_INTERVALS = 3  # a lease lasts this many sync intervals of its holder
-_VIEWS = {view.value: view for view in Shared}
+
+# The scripts' words, in one place (each script's header says what it takes and answers).
+_REDIS_TIME: Final = "r"  # for "now": the script reads Redis TIME (backends/lua/now.lua)
+_PUBLISH_OPEN: Final = "open"  # publish.lua: this instance opened the circuit
+_PUBLISH_CLOSE: Final = "close"  # publish.lua: this instance's probes closed it
+_RENEW, _NO_RENEW = "1", "0"  # sync.lua: whether to renew the lease (a probe is in flight)
+_VIEWS: Final = {  # sync.lua and claim.lua: what the shared state says
+    "c": Shared.CLOSED,
+    "o": Shared.OPEN,
+    "w": Shared.WAIT,
+    "p": Shared.LEASED,
+    "f": Shared.FREE,
+}
 
 
 class _Member:
@@ -97,7 +109,7 @@ class SharedBreakerStore:
         # The latest transition of each breaker, to publish: one per breaker, so the queue
         # stays as small as the store however long Redis is unreachable ("open" always
         # wins and "close" counts only from the lease holder, so the latest is enough).
-        self._pending: dict[str, tuple[_Member, str, float]] = {}
+        self._pending: dict[str, tuple[_Member, str, float]] = {}  # kind: _PUBLISH_*
         self._wanted: dict[str, _Member] = {}  # leases asked for by sync calls
         # Claims on the wire, by breaker (not by name: a new breaker of a detached one's
         # name claims for itself).
@@ -171,8 +183,8 @@ class SharedBreakerStore:
         except RuntimeError:
             return  # no loop in this thread: the next call from async code starts it
         self._loop = loop
-        self._wake = asyncio.Event()
-        self._task = loop.create_task(self._run(), name="resilient breaker sync")
+        self._wake = wake = asyncio.Event()
+        self._task = loop.create_task(self._run(wake), name="resilient breaker sync")
 
     def _wake_up(self) -> None:
         loop, wake = self._loop, self._wake
@@ -188,9 +200,9 @@ class SharedBreakerStore:
         *open_for* is how long the circuit stays open, for an opening.
         """
         if transition.new is State.OPEN:
-            kind = "open"
+            kind = _PUBLISH_OPEN
         elif transition.new is State.CLOSED and transition.old is State.HALF_OPEN:
-            kind = "close"
+            kind = _PUBLISH_CLOSE
         else:
             return  # manual states stay local
         with self._lock:
@@ -262,9 +274,7 @@ class SharedBreakerStore:
         except BackendError as exc:
             self._failed(exc, "claim")
 
-    async def _run(self) -> None:
-        wake = self._wake
-        assert wake is not None
+    async def _run(self, wake: asyncio.Event) -> None:
         while True:
             await self.sync_now()
             try:
@@ -322,7 +332,7 @@ class SharedBreakerStore:
     def _now(breaker: CircuitBreaker) -> str | int:
         """Redis's own clock, unless the breaker was given another (tests)."""
         clock = breaker.clock
-        return "r" if isinstance(clock, SystemClock) else int(clock.time() * 1000)
+        return _REDIS_TIME if isinstance(clock, SystemClock) else int(clock.time() * 1000)
 
     async def _publish(self, member: _Member, kind: str, open_for: float) -> None:
         breaker = member.breaker
@@ -350,7 +360,7 @@ class SharedBreakerStore:
     async def _sync(self, member: _Member) -> None:
         breaker = member.breaker
         now = breaker.clock.monotonic()
-        renew = "1" if breaker.probing else "0"
+        renew = _RENEW if breaker.probing else _NO_RENEW
         reply = await self._backend.run_script(
             _SYNC,
             [self._key(breaker.name)],
@@ -359,17 +369,14 @@ class SharedBreakerStore:
         self._apply(member, reply, now)
 
     def _apply(self, member: _Member, reply: Any, now: float) -> None:
-        kind, generation, ms = reply[0], int(reply[1]), int(reply[2])
-        if isinstance(kind, bytes):
-            kind = kind.decode()
+        code, generation, ms = reply[0], int(reply[1]), int(reply[2])
+        view = _VIEWS[code.decode() if isinstance(code, bytes) else str(code)]
         seen = member.seen
         member.seen = max(seen, generation)
         breaker = member.breaker
         if self._breakers.get(breaker.name) is not member:
             return  # detached during the round trip: it decides alone
-        breaker.apply_shared(
-            _VIEWS[str(kind)], ms / 1000, now, newer=generation > seen, recheck=self.interval
-        )
+        breaker.apply_shared(view, ms / 1000, now, newer=generation > seen, recheck=self.interval)
 
     async def aclose(self) -> None:
         """Stop the sync task."""
