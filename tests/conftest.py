@@ -23,7 +23,7 @@ from hypothesis import settings
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from resilient import RedisBackend
-from resilient.testing import RedisCluster, RedisServer, find_redis_server
+from resilient.testing import RecordingObserver, RedisCluster, RedisServer, find_redis_server
 
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True)
@@ -183,3 +183,9 @@ async def two_backends(
         yield a, b
     await one.aclose()
     await other.aclose()
+
+
+@pytest.fixture
+def recorder() -> RecordingObserver:
+    """An observer that keeps every event, for the test to read."""
+    return RecordingObserver()

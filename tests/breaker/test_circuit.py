@@ -14,20 +14,9 @@ import pytest
 
 from resilient import CircuitOpenError, ConfigurationError
 from resilient.breaker import BreakerRegistry, CircuitBreaker, State
-from resilient.events import BreakerStateChanged, CallFailed, CallRejected, CallSucceeded, Event
-from resilient.testing import FakeClock
+from resilient.events import BreakerStateChanged, CallFailed, CallRejected, CallSucceeded
+from resilient.testing import FakeClock, RecordingObserver
 from tests.breaker.conftest import Via
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event, /) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 def state(b: CircuitBreaker) -> State:
@@ -58,7 +47,7 @@ def ok() -> str:
 
 
 async def test_it_opens_on_the_failure_rate_and_rejects_until_open_for_ends(via: Via) -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     b = breaker(clock=clock, observer=recorder)
     guarded_fail, guarded_ok = via.guard(b, fail), via.guard(b, ok)
     assert await guarded_ok() == "ok"
@@ -242,7 +231,7 @@ async def test_async_fallback() -> None:
 
 
 async def test_manual_control(via: Via) -> None:
-    recorder = Recorder()
+    recorder = RecordingObserver()
     b = breaker(observer=recorder)
     guarded = via.guard(b, ok)
     b.force_open()
@@ -322,7 +311,7 @@ async def test_outcomes_of_calls_from_before_a_transition_do_not_count(via: Via)
 
 
 async def test_successes_are_observed_only_on_request(via: Via) -> None:
-    recorder = Recorder()
+    recorder = RecordingObserver()
     await via.guard(breaker(observer=recorder), ok)()
     assert recorder.of(CallSucceeded) == []
     await via.guard(breaker(observer=recorder, observe_successes=True), ok)()

@@ -13,16 +13,8 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from resilient import CircuitOpenError, ConfigurationError, RedisBackend
 from resilient.breaker import CircuitBreaker, State
 from resilient.breaker.redis import SharedBreakerStore
-from resilient.events import BackendFailed, Event
-from resilient.testing import FakeClock, RedisCluster, RedisServer
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event, /) -> None:
-        self.events.append(event)
+from resilient.events import BackendFailed
+from resilient.testing import FakeClock, RecordingObserver, RedisCluster, RedisServer
 
 
 class Boom(Exception):
@@ -134,7 +126,7 @@ async def test_a_failed_probe_reopens_for_everyone(
 async def test_without_redis_each_instance_decides_alone(
     fresh_redis_server: RedisServer,
 ) -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         a = make(backend, clock, observer=recorder)

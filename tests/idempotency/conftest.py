@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +14,6 @@ from starlette.routing import Route
 
 from resilient import RedisBackend
 from resilient._asgi import ASGIApp
-from resilient.events import Event
 
 
 class Shop:
@@ -84,19 +82,6 @@ def client_for(app: ASGIApp, *, raise_app_exceptions: bool = True) -> httpx.Asyn
         app=app, client=("203.0.113.7", 4711), raise_app_exceptions=raise_app_exceptions
     )
     return httpx.AsyncClient(transport=transport, base_url="http://test")
-
-
-class Recorder:
-    """An observer that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event, /) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from resilient import (
     idempotent,
 )
 from resilient.events import BackendFailed, IdempotencyRejected, IdempotencyReplayed
-from resilient.testing import RedisServer
-from tests.idempotency.conftest import Recorder
+from resilient.testing import RecordingObserver, RedisServer
 
 
 @dataclass
@@ -36,7 +35,7 @@ def backend(request: pytest.FixtureRequest) -> Any:
 
 async def test_the_body_runs_once_per_key(backend: Any) -> None:
     charged: list[int] = []
-    recorder = Recorder()
+    recorder = RecordingObserver()
 
     @idempotent("payment:{event.id}", backend=backend, observer=recorder)
     async def charge(event: Event) -> dict[str, Any]:
@@ -55,7 +54,7 @@ async def test_the_body_runs_once_per_key(backend: Any) -> None:
 
 async def test_a_duplicate_in_progress_conflicts(backend: Any) -> None:
     gate, runs = asyncio.Event(), []
-    recorder = Recorder()
+    recorder = RecordingObserver()
 
     @idempotent(lambda event_id: f"e:{event_id}", backend=backend, observer=recorder)
     async def handle(event_id: str) -> int:
@@ -156,7 +155,7 @@ async def test_redis_down_raises_backend_unavailable_or_runs_open(
 ) -> None:
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     runs: list[int] = []
-    recorder = Recorder()
+    recorder = RecordingObserver()
     async with RedisBackend(client) as backend:
 
         @idempotent("{n}", backend=backend, backend_retry_after=4, observer=recorder)

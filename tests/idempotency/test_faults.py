@@ -37,8 +37,8 @@ from resilient.errors import ResultNotStored
 from resilient.events import BackendDataLost, BackendFailed, IdempotencyNotStored
 from resilient.idempotency.keeper import store_for
 from resilient.idempotency.redis import RedisIdempotencyStore
-from resilient.testing import FakeClock, RedisServer
-from tests.idempotency.conftest import Recorder, Shop, client_for
+from resilient.testing import FakeClock, RecordingObserver, RedisServer
+from tests.idempotency.conftest import Shop, client_for
 
 KEY = {"Idempotency-Key": "pay-1"}
 
@@ -125,7 +125,7 @@ def shop_client(server: RedisServer) -> redis.asyncio.Redis:
 def test_a_write_stall_shorter_than_the_lease_runs_the_payment_once(
     fresh_redis_server: RedisServer,
 ) -> None:
-    payments, recorder = Payments(fresh_redis_server.url), Recorder()
+    payments, recorder = Payments(fresh_redis_server.url), RecordingObserver()
     app = IdempotencyMiddleware(
         payments.app, backend=payments.backend, lease=5.0, observer=recorder
     )
@@ -147,7 +147,7 @@ def test_a_write_stall_shorter_than_the_lease_runs_the_payment_once(
 def test_a_write_stall_past_the_lease_never_answers_success(
     fresh_redis_server: RedisServer, path: str
 ) -> None:
-    payments, recorder = Payments(fresh_redis_server.url), Recorder()
+    payments, recorder = Payments(fresh_redis_server.url), RecordingObserver()
     app = IdempotencyMiddleware(
         payments.app, backend=payments.backend, lease=1.0, backend_retry_after=3, observer=recorder
     )
@@ -190,7 +190,7 @@ async def test_the_decorator_raises_when_the_result_cannot_be_stored(
     fresh_redis_server: RedisServer,
 ) -> None:
     charged: list[int] = []
-    recorder = Recorder()
+    recorder = RecordingObserver()
     client = shop_client(fresh_redis_server)
     async with RedisBackend(client) as backend:
 
@@ -237,7 +237,7 @@ async def test_a_restart_empty_is_noticed_by_every_instance(
 ) -> None:
     one = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     other = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
-    recorder = Recorder()
+    recorder = RecordingObserver()
     async with RedisBackend(one) as backend_one, RedisBackend(other) as backend_other:
         apps = [
             IdempotencyMiddleware(shop.app, backend=backend, observer=recorder)
@@ -266,7 +266,7 @@ async def test_a_restart_empty_is_noticed_by_every_instance(
 async def test_a_quarantine_refuses_new_claims_after_a_restart_empty(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         app = IdempotencyMiddleware(
@@ -300,7 +300,7 @@ async def test_a_quarantine_refuses_new_claims_after_a_restart_empty(
 
 
 async def test_a_restart_that_kept_its_data_is_no_loss(shop: Shop) -> None:
-    recorder = Recorder()
+    recorder = RecordingObserver()
     with RedisServer(args=("--appendonly", "yes", "--appendfsync", "always")) as server:
         client = redis.asyncio.Redis.from_url(server.url, socket_timeout=1)
         async with RedisBackend(client) as backend:
@@ -321,7 +321,7 @@ async def test_a_restart_that_kept_its_data_is_no_loss(shop: Shop) -> None:
 async def test_the_decorator_notices_a_restart_empty_and_can_quarantine(
     fresh_redis_server: RedisServer,
 ) -> None:
-    clock, recorder, runs = FakeClock(), Recorder(), []
+    clock, recorder, runs = FakeClock(), RecordingObserver(), []
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
 
@@ -436,7 +436,7 @@ async def test_a_loss_noticed_once_quarantines_every_guard_on_the_backend(
     # Two middleware instances and a decorator on one RedisBackend share one store: the
     # first claim after the restart notices the loss for all of them, and each applies its
     # own quarantine from that moment, whether or not it claims anything meanwhile.
-    clock, recorder, runs = FakeClock(), Recorder(), []
+    clock, recorder, runs = FakeClock(), RecordingObserver(), []
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         first = IdempotencyMiddleware(
@@ -485,7 +485,7 @@ async def test_a_loss_noticed_once_quarantines_every_guard_on_the_backend(
 async def test_a_loss_the_decorator_noticed_quarantines_the_middleware_too(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         app = IdempotencyMiddleware(
@@ -517,7 +517,7 @@ async def test_a_claim_in_flight_when_another_guard_notices_a_loss_is_refused(
 ) -> None:
     # Both claims are sent before either reply is read: the first notices the loss, the
     # second finds the marker the first made (no loss of its own) yet must not run.
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
     async with RedisBackend(client) as backend:
         apps = [
@@ -589,7 +589,7 @@ async def test_with_replicas_a_stored_response_survives_the_master_s_failover(
 async def test_with_replicas_a_result_no_replica_acknowledged_is_not_a_success(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
-    recorder = Recorder()
+    recorder = RecordingObserver()
     with replica_of(fresh_redis_server) as replica:
         replica.stop()  # the master's only replica is gone
         client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
@@ -657,7 +657,7 @@ async def test_claims_in_flight_when_their_own_instance_notices_a_loss_are_refus
     # One instance, one middleware, the system's clock (as the shop runs): four claims sent
     # with the marker this store knew before the loss; the first reply to come back
     # teaches the store the new marker, and none of the four may run.
-    recorder = Recorder()
+    recorder = RecordingObserver()
     client, backend = instance(fresh_redis_server)
     async with backend:
         app = IdempotencyMiddleware(shop.app, backend=backend, quarantine=30.0, observer=recorder)
@@ -689,7 +689,7 @@ async def test_every_instance_ends_its_quarantine_at_the_same_moment(
     # Two instances that both knew the data; the second gets its first request after the
     # restart 3.5 s after the first did. The quarantine runs from the loss as the first
     # noticer recorded it in the marker, not from each instance's own first claim.
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     client_one, backend_one = instance(fresh_redis_server)
     client_two, backend_two = instance(fresh_redis_server)
     async with backend_one, backend_two:
@@ -727,7 +727,7 @@ async def test_every_instance_ends_its_quarantine_at_the_same_moment(
 async def test_an_instance_that_never_claimed_before_the_loss_learns_it_from_the_marker(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     client_one, backend_one = instance(fresh_redis_server)
     client_two, backend_two = instance(fresh_redis_server)
     async with backend_one, backend_two:
@@ -766,7 +766,7 @@ async def test_an_instance_primed_at_startup_notices_a_loss_on_its_first_claim(
     # marker at their ASGI lifespan startup (a real uvicorn server). The first request
     # after the loss reaches the second instance: it notices the loss itself, records
     # its moment in the marker, and the first instance's quarantine ends with its own.
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     client_one, backend_one = instance(fresh_redis_server)
     client_two, backend_two = instance(fresh_redis_server)
     one, two = (
@@ -811,7 +811,7 @@ async def run_lifespan(app: Any) -> list[str]:
 async def test_the_lifespan_starts_whether_or_not_the_marker_can_be_read(
     shop: Shop, fresh_redis_server: RedisServer, kind: str
 ) -> None:
-    recorder = Recorder()
+    recorder = RecordingObserver()
     client, backend = instance(fresh_redis_server)
     fresh_redis_server.stop()
     async with backend:

@@ -19,8 +19,8 @@ from resilient.events import (
 from resilient.idempotency import IdempotencyMiddleware, parse_key
 from resilient.idempotency.keeper import store_for
 from resilient.idempotency.middleware import default_scope_key
-from resilient.testing import FakeClock, RedisServer
-from tests.idempotency.conftest import Recorder, Shop, client_for
+from resilient.testing import FakeClock, RecordingObserver, RedisServer
+from tests.idempotency.conftest import Shop, client_for
 
 KEY = {"Idempotency-Key": "8e03978e-40d5-43e8-bc93-6894a57f9324"}
 
@@ -37,7 +37,7 @@ def middleware(shop: Shop, backend: Any, **options: Any) -> IdempotencyMiddlewar
 
 
 async def test_a_retry_gets_the_first_response_byte_for_byte(shop: Shop, backend: Any) -> None:
-    recorder = Recorder()
+    recorder = RecordingObserver()
     async with client_for(middleware(shop, backend, observer=recorder)) as client:
         first = await client.post("/api/orders", json={"sku": "A1"}, headers=KEY)
         second = await client.post("/api/orders", json={"sku": "A1"}, headers=KEY)
@@ -74,7 +74,7 @@ async def test_without_a_fingerprint_only_the_key_counts(shop: Shop) -> None:
 
 async def test_a_duplicate_in_flight_gets_409_with_retry_after(shop: Shop, backend: Any) -> None:
     shop.gate.clear()
-    recorder = Recorder()
+    recorder = RecordingObserver()
     async with client_for(middleware(shop, backend, observer=recorder)) as client:
         first = asyncio.create_task(client.post("/api/slow", headers=KEY))
         await shop.entered.wait()
@@ -261,7 +261,7 @@ async def test_a_large_request_body_is_413(shop: Shop) -> None:
 
 
 async def test_a_lost_lease_is_reported_and_never_overwrites_the_new_owner(shop: Shop) -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     app = middleware(shop, MemoryBackend(), clock=clock, lease=10.0, observer=recorder)
     shop.gate.clear()
     async with client_for(app) as client:
@@ -315,7 +315,7 @@ async def test_redis_down_fails_closed_with_503(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
-    recorder = Recorder()
+    recorder = RecordingObserver()
     async with RedisBackend(client) as backend:
         app = middleware(shop, backend, observer=recorder, backend_retry_after=7)
         fresh_redis_server.stop()
@@ -333,7 +333,7 @@ async def test_redis_down_fails_closed_with_503(
 
 async def test_redis_down_can_fail_open(shop: Shop, fresh_redis_server: RedisServer) -> None:
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
-    recorder = Recorder()
+    recorder = RecordingObserver()
     async with RedisBackend(client) as backend:
         app = middleware(shop, backend, observer=recorder, on_backend_error="open")
         fresh_redis_server.stop()
@@ -512,7 +512,7 @@ async def test_redis_stopping_mid_request_never_completes_the_response(
     shop: Shop, fresh_redis_server: RedisServer
 ) -> None:
     client = redis.asyncio.Redis.from_url(fresh_redis_server.url, socket_timeout=1)
-    recorder = Recorder()
+    recorder = RecordingObserver()
     shop.gate.clear()
     async with RedisBackend(client) as backend:
         app = middleware(shop, backend, observer=recorder, lease=0.5)
@@ -560,7 +560,7 @@ async def test_a_decoding_cluster_client_is_refused_up_front(redis_cluster: Any)
 async def test_complete_is_retried_with_backoff_while_the_heartbeat_keeps_the_lease(
     shop: Shop,
 ) -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     inner = store_for(MemoryBackend())
     completes: list[float] = []
     extends: list[float] = []
@@ -617,7 +617,7 @@ async def test_a_renewal_in_flight_when_the_response_is_stored_is_no_lost_lease(
     shop: Shop,
 ) -> None:
     inner = store_for(MemoryBackend())
-    recorder = Recorder()
+    recorder = RecordingObserver()
     renewing, answer = asyncio.Event(), asyncio.Event()
 
     class SlowRenewals:

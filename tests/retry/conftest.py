@@ -11,7 +11,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import pytest
 
-from resilient.events import Event
 from resilient.retries import Attempt, Attempts, Retry
 from resilient.testing import FakeClock
 
@@ -36,19 +35,6 @@ class AsyncSleeper(Sleeper):
 
     async def __call__(self, seconds: float) -> None:  # type: ignore[override]
         super().__call__(seconds)
-
-
-class Recorder:
-    """An observer that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event, /) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Event]) -> list[Event]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 class Driver:
@@ -117,8 +103,3 @@ def sleeper(clock: FakeClock) -> Sleeper:
 @pytest.fixture
 def async_sleeper(clock: FakeClock) -> AsyncSleeper:
     return AsyncSleeper(clock)
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()

@@ -12,8 +12,8 @@ import pytest
 from resilient import ConfigurationError, retry
 from resilient.events import RetryGaveUp, RetryScheduled
 from resilient.retries import Attempt
-from resilient.testing import FakeClock
-from tests.retry.conftest import Driver, Recorder
+from resilient.testing import FakeClock, RecordingObserver
+from tests.retry.conftest import Driver
 
 
 def test_a_block_that_succeeds_runs_once(driver: Driver) -> None:
@@ -24,7 +24,9 @@ def test_a_block_that_succeeds_runs_once(driver: Driver) -> None:
     assert repr(last) == "<Attempt 1>"
 
 
-def test_a_failing_block_is_run_again_until_it_succeeds(driver: Driver, recorder: Recorder) -> None:
+def test_a_failing_block_is_run_again_until_it_succeeds(
+    driver: Driver, recorder: RecordingObserver
+) -> None:
     runs: list[int] = []
 
     def body(attempt: Attempt) -> None:
@@ -39,7 +41,7 @@ def test_a_failing_block_is_run_again_until_it_succeeds(driver: Driver, recorder
     assert runs == [1, 2, 3]
     expected = random.Random(1)
     assert driver.sleep.waits == [expected.uniform(0, 0.1), expected.uniform(0, 0.2)]
-    assert [(e.name, e.attempt) for e in recorder.of(RetryScheduled)] == [  # type: ignore[attr-defined]
+    assert [(e.name, e.attempt) for e in recorder.of(RetryScheduled)] == [
         ("load", 1),
         ("load", 2),
     ]
@@ -68,7 +70,9 @@ def test_a_block_runs_every_attempt_it_is_given(clock: FakeClock, driver: Driver
     assert runs == [1, 2]
 
 
-def test_a_block_gives_up_with_the_last_exception(driver: Driver, recorder: Recorder) -> None:
+def test_a_block_gives_up_with_the_last_exception(
+    driver: Driver, recorder: RecordingObserver
+) -> None:
     runs = 0
 
     def body(attempt: Attempt) -> None:
@@ -80,7 +84,7 @@ def test_a_block_gives_up_with_the_last_exception(driver: Driver, recorder: Reco
     with pytest.raises(OSError, match="3"):
         driver.block(policy.attempts(), body)
     assert runs == 3
-    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["attempts"]  # type: ignore[attr-defined]
+    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["attempts"]
 
 
 def test_a_block_does_not_retry_what_on_excludes(driver: Driver) -> None:

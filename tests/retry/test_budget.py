@@ -9,8 +9,8 @@ import pytest
 from resilient import ConfigurationError, RetryBudget, retry
 from resilient.events import RetryBudgetExhausted, RetryGaveUp
 from resilient.retries import Attempt
-from resilient.testing import FakeClock
-from tests.retry.conftest import Driver, Recorder
+from resilient.testing import FakeClock, RecordingObserver
+from tests.retry.conftest import Driver
 
 
 def test_every_call_deposits_the_ratio_and_every_retry_withdraws_one(clock: FakeClock) -> None:
@@ -92,7 +92,7 @@ def test_threads_deposit_and_withdraw_exactly(clock: FakeClock) -> None:
 
 
 def test_retry_stops_when_the_budget_is_empty(
-    clock: FakeClock, driver: Driver, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: RecordingObserver
 ) -> None:
     budget = RetryBudget(ratio=0.1, min_per_second=0, clock=clock)
     calls = 0
@@ -111,7 +111,7 @@ def test_retry_stops_when_the_budget_is_empty(
     assert calls == 110
     assert len(driver.sleep.waits) == 10
     assert len(recorder.of(RetryBudgetExhausted)) == 100
-    assert {e.reason for e in recorder.of(RetryGaveUp)} == {"budget"}  # type: ignore[attr-defined]
+    assert {e.reason for e in recorder.of(RetryGaveUp)} == {"budget"}
 
 
 def test_successful_calls_fill_the_budget_for_later_retries(

@@ -24,8 +24,8 @@ from resilient import (
 )
 from resilient.events import Event, RetryGaveUp, RetryScheduled
 from resilient.retries.core import JITTERS, Jitter, backoff
-from resilient.testing import FakeClock
-from tests.retry.conftest import AsyncSleeper, Driver, Recorder, Sleeper
+from resilient.testing import FakeClock, RecordingObserver
+from tests.retry.conftest import AsyncSleeper, Driver, Sleeper
 
 
 class Flaky:
@@ -43,7 +43,7 @@ class Flaky:
         return self.value
 
 
-def test_a_success_is_returned_at_once(driver: Driver, recorder: Recorder) -> None:
+def test_a_success_is_returned_at_once(driver: Driver, recorder: RecordingObserver) -> None:
     flaky = Flaky()
     fetch = driver.decorate(retry(sleep=driver.sleep, observer=recorder), flaky)
     assert fetch() == "ok"
@@ -53,7 +53,7 @@ def test_a_success_is_returned_at_once(driver: Driver, recorder: Recorder) -> No
 
 
 def test_failures_are_retried_with_full_jitter_from_the_given_rng(
-    clock: FakeClock, driver: Driver, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: RecordingObserver
 ) -> None:
     sleeper = driver.sleep
     flaky = Flaky(ConnectionError("1"), ConnectionError("2"), ConnectionError("3"))
@@ -76,7 +76,7 @@ def test_failures_are_retried_with_full_jitter_from_the_given_rng(
         expected.uniform(0, 1.5),  # capped
     ]
     scheduled = recorder.of(RetryScheduled)
-    assert [(e.attempt, e.wait, str(e.cause)) for e in scheduled] == [  # type: ignore[attr-defined]
+    assert [(e.attempt, e.wait, str(e.cause)) for e in scheduled] == [
         (1, sleeper.waits[0], "1"),
         (2, sleeper.waits[1], "2"),
         (3, sleeper.waits[2], "3"),
@@ -100,7 +100,7 @@ def test_each_jitter_gives_the_waits_of_its_formula(jitter: Jitter, driver: Driv
 
 
 def test_when_attempts_run_out_the_last_exception_is_raised_with_its_traceback(
-    driver: Driver, recorder: Recorder
+    driver: Driver, recorder: RecordingObserver
 ) -> None:
     calls = 0
 
@@ -120,8 +120,8 @@ def test_when_attempts_run_out_the_last_exception_is_raised_with_its_traceback(
     assert raised.value.__context__ is None  # not chained to the earlier attempts
     assert not any("tenacity" in frame.filename for frame in frames)
     (gave_up,) = recorder.of(RetryGaveUp)
-    assert (gave_up.attempts, gave_up.reason, gave_up.cause) == (3, "attempts", raised.value)  # type: ignore[attr-defined]
-    assert gave_up.name.endswith("connect")  # type: ignore[attr-defined]
+    assert (gave_up.attempts, gave_up.reason, gave_up.cause) == (3, "attempts", raised.value)
+    assert gave_up.name.endswith("connect")
 
 
 def test_one_attempt_means_no_retry(driver: Driver) -> None:
@@ -131,7 +131,9 @@ def test_one_attempt_means_no_retry(driver: Driver) -> None:
     assert flaky.calls == 1
 
 
-def test_only_the_exceptions_named_by_on_are_retried(driver: Driver, recorder: Recorder) -> None:
+def test_only_the_exceptions_named_by_on_are_retried(
+    driver: Driver, recorder: RecordingObserver
+) -> None:
     flaky = Flaky(ConnectionError(), ValueError("bad input"))
     guarded = driver.decorate(
         retry(on=ConnectionError, sleep=driver.sleep, observer=recorder), flaky
@@ -139,7 +141,7 @@ def test_only_the_exceptions_named_by_on_are_retried(driver: Driver, recorder: R
     with pytest.raises(ValueError, match="bad input") as raised:
         guarded()
     assert flaky.calls == 2
-    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["not_retryable"]  # type: ignore[attr-defined]
+    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["not_retryable"]
     frames = traceback.extract_tb(raised.value.__traceback__)
     assert not any("tenacity" in frame.filename for frame in frames)
 
@@ -213,7 +215,7 @@ def test_results_matching_the_predicate_are_retried(driver: Driver) -> None:
 
 
 def test_when_attempts_run_out_the_last_result_is_returned(
-    driver: Driver, recorder: Recorder
+    driver: Driver, recorder: RecordingObserver
 ) -> None:
     statuses = iter([503, 502, 504, 200])
 
@@ -225,12 +227,12 @@ def test_when_attempts_run_out_the_last_result_is_returned(
     )
     assert driver.decorate(policy, get)().status_code == 504
     (gave_up,) = recorder.of(RetryGaveUp)
-    assert gave_up.reason == "attempts"  # type: ignore[attr-defined]
+    assert gave_up.reason == "attempts"
     assert gave_up.cause.status_code == 504  # type: ignore[attr-defined]
 
 
 def test_the_deadline_counts_the_attempts_and_the_waits(
-    clock: FakeClock, driver: Driver, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: RecordingObserver
 ) -> None:
     calls = 0
 
@@ -256,7 +258,7 @@ def test_the_deadline_counts_the_attempts_and_the_waits(
     assert raised.value.args == (3,)
     assert driver.sleep.waits == [0.25, 0.25]
     assert clock.monotonic() == 1.25
-    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]  # type: ignore[attr-defined]
+    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -352,7 +354,7 @@ def test_a_jittered_wait_longer_than_retry_after_is_kept(driver: Driver) -> None
 
 
 def test_a_retry_after_beyond_the_deadline_gives_up_at_once(
-    clock: FakeClock, driver: Driver, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: RecordingObserver
 ) -> None:
     calls = 0
 
@@ -372,7 +374,7 @@ def test_a_retry_after_beyond_the_deadline_gives_up_at_once(
     assert calls == 1
     assert driver.sleep.waits == []
     assert clock.monotonic() == 0
-    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]  # type: ignore[attr-defined]
+    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]
 
 
 def test_an_open_circuit_is_retried_when_it_reopens_within_the_deadline(
@@ -398,7 +400,7 @@ def test_an_open_circuit_is_not_waited_for_past_the_deadline(
 
 
 async def test_async_functions_are_retried_with_an_async_sleep(
-    clock: FakeClock, async_sleeper: AsyncSleeper, recorder: Recorder
+    clock: FakeClock, async_sleeper: AsyncSleeper, recorder: RecordingObserver
 ) -> None:
     calls = 0
 
@@ -415,7 +417,7 @@ async def test_async_functions_are_retried_with_an_async_sleep(
     assert calls == 3
     expected = random.Random(3)
     assert async_sleeper.waits == [expected.uniform(0, 0.1), expected.uniform(0, 0.2)]
-    assert [e.attempt for e in recorder.of(RetryScheduled)] == [1, 2]  # type: ignore[attr-defined]
+    assert [e.attempt for e in recorder.of(RetryScheduled)] == [1, 2]
     assert fetch.__name__ == "fetch"
 
 

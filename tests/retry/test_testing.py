@@ -11,8 +11,8 @@ import pytest
 from resilient import retry
 from resilient.events import RetryGaveUp, RetryScheduled
 from resilient.retries.core import waits
-from resilient.testing import FakeClock, retries_without_waits, set_retry_waits
-from tests.retry.conftest import Driver, Recorder
+from resilient.testing import FakeClock, RecordingObserver, retries_without_waits, set_retry_waits
+from tests.retry.conftest import Driver
 
 
 def always_failing(counter: list[int]) -> None:
@@ -20,7 +20,9 @@ def always_failing(counter: list[int]) -> None:
     raise ConnectionError(len(counter))
 
 
-def test_without_waits_retries_run_but_never_sleep(driver: Driver, recorder: Recorder) -> None:
+def test_without_waits_retries_run_but_never_sleep(
+    driver: Driver, recorder: RecordingObserver
+) -> None:
     calls: list[int] = []
     policy = retry(attempts=4, base=5.0, cap=60.0, sleep=driver.sleep, observer=recorder)
     flaky = driver.decorate(policy, always_failing)
@@ -29,8 +31,8 @@ def test_without_waits_retries_run_but_never_sleep(driver: Driver, recorder: Rec
     assert len(calls) == 4
     assert driver.sleep.waits == []
     # The decisions are those of production: the events still carry the waits skipped.
-    assert [e.attempt for e in recorder.of(RetryScheduled)] == [1, 2, 3]  # type: ignore[attr-defined]
-    assert all(0 <= e.wait <= 60.0 for e in recorder.of(RetryScheduled))  # type: ignore[attr-defined]
+    assert [e.attempt for e in recorder.of(RetryScheduled)] == [1, 2, 3]
+    assert all(0 <= e.wait <= 60.0 for e in recorder.of(RetryScheduled))
     assert waits.enabled  # restored
 
 
@@ -50,7 +52,7 @@ def test_without_waits_retries_end_as_they_would_with_them(driver: Driver) -> No
 
 
 def test_without_waits_a_retry_after_past_the_deadline_still_gives_up(
-    clock: FakeClock, driver: Driver, recorder: Recorder
+    clock: FakeClock, driver: Driver, recorder: RecordingObserver
 ) -> None:
     def get() -> httpx.Response:
         return httpx.Response(429, headers={"Retry-After": "30"})
@@ -60,7 +62,7 @@ def test_without_waits_a_retry_after_past_the_deadline_still_gives_up(
     )
     with retries_without_waits():
         assert driver.decorate(policy, get)().status_code == 429
-    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]  # type: ignore[attr-defined]
+    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]
 
 
 def test_the_function_form_and_nesting(driver: Driver) -> None:

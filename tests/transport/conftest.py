@@ -19,7 +19,7 @@ import uvicorn
 from resilient import ResilientTransport, SyncResilientTransport
 from resilient._asgi import Receive, Scope, Send
 from resilient.testing import FakeClock
-from tests.retry.conftest import AsyncSleeper, Recorder, Sleeper
+from tests.retry.conftest import AsyncSleeper, Sleeper
 
 
 class Upstream:
@@ -211,11 +211,6 @@ def clock() -> FakeClock:
 def sleeper(via: Via, clock: FakeClock) -> Sleeper:
     """A sleep for *via*'s transport, which records its waits and advances the clock."""
     return via.sleeper(clock)
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
 
 
 class Client:

@@ -16,8 +16,8 @@ from resilient import BreakerRegistry, CircuitBreaker, CircuitOpenError, retry
 from resilient.breaker import State
 from resilient.events import CallFailed, RetryGaveUp, RetryScheduled
 from resilient.retries import Retry
-from resilient.testing import FakeClock
-from tests.retry.conftest import Recorder, Sleeper
+from resilient.testing import FakeClock, RecordingObserver
+from tests.retry.conftest import Sleeper
 from tests.transport.conftest import Counting, Script, Upstream, Via
 
 
@@ -179,7 +179,7 @@ async def test_retry_after_is_honoured(
 
 
 async def test_a_retry_after_beyond_the_deadline_returns_the_response_at_once(
-    via: Via, sleeper: Sleeper, recorder: Recorder
+    via: Via, sleeper: Sleeper, recorder: RecordingObserver
 ) -> None:
     script = Script((503, {"Retry-After": "120"}), 200)
     policy = quick_retry(sleeper, deadline=10.0, observer=recorder)
@@ -190,11 +190,11 @@ async def test_a_retry_after_beyond_the_deadline_returns_the_response_at_once(
     assert response.headers["Retry-After"] == "120"
     assert script.hits() == 1
     assert sleeper.waits == []
-    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]  # type: ignore[attr-defined]
+    assert [e.reason for e in recorder.of(RetryGaveUp)] == ["deadline"]
 
 
 async def test_an_open_circuit_within_the_deadline_is_waited_for(
-    via: Via, clock: FakeClock, sleeper: Sleeper, recorder: Recorder
+    via: Via, clock: FakeClock, sleeper: Sleeper, recorder: RecordingObserver
 ) -> None:
     guard = breaker(clock, minimum_calls=2, window=2, open_for=5.0)
     script = Script(503, 503, 200)
@@ -204,14 +204,14 @@ async def test_an_open_circuit_within_the_deadline_is_waited_for(
         response = await http.get("/prices")
     assert response.status_code == 200
     assert script.hits() == 3  # two failures opened it; the rejection never reached the host
-    causes = [e.cause for e in recorder.of(RetryScheduled)]  # type: ignore[attr-defined]
+    causes = [e.cause for e in recorder.of(RetryScheduled)]
     assert isinstance(causes[2], CircuitOpenError)
     assert sleeper.waits[2] == causes[2].retry_after  # waited exactly until half-open
     assert guard.state is State.CLOSED  # the probe succeeded
 
 
 async def test_an_open_circuit_beyond_the_deadline_gives_up_at_once(
-    via: Via, clock: FakeClock, sleeper: Sleeper, recorder: Recorder
+    via: Via, clock: FakeClock, sleeper: Sleeper, recorder: RecordingObserver
 ) -> None:
     guard = breaker(clock, minimum_calls=2, window=2, open_for=60.0)
     script = Script(503, 503, 200)
@@ -223,7 +223,7 @@ async def test_an_open_circuit_beyond_the_deadline_gives_up_at_once(
     assert script.hits() == 2
     assert len(sleeper.waits) == 2  # after each 503; none after the rejection
     gave_up = recorder.of(RetryGaveUp)
-    assert [e.reason for e in gave_up] == ["deadline"]  # type: ignore[attr-defined]
+    assert [e.reason for e in gave_up] == ["deadline"]
 
 
 async def test_each_host_has_its_own_breaker(via: Via, clock: FakeClock) -> None:
@@ -296,7 +296,7 @@ async def test_client_errors_do_not_count_against_the_host(via: Via, clock: Fake
 async def test_a_breaker_that_does_not_record_status_errors_ignores_5xx(
     via: Via, clock: FakeClock
 ) -> None:
-    recorder = Recorder()
+    recorder = RecordingObserver()
     only_transport_errors = CircuitBreaker(
         "upstream", minimum_calls=2, window=2, record=httpx.TransportError, clock=clock
     )
@@ -316,8 +316,8 @@ async def test_a_breaker_that_does_not_record_status_errors_ignores_5xx(
     assert only_transport_errors.state is State.CLOSED
     assert status_errors_too.state is State.OPEN
     failed = recorder.of(CallFailed)[0]
-    assert isinstance(failed.error, httpx.HTTPStatusError)  # type: ignore[attr-defined]
-    assert failed.error.response.status_code == 503  # type: ignore[attr-defined]
+    assert isinstance(failed.error, httpx.HTTPStatusError)
+    assert failed.error.response.status_code == 503
 
 
 async def test_a_streaming_body_is_sent_once(via: Via, sleeper: Sleeper) -> None:
@@ -411,7 +411,7 @@ async def test_interrupted_while_waiting_to_retry_closes_the_response(via: Via) 
 
 
 async def test_the_retry_events_name_the_transport(
-    via: Via, sleeper: Sleeper, recorder: Recorder
+    via: Via, sleeper: Sleeper, recorder: RecordingObserver
 ) -> None:
     policy = quick_retry(sleeper, observer=recorder, rng=random.Random(1))
     transport = via.resilient(httpx.MockTransport(Script(503, 200)), retry=policy)
