@@ -58,8 +58,7 @@ class PathPattern:
             return path == self._exact
         if self._prefix is not None:
             return path.startswith(self._prefix)
-        assert self._regex is not None
-        return self._regex.fullmatch(path) is not None
+        return self._regex is not None and self._regex.fullmatch(path) is not None
 
     def __repr__(self) -> str:
         return f"PathPattern({self.pattern!r})"

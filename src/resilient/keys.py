@@ -248,7 +248,8 @@ def _forwarded_hops(lines: list[str]) -> Iterator[str | None]:
         pos, end = 0, len(line)
         while True:
             match = _FORWARDED_ELEMENT.match(line, pos)
-            assert match is not None  # the pattern matches the empty string
+            if match is None:  # never: the pattern matches the empty string
+                break
             elements.append(match.group())
             pos = match.end()
             if pos >= end:

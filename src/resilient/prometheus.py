@@ -96,8 +96,6 @@ def _instrument(metric: Metric, namespace: str, registry: CollectorRegistry) -> 
     if metric.kind == "counter":
         return Counter(name, metric.description, labels, registry=registry)
     if metric.kind == "histogram":
-        assert metric.buckets is not None
-        return Histogram(
-            name, metric.description, labels, registry=registry, buckets=metric.buckets
-        )
+        buckets = Histogram.DEFAULT_BUCKETS if metric.buckets is None else metric.buckets
+        return Histogram(name, metric.description, labels, registry=registry, buckets=buckets)
     return Gauge(name, metric.description, labels, registry=registry)

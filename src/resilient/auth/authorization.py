@@ -151,14 +151,12 @@ class Requirement:
     def _guard(self, scope: Mapping[str, Any]) -> dict[str, Any]:
         """Return the claims in *scope* if they hold everything, or refuse at the edge."""
         claims = _claims_of(scope)
+        if claims is None:
+            _refuse(scope, Forbidden("a bearer token is required"), authenticated=False)
         try:
-            if claims is None:
-                msg = "a bearer token is required"
-                raise Forbidden(msg)
             self.check(claims)
         except Forbidden as error:
-            _refuse(scope, error, authenticated=claims is not None)
-        assert claims is not None
+            _refuse(scope, error, authenticated=True)
         return dict(claims)
 
     def _decorate(self, endpoint: Callable[_P, _R]) -> Callable[_P, _R]:

@@ -431,11 +431,10 @@ class JWKSClient(_KeySetClient[httpx.AsyncClient]):
                 need = flow.send(failure)
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
-            if need is Need.FETCH:
+            if need is Need.FETCH or self._inflight is None:  # the cache asks for one
                 task = asyncio.create_task(self._fetch())
                 task.add_done_callback(self._forget)
                 self._inflight = task
-            assert self._inflight is not None  # the cache says a fetch is in flight
             try:
                 # Shielded: a caller that gives up does not cancel the others' fetch.
                 await asyncio.shield(self._inflight)
@@ -555,11 +554,11 @@ class SyncJWKSClient(_KeySetClient[httpx.Client]):
                     need = flow.send(failure)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
-                if need is Need.FETCH:
-                    self._inflight = Future()
                 inflight = self._inflight
-            assert inflight is not None  # the cache says a fetch is in flight
-            if need is Need.FETCH:
+                fetch = need is Need.FETCH or inflight is None  # the cache asks for one
+                if inflight is None or fetch:
+                    inflight = self._inflight = Future()
+            if fetch:
                 self._fetch(inflight)
             error = inflight.exception()  # waits for the fetch to end
             failure = error if isinstance(error, KeySetUnavailable) else None

@@ -265,7 +265,9 @@ class _Validation(_RequiredOptions, Generic[_S]):
             self._check_source(source)
         self._jwks: _S | Mapping[str, _S] = jwks
         issuers = _strings(issuer, "issuer")
-        assert issuers is not None
+        if issuers is None:
+            msg = f"issuer= is required: {_REQUIRED['issuer']}"
+            raise ConfigurationError(msg)
         self.issuers = issuers
         self.audiences = _strings(audience, "audience")
         self.client_ids = _strings(client_id, "client_id")

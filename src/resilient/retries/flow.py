@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import tenacity
 
@@ -117,12 +117,10 @@ class CallRetries(tenacity.RetryCallState):
         """Whether the current outcome is worth another attempt (attempts left permitting)."""
         if self.attempt_number == 1:  # judged before retrying began
             return True
-        outcome = self.outcome
-        assert outcome is not None  # tenacity asks after an outcome only
+        outcome = cast("tenacity.Future", self.outcome)  # asked after an outcome only
         options = self.decider.options
         if outcome.failed:
-            error = outcome.exception()
-            assert error is not None
+            error = cast("BaseException", outcome.exception())  # a failed outcome's
             if options.retryable(error):
                 return True
             self._gave_up("not_retryable", error)
@@ -137,8 +135,7 @@ class CallRetries(tenacity.RetryCallState):
         """
         attempt = self.attempt_number
         if self.planned_for != attempt:
-            outcome = self.outcome
-            assert outcome is not None
+            outcome = cast("tenacity.Future", self.outcome)  # planned after an outcome only
             self.planned_for = attempt
             self.planned = self._plan(outcome.exception() if outcome.failed else outcome.result())
         return self.planned
@@ -181,8 +178,7 @@ class CallRetries(tenacity.RetryCallState):
 
 
 def _call(state: tenacity.RetryCallState) -> CallRetries:
-    assert isinstance(state, CallRetries)  # tenacity passes the state it was given
-    return state
+    return cast("CallRetries", state)  # tenacity passes the state it was given
 
 
 def _should_retry(state: tenacity.RetryCallState) -> bool:
