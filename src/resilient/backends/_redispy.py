@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -45,16 +43,21 @@ _TRANSPORTS = frozenset(
 
 def redis_errors() -> tuple[type[BaseException], ...]:
     """Return the exception types redis-py raises when Redis or the connection fails."""
+    from redis.exceptions import RedisClusterException, RedisError  # noqa: PLC0415 (optional)
+
     return (RedisError, RedisClusterException, OSError)
 
 
 def transport_leak(exc: BaseException) -> bool:
     """Whether *exc* is asyncio's transport failing on a dead connection (redis-py#4287).
 
-    Only an ``AttributeError`` or ``TypeError`` raised inside asyncio's transports counts:
-    one raised anywhere else is a defect, and must not pass for a failure of Redis.
+    Only an ``AttributeError`` or ``TypeError`` about a ``None`` (what tearing a transport
+    down leaves: ``'NoneType' object is not callable``, ``... has no attribute
+    '_add_writer'``), raised inside asyncio's transports, counts. Anything else, raised
+    there (a misuse of a live transport) or elsewhere, is a defect, and must not pass for
+    a failure of Redis.
     """
-    if not isinstance(exc, AttributeError | TypeError):
+    if not isinstance(exc, AttributeError | TypeError) or "'NoneType' object" not in str(exc):
         return False
     frame = exc.__traceback__
     if frame is None:
@@ -89,18 +92,30 @@ class Channel:
     connection that breaks in the instant before the send fails that call.
     """
 
-    __slots__ = ("_connection", "_lock", "_new_connection", "socket_timeout")
+    __slots__ = (
+        "_connection",
+        "_lock",
+        "_lost",
+        "_new_connection",
+        "_reply_error",
+        "socket_timeout",
+    )
 
     def __init__(self, client: Redis) -> None:
-        settings = client.get_connection_kwargs()
+        from redis.exceptions import ConnectionError as ConnectionLost  # noqa: PLC0415
+        from redis.exceptions import ResponseError  # noqa: PLC0415
+
+        self._reply_error = ResponseError
+        self._lost = ConnectionLost
+        source: Any = client  # redis-py's asyncio client is not typed
+        settings: dict[str, Any] = source.get_connection_kwargs()
         timeout = settings.get("socket_timeout")
         self.socket_timeout = float(timeout) if timeout else None
         # Scripts return bytes (stored responses are binary), whatever the client decodes.
         kwargs = {**settings, "socket_timeout": None, "decode_responses": False}
         # The class the client's pool makes (TCP, TLS, unix socket, Sentinel-managed).
-        pool = client.connection_pool
-        new = pool.connection_class  # fenced: the pool's class of connection, not documented
-        self._new_connection = functools.partial(new, **kwargs)
+        new = source.connection_pool.connection_class  # fenced: the pool's kind, undocumented
+        self._new_connection: Callable[[], Any] = functools.partial(new, **kwargs)
         self._connection: Any = None
         self._lock = asyncio.Lock()
 
@@ -114,13 +129,13 @@ class Channel:
                 # One write (no health-check PING, no retry), then its reply, read once.
                 await connection.send_command(*args, check_health=False)  # fenced: one write
                 return await connection.read_response()  # fenced: its reply
-            except ResponseError:
+            except self._reply_error:
                 raise  # an error reply was read whole: the connection is still in step
             except BaseException as exc:
                 await self._drop(connection)
                 if transport_leak(exc):
                     msg = f"the connection to Redis was lost: {exc!r}"
-                    raise RedisConnectionError(msg) from exc
+                    raise self._lost(msg) from exc
                 raise
 
     async def _reconnect(self) -> Any:
@@ -149,9 +164,9 @@ class Channel:
 
 def _open_and_idle(connection: Any) -> bool:
     """Whether a kept connection is open with nothing unread, decided without waiting."""
-    # Bytes already parsed out of the stream are not looked at: after a whole reply there
-    # are none (RESP2 sends nothing unasked; RESP3's pushes are read past by the parser),
-    # and a connection whose exchange was cut is dropped, never kept.
+    # Bytes the parser has already taken from the stream are not looked at: after a whole
+    # reply there are none (RESP2 sends nothing unasked; the parser reads past RESP3's
+    # pushes), and a connection whose exchange was cut is dropped, never kept.
     # redis-py's own check (can_read_destructive) waits a turn of the event loop before 8.0.
     reader = connection._reader  # fenced: the connection's asyncio.StreamReader
     if reader is None or reader.exception() is not None or reader.at_eof():

@@ -193,7 +193,11 @@ class RedisBackend:
         from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415 (redis is optional)
         from redis.exceptions import NoScriptError  # noqa: PLC0415
 
-        from resilient.backends import _redispy  # noqa: PLC0415 (it imports redis)
+        from resilient.backends._redispy import (  # noqa: PLC0415 (it imports redis)
+            Channel,
+            redis_errors,
+            transport_leak,
+        )
 
         if not prefix or "{" in prefix or "}" in prefix:
             msg = f"prefix must be non-empty and free of braces (they make hash tags): {prefix!r}"
@@ -216,7 +220,7 @@ class RedisBackend:
             self._key_slot = key_slot
         self._channel: Channel | None = None
         if not self.is_cluster:
-            self._channel = _redispy.Channel(client)  # type: ignore[arg-type]
+            self._channel = Channel(client)  # type: ignore[arg-type]
         if timeout is None:
             if self._channel is not None:
                 self.timeout = self._channel.socket_timeout
@@ -224,8 +228,8 @@ class RedisBackend:
                 configured = getattr(client, "connection_kwargs", {}).get("socket_timeout")
                 self.timeout = float(configured) if configured else None
         self._noscript = NoScriptError
-        self._errors = _redispy.redis_errors()
-        self._leaked = _redispy.transport_leak
+        self._errors = redis_errors()
+        self._leaked = transport_leak
         self._stores: dict[str, Any] = {}
 
     async def aclose(self) -> None:
