@@ -691,6 +691,21 @@ class RedisSentinel:
             return None
         return (fields[2].decode(), int(fields[4]))
 
+    def _switched(self, address: tuple[str, int]) -> bool:
+        """Whether the failover has ended, with the master at *address* serving writes."""
+        try:
+            reply = _command(self.port, "SENTINEL", "MASTER", self.service_name, timeout=0.5)
+        except (OSError, RuntimeError):
+            return False
+        values = reply.split(b"\r\n")[2::2]  # a flat array of names and values
+        state = dict(zip(values[::2], values[1::2], strict=False))
+        ip, port, flags = state.get(b"ip"), state.get(b"port"), state.get(b"flags", b"")
+        return (
+            (ip, port) == (address[0].encode(), str(address[1]).encode())
+            and b"failover" not in flags
+            and _serves_writes(address[1])
+        )
+
     def _good_replicas(self) -> int:
         """Count the replicas the sentinel knows and deems fit to promote."""
         try:
@@ -702,15 +717,15 @@ class RedisSentinel:
     def failover(self, timeout: float = 30.0) -> tuple[str, int]:
         """Fail the master over to one of its replicas now; return the new master's address.
 
-        Waits until the sentinel names the new master and it serves writes. Raise
-        :class:`TimeoutError` after *timeout* seconds.
+        Waits until the failover has ended: the sentinel tells every client the new master,
+        which serves writes. Raise :class:`TimeoutError` after *timeout* seconds.
         """
         before = self.master_address()
         _command(self.port, "SENTINEL", "FAILOVER", self.service_name)
         deadline = time.monotonic() + timeout
         while True:
             after = self.master_address()
-            if after is not None and after != before and _serves_writes(after[1]):
+            if after is not None and after != before and self._switched(after):
                 return after
             if time.monotonic() > deadline:
                 msg = f"the sentinel did not fail {self.service_name} over within {timeout} s"
