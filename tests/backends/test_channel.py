@@ -24,7 +24,7 @@ import redis.exceptions
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from resilient import BackendError, RateLimiter, RedisBackend, SlidingWindow, TokenBucket
-from resilient.backends._redispy import transport_leak
+from resilient.backends._redispy import pack, transport_leak
 from resilient.events import BackendFailed, Event
 from resilient.testing import RedisCluster, RedisServer
 from tests.backends.proxy import ReplyLosingProxy
@@ -120,6 +120,13 @@ async def test_keys_are_encoded_as_the_client_encodes_them(redis_server: RedisSe
         await limiter.reset("café", policy)
         assert [key async for key in client.scan_iter("*")] == []
     await client.aclose()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_commands_are_packed_as_redis_py_packs_them(encoding: str) -> None:
+    args = ("EVALSHA", "a" * 40, 2, "rl:{café}:tb", b"\x00\xff", -17, "x" * 7000, "")
+    packed = redis.asyncio.Connection(encoding=encoding).pack_command(*args)
+    assert pack(args, encoding) == b"".join(packed)
 
 
 async def test_the_backend_translates_what_redis_py_raises(

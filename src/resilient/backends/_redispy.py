@@ -5,8 +5,9 @@ thing below them: a connection of its own, made like its client's, on which a sc
 is written once and its reply read, with nothing resent in between (:class:`Channel`).
 Every line here that uses redis-py's connection internals (or asyncio's) ends with
 ``# fenced:`` and the reason; no other module of the package goes below redis-py's
-clients. The tests in ``tests/backends`` run this module against redis-py 5, 6, 7 and 8,
-over TCP, TLS, a unix socket, with an ACL user and on connections Sentinel provides.
+clients. The tests in ``tests/backends`` run this module against redis-py 5.0, 5, 6, 7
+and 8, over TCP, TLS, a unix socket, with an ACL user and on connections Sentinel
+provides.
 
 What redis-py raises, :func:`redis_errors`: its :class:`~redis.exceptions.RedisError`
 tree; :class:`~redis.exceptions.RedisClusterException`, which is not a ``RedisError`` (a
@@ -16,8 +17,8 @@ are one ``OSError`` class since Python 3.11). One more leaks: on Python 3.12, 3.
 3.13.9 and 3.14.0, asyncio's transport raises ``TypeError`` or ``AttributeError`` when
 written to after the peer reset the connection (python/cpython#136234), which redis-py
 releases before the fix of redis/redis-py#4287 pass on. :func:`transport_leak` tells those
-apart from a defect's ``TypeError``: by the frame that raised them, inside asyncio's
-transports.
+apart from a defect's: by the frame that raised them, inside asyncio's transports, and by
+what they are about, a ``None`` the torn-down transport left.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["Channel", "redis_errors", "transport_leak"]
+__all__ = ["Channel", "pack", "redis_errors", "transport_leak"]
 
 # Where asyncio's transports live: an AttributeError or TypeError raised in one of these
 # files, while redis-py wrote or read, is a connection that died under it.
@@ -67,6 +68,30 @@ def transport_leak(exc: BaseException) -> bool:
     return frame.tb_frame.f_code.co_filename in _TRANSPORTS
 
 
+def pack(
+    args: tuple[str | int | bytes, ...], encoding: str = "utf-8", errors: str = "strict"
+) -> bytes:
+    """Encode one command in RESP, as redis-py's packer does for the types scripts take.
+
+    *encoding* and *errors* are the client's (its ``encoding`` and ``encoding_errors``),
+    so a key names the same bytes in a script call as in the client's own commands.
+    redis-py's packer, general, costs a script call a fifth more instructions.
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode(encoding, errors)
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:  # pragma: no cover - the stores only pass str, bytes and int
+            msg = f"cannot send {arg!r} to Redis"
+            raise TypeError(msg)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class Channel:
     """A connection of its own, made like *client*'s, for commands that are sent once.
 
@@ -94,6 +119,7 @@ class Channel:
 
     __slots__ = (
         "_connection",
+        "_encoding",
         "_lock",
         "_lost",
         "_new_connection",
@@ -111,6 +137,10 @@ class Channel:
         settings: dict[str, Any] = source.get_connection_kwargs()
         timeout = settings.get("socket_timeout")
         self.socket_timeout = float(timeout) if timeout else None
+        self._encoding = (
+            settings.get("encoding", "utf-8"),
+            settings.get("encoding_errors", "strict"),
+        )
         # Scripts return bytes (stored responses are binary), whatever the client decodes.
         kwargs = {**settings, "socket_timeout": None, "decode_responses": False}
         # The class the client's pool makes (TCP, TLS, unix socket, Sentinel-managed).
@@ -127,7 +157,8 @@ class Channel:
                 connection = await self._reconnect()
             try:
                 # One write (no health-check PING, no retry), then its reply, read once.
-                await connection.send_command(*args, check_health=False)  # fenced: one write
+                packed = pack(args, *self._encoding)
+                await connection.send_packed_command(packed, False)  # fenced: one write
                 return await connection.read_response()  # fenced: its reply
             except self._reply_error:
                 raise  # an error reply was read whole: the connection is still in step
