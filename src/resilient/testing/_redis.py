@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, BinaryIO, Self
 
 __all__ = ["RedisCluster", "RedisSentinel", "RedisServer", "find_redis_server"]
 
@@ -603,8 +603,8 @@ class RedisSentinel:
 
     *down_after* is how long, in seconds, the master may not answer before the sentinel
     deems it down. One sentinel is a quorum of one: it alone decides a failover, which
-    :meth:`failover` asks for at once. The sentinel is ready (it knows the master and
-    the replicas the master had when it started) when :meth:`start` returns.
+    :meth:`failover` asks for at once. The sentinel names the master when :meth:`start`
+    returns; it finds the master's replicas a moment later.
 
     >>> with RedisServer() as master, RedisSentinel(master) as sentinel:  # doctest: +SKIP
     ...     sentinels = redis.asyncio.Sentinel([sentinel.address])
@@ -667,9 +667,8 @@ class RedisSentinel:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
-        replicas = _replica_count(self.master.port)
         deadline = time.monotonic() + 20
-        while self.master_address() is None or self._good_replicas() < replicas:
+        while self.master_address() is None:
             if self._process.poll() is not None or time.monotonic() > deadline:
                 log = directory / "sentinel.log"
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
@@ -681,48 +680,62 @@ class RedisSentinel:
     def master_address(self) -> tuple[str, int] | None:
         """Return the (host, port) of the master the sentinel names now (None: it cannot say)."""
         try:
-            reply = _command(
-                self.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service_name, timeout=0.5
-            )
+            reply = _ask(self.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service_name)
         except (OSError, RuntimeError):
             return None
-        fields = reply.split(b"\r\n")
-        if not reply.startswith(b"*2") or len(fields) < 5:
+        if not isinstance(reply, list) or len(reply) != 2:
             return None
-        return (fields[2].decode(), int(fields[4]))
+        return (reply[0].decode(), int(reply[1]))
 
     def _switched(self, address: tuple[str, int]) -> bool:
         """Whether the failover has ended, with the master at *address* serving writes."""
         try:
-            reply = _command(self.port, "SENTINEL", "MASTER", self.service_name, timeout=0.5)
+            state = _pairs(_ask(self.port, "SENTINEL", "MASTER", self.service_name))
         except (OSError, RuntimeError):
             return False
-        values = reply.split(b"\r\n")[2::2]  # a flat array of names and values
-        state = dict(zip(values[::2], values[1::2], strict=False))
-        ip, port, flags = state.get(b"ip"), state.get(b"port"), state.get(b"flags", b"")
         return (
-            (ip, port) == (address[0].encode(), str(address[1]).encode())
-            and b"failover" not in flags
+            (state.get("ip"), state.get("port")) == (address[0], str(address[1]))
+            and "failover" not in state.get("flags", "")
             and _serves_writes(address[1])
         )
 
     def _good_replicas(self) -> int:
-        """Count the replicas the sentinel knows and deems fit to promote."""
+        """Count the replicas the sentinel would promote: linked, and their INFO read."""
         try:
-            reply = _command(self.port, "SENTINEL", "REPLICAS", self.service_name, timeout=0.5)
+            replicas = _ask(self.port, "SENTINEL", "REPLICAS", self.service_name)
         except (OSError, RuntimeError):
             return 0
-        return reply.count(b"$5\r\nflags\r\n$5\r\nslave\r\n")
+        fit = 0
+        for replica in map(_pairs, replicas):
+            # A replica just discovered is linked, and its INFO read (a refresh 0 ms ago
+            # means never), a moment after the sentinel lists it: until then it is no
+            # candidate, and a failover is refused (NOGOODSLAVE).
+            refreshed = int(replica.get("info-refresh", "0"))
+            if replica.get("flags") == "slave" and 0 < refreshed < 10_000:
+                fit += 1
+        return fit
 
     def failover(self, timeout: float = 30.0) -> tuple[str, int]:
         """Fail the master over to one of its replicas now; return the new master's address.
 
-        Waits until the failover has ended: the sentinel tells every client the new master,
-        which serves writes. Raise :class:`TimeoutError` after *timeout* seconds.
+        Waits until the sentinel can promote a replica (it has found one and read its
+        state), then until the failover has ended: the sentinel tells every client the new
+        master, which serves writes. Raise :class:`TimeoutError` after *timeout* seconds.
         """
         before = self.master_address()
-        _command(self.port, "SENTINEL", "FAILOVER", self.service_name)
         deadline = time.monotonic() + timeout
+        while True:
+            if self._good_replicas():
+                try:
+                    _ask(self.port, "SENTINEL", "FAILOVER", self.service_name)
+                    break
+                except RuntimeError as error:  # a replica's state changed: look again
+                    if "NOGOODSLAVE" not in str(error):
+                        raise
+            if time.monotonic() > deadline:
+                msg = f"the sentinel found no replica of {self.service_name} to promote"
+                raise TimeoutError(msg)
+            time.sleep(0.02)
         while True:
             after = self.master_address()
             if after is not None and after != before and self._switched(after):
@@ -768,15 +781,40 @@ class RedisSentinel:
         return f"RedisSentinel(port={self.port}, watching {self.service_name!r})"
 
 
-def _replica_count(port: int) -> int:
-    try:
-        replication = _command(port, "INFO", "replication", timeout=0.5).decode()
-    except (OSError, RuntimeError):
-        return 0
-    for line in replication.splitlines():
-        if line.startswith("connected_slaves:"):
-            return int(line.partition(":")[2])
-    return 0
+def _ask(port: int, *args: str, timeout: float = 0.5) -> Any:
+    """Send one command and return its reply, parsed (what Sentinel answers, in RESP2)."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    with socket.create_connection((_HOST, port), timeout=timeout) as sock:
+        sock.sendall(b"".join(parts))
+        with sock.makefile("rb") as stream:
+            return _read_reply(stream)
+
+
+def _read_reply(stream: BinaryIO) -> Any:
+    line = stream.readline()
+    if not line.endswith(b"\r\n"):
+        msg = "the connection closed in the middle of a reply"
+        raise OSError(msg)
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"-":
+        raise RuntimeError(rest.decode(errors="replace"))
+    if kind in (b"+", b":"):
+        return rest
+    size = int(rest)
+    if size < 0:
+        return None
+    if kind == b"$":
+        return stream.read(size + 2)[:-2]
+    return [_read_reply(stream) for _ in range(size)]
+
+
+def _pairs(reply: list[bytes]) -> dict[str, str]:
+    """Return a flat array of names and values as a dictionary of strings."""
+    values = [value.decode() for value in reply]
+    return dict(zip(values[::2], values[1::2], strict=True))
 
 
 def _serves_writes(port: int) -> bool:
