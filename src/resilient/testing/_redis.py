@@ -111,7 +111,8 @@ class RedisServer:
 
     With *tls*, it also listens for TLS on :attr:`tls_port`, with a certificate for
     ``127.0.0.1`` and ``localhost`` signed by a certificate authority of its own
-    (:attr:`ca_file`; made with the ``cryptography`` package); with *unix_socket*, it
+    (:attr:`ca_file`; made with the ``cryptography`` package; the binary must be built
+    with TLS, as Debian's and Redis's own images are); with *unix_socket*, it
     also listens on a unix socket (:attr:`unix_socket`). The plain port always listens.
     :meth:`add_user` adds an ACL user.
 
