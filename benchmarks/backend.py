@@ -7,9 +7,10 @@ contender runs ``ratelimit.lua`` (a TokenBucket check) but the ceiling:
   client's pool (the ceiling of the rate-limit benchmark);
 * ``redis-py EVALSHA ratelimit.lua``: the script a TokenBucket hit runs, sent by the
   client itself, the bare call resilient must not be slower than;
-* ``public route: dedicated client, no retry``: the same call on a client of its own,
-  made with the user's client's connection settings and no retry
-  (``Retry(NoBackoff(), 0)``), no socket timeout, its pool checking each connection
+* ``public route: dedicated client, no retry``: the same call through redis-py's client
+  API (``evalsha``) on a client of its own, made with the user's client's connection
+  settings (its pool's connection class, which no public accessor gives), no retry
+  (``Retry(NoBackoff(), 0)``) and no socket timeout, its pool checking each connection
   before use: what the backend could use instead of its fenced channel;
 * ``RedisBackend.run_script``: the backend's own channel, one call at a time;
 * ``TokenBucket on the public route``: a RateLimiter whose store sends on that dedicated

@@ -364,9 +364,10 @@ BLOCKS = {
             "Redis backend",
             "The Redis backend's script calls next to redis-py's own: a bare `EVALSHA` of "
             "`return 1` (the ceiling), the `EVALSHA` of the rate-limit script a TokenBucket "
-            "hit runs, sent by the client itself, and the same call on a dedicated client "
-            "made with only redis-py's public API and no retry (the route the backend could "
-            "take instead of its own connection), alone and coalesced as the backend "
+            "hit runs, sent by the client itself, and the same call through redis-py's client "
+            "API on a dedicated client with the user's connection settings and no retry (the "
+            "route the backend could take instead of its own connection), alone and coalesced "
+            "as the backend "
             "coalesces, at concurrency 1 and 64. The backend sends each script call once, "
             "on a connection of its own, checked before each write without waiting; at "
             "concurrency 1 it must add nothing to redis-py's own call, at 64 it batches.",
