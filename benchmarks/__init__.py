@@ -3,6 +3,7 @@
 # Every benchmark module, in the order the benchmark page presents them.
 MODULES = (
     "ratelimit",
+    "backend",
     "idempotency",
     "breaker",
     "cache",

@@ -106,6 +106,33 @@ def _ratelimit_targets(results: Results) -> list[Target]:
     return targets
 
 
+def _backend_targets(results: Results) -> list[Target]:
+    busy = results.section("c64")
+    ratio = _number(_row(busy, "TokenBucket (RateLimiter")[1]) / _number(busy.rows[0][1])
+    idle = results.section("c1")
+    bare, ours = (
+        _row(idle, "redis-py EVALSHA ratelimit.lua"),
+        _row(idle, "TokenBucket (RateLimiter"),
+    )
+    added = [_number(ours[n]) - _number(bare[n]) for n in (3, 4)]
+    return [
+        Target(
+            "TokenBucket at concurrency 64: at least 2x the calls/s of redis-py's bare "
+            "`EVALSHA` of `return 1`",
+            'the issue "one shape for every block"',
+            f"{ratio:.2f}x",
+            ratio >= 2.0,
+        ),
+        Target(
+            "TokenBucket at concurrency 1 adds no latency to redis-py's own `EVALSHA` of the "
+            "same script (p50, p99)",
+            'the issue "one shape for every block"',
+            " / ".join(f"{value:+.0f} µs" for value in added),
+            max(added) <= 0,
+        ),
+    ]
+
+
 def _idempotency_targets(results: Results) -> list[Target]:
     trips = str(_row(results.section("latency"), "resilient, Redis")[5])
     return [
@@ -331,6 +358,20 @@ BLOCKS = {
             "pyrate-limiter, slowapi.",
             _ratelimit_targets,
             _ratelimit_ratios,
+        ),
+        Block(
+            "backend",
+            "Redis backend",
+            "The Redis backend's script calls next to redis-py's own: a bare `EVALSHA` of "
+            "`return 1` (the ceiling), the `EVALSHA` of the rate-limit script a TokenBucket "
+            "hit runs, sent by the client itself, and the same call through redis-py's client "
+            "API on a dedicated client with the user's connection settings and no retry (the "
+            "route the backend could take instead of its own connection), alone and coalesced "
+            "as the backend "
+            "coalesces, at concurrency 1 and 64. The backend sends each script call once, "
+            "on a connection of its own, checked before each write without waiting; at "
+            "concurrency 1 it must add nothing to redis-py's own call, at 64 it batches.",
+            _backend_targets,
         ),
         Block(
             "idempotency",

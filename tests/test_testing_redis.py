@@ -12,7 +12,10 @@ import redis.asyncio
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 
-from resilient.testing import RedisCluster, RedisServer, find_redis_server
+from resilient.testing import RedisCluster, RedisSentinel, RedisServer, find_redis_server
+
+# A master sends its first full copy to a replica at once (not after the default 5 s).
+SYNC_AT_ONCE = ("--repl-diskless-sync-delay", "0")
 
 
 @pytest.mark.redis
@@ -95,6 +98,81 @@ def test_a_cluster_with_replicas_fails_a_killed_master_over_to_its_replica() -> 
         survivor = redis.RedisCluster.from_url(cluster.url)
         assert survivor.get(key) == b"kept"
         survivor.close()
+
+
+@pytest.mark.redis
+def test_a_server_also_listens_for_tls_and_on_a_unix_socket() -> None:
+    with RedisServer(tls=True, unix_socket=True) as server:
+        assert server.tls_port not in (None, server.port)
+        assert server.tls_url == f"rediss://127.0.0.1:{server.tls_port}/0"
+        secure = redis.Redis.from_url(server.tls_url, ssl_ca_certs=server.ca_file)
+        secure.set("k", "over tls")
+        local = redis.Redis(unix_socket_path=server.unix_socket)
+        assert local.get("k") == b"over tls"
+        untrusting = redis.Redis.from_url(server.tls_url)  # the system's CAs only
+        with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+            untrusting.ping()
+        server.restart()  # the same certificates, the same socket
+        assert secure.get("k") is None
+        assert local.ping()
+        for client in (secure, local, untrusting):
+            client.close()
+        directory = Path(server.ca_file).parent
+    assert not directory.exists()
+
+
+def test_listeners_not_asked_for_are_not_there() -> None:
+    server = RedisServer()
+    assert server.tls_port is None
+    with pytest.raises(RuntimeError, match="without tls=True"):
+        _ = server.tls_url
+    with pytest.raises(RuntimeError, match="without tls=True"):
+        _ = server.ca_file
+    with pytest.raises(RuntimeError, match="without unix_socket=True"):
+        _ = server.unix_socket
+
+
+@pytest.mark.redis
+def test_an_acl_user_gets_its_password_and_rules() -> None:
+    with RedisServer() as server:
+        server.add_user("shop", "s3cret-pass", "~shop:*", "+@all")
+        shop = redis.Redis(port=server.port, username="shop", password="s3cret-pass")
+        shop.set("shop:k", "v")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            shop.set("other:k", "v")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port, username="shop", password="wrong").ping()
+        everything = redis.Redis(port=server.port)  # the default user stays as it was
+        assert everything.get("shop:k") == b"v"
+        shop.close()
+        everything.close()
+
+
+@pytest.mark.redis
+def test_a_sentinel_names_the_master_and_fails_it_over_to_a_replica() -> None:
+    with (
+        RedisServer(args=SYNC_AT_ONCE) as master,
+        RedisServer(args=("--replicaof", master.host, str(master.port))) as replica,
+        RedisSentinel(master, service_name="shop") as sentinel,
+    ):
+        assert sentinel.master_address() == (master.host, master.port)
+        sentinels = redis.Sentinel([sentinel.address])
+        client = sentinels.master_for("shop")
+        client.set("k", "v")
+        assert client.wait(1, 5000) == 1  # the replica has it
+        assert sentinel.failover() == (replica.host, replica.port)
+        assert sentinel.master_address() == (replica.host, replica.port)
+        assert redis.Redis(port=replica.port).get("k") == b"v"
+        assert sentinels.discover_master("shop") == (replica.host, replica.port)
+        client.close()
+        for asked in sentinels.sentinels:
+            asked.close()
+    assert not sentinel.is_running
+
+
+def test_a_sentinel_is_configured_with_a_positive_down_after() -> None:
+    with pytest.raises(ValueError, match="down_after"):
+        RedisSentinel(RedisServer(), down_after=0)
 
 
 def test_a_cluster_is_configured_with_whole_numbers() -> None:

@@ -17,6 +17,7 @@ class ReplyLosingProxy:
     command it has already run) are not forwarded: the client's connection is reset
     (``SO_LINGER`` 0, so the client reads ``ECONNRESET``) and the upstream one closed,
     as a proxy or a network that drops a connection at the wrong moment would.
+    :meth:`reset_clients` resets every client connection at once, idle or not.
     """
 
     def __init__(self, port: int) -> None:
@@ -28,6 +29,7 @@ class ReplyLosingProxy:
         self._lose_next = False
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._clients: set[asyncio.StreamWriter] = set()
         self._done: list[asyncio.Future[None]] = []
 
     async def __aenter__(self) -> ReplyLosingProxy:
@@ -48,17 +50,30 @@ class ReplyLosingProxy:
         """Reset the client's connection instead of forwarding the next reply."""
         self._lose_next = True
 
+    def reset_clients(self) -> int:
+        """Reset every client connection now (``ECONNRESET`` on its next read or write).
+
+        Return how many were reset.
+        """
+        reset = 0
+        for writer in list(self._clients):
+            _reset(writer)
+            reset += 1
+        return reset
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         done = asyncio.get_running_loop().create_future()
         self._done.append(done)
         self.connections += 1
         self._open.add(writer)
+        self._clients.add(writer)
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(
                 "127.0.0.1", self.upstream_port
             )
         except OSError:  # Redis is down: so is this connection
             self._open.discard(writer)
+            self._clients.discard(writer)
             writer.transport.abort()
             done.set_result(None)
             return
@@ -75,6 +90,7 @@ class ReplyLosingProxy:
             pass  # either side went away: close both
         finally:
             self._open.difference_update((writer, upstream_writer))
+            self._clients.discard(writer)
             upstream_writer.transport.abort()
             writer.transport.abort()
             done.set_result(None)
@@ -91,9 +107,15 @@ class ReplyLosingProxy:
             if self._lose_next:
                 self._lose_next = False
                 self.replies_lost += 1
-                sock = writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                writer.transport.abort()
+                _reset(writer)
                 return
             writer.write(data)
             await writer.drain()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with ``SO_LINGER`` 0: the peer gets a reset, not an orderly end."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

@@ -157,6 +157,7 @@ async def test_after_a_restart_the_next_call_reconnects_and_runs_once(
 
 
 @pytest.mark.cluster
+@pytest.mark.usefixtures("cluster_nodes_collected")
 async def test_on_a_cluster_a_hit_whose_reply_is_lost_is_charged_once(
     redis_cluster: RedisCluster, cluster_client: AsyncRedisCluster
 ) -> None:

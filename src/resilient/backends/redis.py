@@ -6,20 +6,23 @@ Scripts live one per file next to the block that owns them and are loaded with
 ``SCRIPT FLUSH``) the call is repeated once with EVAL, which loads the script again.
 
 Every key a script touches carries the same ``{hash tag}``, so each call runs on one
-Redis Cluster node. Exceptions of redis-py never escape: they become
-:class:`~resilient.errors.BackendError` here, once.
+Redis Cluster node. What redis-py raises when Redis or the connection fails never escapes:
+it becomes :class:`~resilient.errors.BackendError` here, once (see
+:attr:`RedisBackend.errors`); anything else, a defect, is not disguised as one.
 
 A script call is sent at most once. Redis runs a script when its bytes arrive; a
 connection that breaks afterwards loses only the reply, and sending the call again would
 run the script twice. So a call that may have reached Redis and then failed is a backend
 failure, for the block's ``on_backend_error`` policy, never a resend: on a standalone
 server the backend's own connection checks, before sending, that a kept connection is
-still open; on a cluster each call names its node, which turns off redis-py's retry.
+still open (``backends/_redispy.py``, the one module that goes below redis-py's clients);
+on a cluster each call names its node, which turns off redis-py's retry.
 
 Concurrent calls of one script on one hash slot are *coalesced*: while a call is in flight
 the next ones queue, and the queue goes out as a single script call when the first
-returns. An idle backend therefore adds no wait, and a busy one pays one round trip for a
-whole batch instead of one per call.
+returns. An idle backend sends a call at once, in the caller's own task (no task, no turn
+of the event loop before the write), and a busy one pays one round trip for a whole batch
+instead of one per call.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from resilient.errors import BackendError, ConfigurationError
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
+
+    from resilient.backends._redispy import Channel
 
 __all__ = ["Coalescer", "RedisBackend", "Script"]
 
@@ -70,7 +75,10 @@ class Coalescer(Generic[_Item, _Result]):
 
     *send* takes a list of items and returns one result per item, in order. At most one
     call of *send* is in flight per coalescer; items that arrive meanwhile wait for the
-    next call, which takes up to *max_batch* of them.
+    next call, which takes up to *max_batch* of them. An item submitted to an idle
+    coalescer is sent at once, by the caller's own task: no task is made and the event
+    loop is not entered before *send* runs. What *send* raises reaches every caller whose
+    item it carried.
     """
 
     __slots__ = ("_busy", "_drainer", "_max_batch", "_pending", "_send")
@@ -111,7 +119,14 @@ class Coalescer(Generic[_Item, _Result]):
                 del self._pending[: self._max_batch]
                 try:
                     results = await self._send([item for item, _ in batch])
-                except Exception as exc:  # every waiter of the batch gets the error
+                    if len(results) != len(batch):
+                        msg = f"{len(results)} results for a batch of {len(batch)} items"
+                        raise RuntimeError(msg)
+                except Exception as exc:
+                    # Not a filter: each waiter gets what the send raised, as the caller of
+                    # an idle send would (a BackendError when Redis failed; anything else
+                    # is a defect and must show as itself, not as a failure of Redis).
+                    # Cancellation is a BaseException, for the finally below.
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
@@ -122,126 +137,12 @@ class Coalescer(Generic[_Item, _Result]):
         finally:
             self._busy = False
             self._drainer = None
-            # Only when the drainer itself was cancelled: nobody may wait forever.
+            # Waiters are left only when the drainer task itself was cancelled (the event
+            # loop closing) or interrupted: nobody may wait forever.
             for _, future in (*batch, *self._pending):
                 if not future.done():
                     future.set_exception(BackendError("the batch was cancelled"))
             self._pending.clear()
-
-
-def _pack(args: tuple[str | int | bytes, ...]) -> bytes:
-    """Encode one command in RESP: what redis-py does, for the few types scripts take."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        else:  # pragma: no cover - the stores only pass str, bytes and int
-            msg = f"cannot send {arg!r} to Redis"
-            raise TypeError(msg)
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-class _Channel:
-    """A connection of its own, made like the client's, kept for script calls.
-
-    Going through the client costs a pool checkout, a release, redis-py's
-    instrumentation and a task per socket write (its per-call timeout) on every call: a
-    busy limiter would pay that per request. The channel makes one connection with the
-    client's settings but no socket timeout (the backend bounds each call with one
-    ``asyncio.timeout`` instead) and sends each command on it under a lock; callers are
-    few, since the coalescers batch everything else. A failure other than an error
-    reply drops the connection.
-
-    A command is sent at most once. Redis runs a script as soon as its bytes arrive, so
-    once they may have left, a broken connection may have lost only the reply: sending
-    again would run the script twice (a hit charged twice, a claim that finds itself in
-    progress). The failure goes to the caller, and so to the block's policy. A kept
-    connection that went stale while idle (Redis restarted, or closed it) is found
-    *before* sending, as redis-py's pool does when it hands out a connection: a
-    non-blocking check that the idle connection has nothing to read and is not at its
-    end; a stale one is replaced and the command sent on the new one, so the first call
-    after a restart succeeds. The check sees what the event loop has already learnt of
-    the socket: a connection that breaks in the instant before the send fails that call.
-    """
-
-    __slots__ = ("_connection", "_kwargs", "_lock", "_pool", "_reply_errors")
-
-    def __init__(self, client: Redis) -> None:
-        from redis.exceptions import ResponseError  # noqa: PLC0415
-
-        self._pool = client.connection_pool
-        # Scripts return bytes (stored responses are binary), whatever the client decodes.
-        self._kwargs = {
-            **self._pool.connection_kwargs,
-            "socket_timeout": None,
-            "decode_responses": False,
-        }
-        self._connection: Any = None
-        self._lock = asyncio.Lock()
-        self._reply_errors = (ResponseError,)
-
-    @property
-    def socket_timeout(self) -> float | None:
-        """The client's own socket timeout, in seconds."""
-        timeout = self._pool.connection_kwargs.get("socket_timeout")
-        return float(timeout) if timeout else None
-
-    async def execute(self, *args: str | int | bytes) -> Any:
-        """Send one command, once, and return its reply."""
-        async with self._lock:
-            connection = await self._ready()
-            try:
-                await connection.send_packed_command(_pack(args), False)
-                return await connection.read_response()
-            except self._reply_errors:
-                raise  # an error reply was read whole: the connection is still in step
-            except BaseException:
-                await self._drop(connection)
-                raise
-
-    async def _ready(self) -> Any:
-        """Return a connection that is connected and idle, replacing a stale one."""
-        connection = self._connection
-        if connection is not None:
-            if connection.is_connected and not await self._stale(connection):
-                return connection
-            await self._drop(connection)
-        connection = self._new_connection()
-        try:
-            await connection.connect()
-        except BaseException:
-            await asyncio.shield(connection.disconnect())
-            raise
-        self._connection = connection
-        return connection
-
-    def _new_connection(self) -> Any:
-        return self._pool.connection_class(**self._kwargs)
-
-    async def _stale(self, connection: Any) -> bool:
-        """Whether an idle connection is closed, reset or holds bytes nobody asked for."""
-        # can_read() since redis-py 8, can_read_destructive() before it (deprecated since;
-        # redis-py 5.0's reports an idle connection at its end as fine: the call then fails).
-        check = getattr(connection, "can_read", None) or connection.can_read_destructive
-        try:
-            return bool(await check())
-        except Exception:  # closed, reset, or not known good: nothing was sent, replace it
-            return True
-
-    async def _drop(self, connection: Any) -> None:
-        self._connection = None
-        await asyncio.shield(connection.disconnect())
-
-    async def aclose(self) -> None:
-        async with self._lock:
-            connection, self._connection = self._connection, None
-            if connection is not None:
-                await connection.disconnect()
 
 
 class RedisBackend:
@@ -271,6 +172,7 @@ class RedisBackend:
         "_channel",
         "_errors",
         "_key_slot",
+        "_leaked",
         "_noscript",
         "_stores",
         "client",
@@ -291,6 +193,12 @@ class RedisBackend:
         from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415 (redis is optional)
         from redis.exceptions import NoScriptError  # noqa: PLC0415
 
+        from resilient.backends._redispy import (  # noqa: PLC0415 (it imports redis)
+            Channel,
+            redis_errors,
+            transport_leak,
+        )
+
         if not prefix or "{" in prefix or "}" in prefix:
             msg = f"prefix must be non-empty and free of braces (they make hash tags): {prefix!r}"
             raise ConfigurationError(msg)
@@ -310,7 +218,9 @@ class RedisBackend:
             from redis.crc import key_slot  # noqa: PLC0415
 
             self._key_slot = key_slot
-        self._channel = None if self.is_cluster else _Channel(client)  # type: ignore[arg-type]
+        self._channel: Channel | None = None
+        if not self.is_cluster:
+            self._channel = Channel(client)  # type: ignore[arg-type]
         if timeout is None:
             if self._channel is not None:
                 self.timeout = self._channel.socket_timeout
@@ -318,11 +228,8 @@ class RedisBackend:
                 configured = getattr(client, "connection_kwargs", {}).get("socket_timeout")
                 self.timeout = float(configured) if configured else None
         self._noscript = NoScriptError
-        # Whatever escapes the client while it talks to Redis is a backend failure, not
-        # only RedisError: redis-py's asyncio transports let some connection failures out
-        # as AttributeError or TypeError (redis/redis-py#4287), and a block's failure
-        # policy must hold for those too. Only our own code's replies are parsed outside.
-        self._errors: tuple[type[BaseException], ...] = (Exception,)
+        self._errors = redis_errors()
+        self._leaked = transport_leak
         self._stores: dict[str, Any] = {}
 
     async def aclose(self) -> None:
@@ -374,9 +281,11 @@ class RedisBackend:
             async with asyncio.timeout(self.timeout):
                 return await self._run(script, keys, args)
         except self._errors as exc:
-            kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
-            msg = f"Redis {kind} running {script.name}: {exc!r}"
-            raise BackendError(msg) from exc
+            raise _failure(f"running {script.name}", exc) from exc
+        except (AttributeError, TypeError) as exc:
+            if not self._leaked(exc):
+                raise  # a defect, not a failure of Redis: no policy may hide it
+            raise _failure(f"running {script.name}", exc) from exc
 
     async def _run(
         self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes]
@@ -413,9 +322,13 @@ class RedisBackend:
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
-        """What this backend translates into :class:`BackendError`: every exception.
+        """What redis-py raises when Redis or the connection fails.
 
-        Anything raised while the client talks to Redis counts (cancellation excepted).
+        Its :class:`~redis.exceptions.RedisError` tree,
+        :class:`~redis.exceptions.RedisClusterException` and :class:`OSError` (timeouts
+        included): what this backend translates into :class:`BackendError`. It also
+        translates the ``AttributeError`` and ``TypeError`` asyncio's transports raise on
+        a connection that died under a write (redis/redis-py#4287), and nothing else.
         """
         return self._errors
 
@@ -427,8 +340,11 @@ class RedisBackend:
             async with asyncio.timeout(self.timeout):
                 return await call
         except self._errors as exc:
-            msg = f"Redis failed {operation}: {exc!r}"
-            raise BackendError(msg) from exc
+            raise _failure(operation, exc) from exc
+        except (AttributeError, TypeError) as exc:
+            if not self._leaked(exc):
+                raise  # a defect, not a failure of Redis: no policy may hide it
+            raise _failure(operation, exc) from exc
 
     def slot(self, key: str) -> int:
         """Return the cluster hash slot of *key* (0 on a standalone server)."""
@@ -439,3 +355,8 @@ class RedisBackend:
     def __repr__(self) -> str:
         kind = "cluster" if self.is_cluster else "standalone"
         return f"RedisBackend(<{kind}>, prefix={self.prefix!r})"
+
+
+def _failure(doing: str, exc: BaseException) -> BackendError:
+    kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
+    return BackendError(f"Redis {kind} {doing}: {exc!r}")

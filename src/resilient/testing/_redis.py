@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, BinaryIO, Self
 
-__all__ = ["RedisCluster", "RedisServer", "find_redis_server"]
+__all__ = ["RedisCluster", "RedisSentinel", "RedisServer", "find_redis_server"]
 
 _HOST = "127.0.0.1"
 
@@ -109,17 +109,34 @@ def _incomplete(reply: bytes) -> bool:
 class RedisServer:
     """A standalone ``redis-server`` on a free loopback port.
 
+    With *tls*, it also listens for TLS on :attr:`tls_port`, with a certificate for
+    ``127.0.0.1`` and ``localhost`` signed by a certificate authority of its own
+    (:attr:`ca_file`; made with the ``cryptography`` package; the binary must be built
+    with TLS, as Debian's and Redis's own images are); with *unix_socket*, it
+    also listens on a unix socket (:attr:`unix_socket`). The plain port always listens.
+    :meth:`add_user` adds an ACL user.
+
     >>> with RedisServer() as server:  # doctest: +SKIP
     ...     client = redis.asyncio.Redis.from_url(server.url)
+    >>> with RedisServer(tls=True) as server:  # doctest: +SKIP
+    ...     client = redis.asyncio.Redis.from_url(server.tls_url, ssl_ca_certs=server.ca_file)
     """
 
     def __init__(
-        self, *, port: int | None = None, args: tuple[str, ...] = (), binary: str | None = None
+        self,
+        *,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        binary: str | None = None,
+        tls: bool = False,
+        unix_socket: bool = False,
     ) -> None:
         self.host = _HOST
         self.port = port or _free_port()
+        self.tls_port: int | None = _free_port() if tls else None
         self._args = args
         self._binary = binary
+        self._unix = unix_socket
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
 
@@ -127,6 +144,67 @@ class RedisServer:
     def url(self) -> str:
         """``redis://127.0.0.1:PORT/0``."""
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        """``rediss://127.0.0.1:TLS_PORT/0``: verify it with :attr:`ca_file`."""
+        if self.tls_port is None:
+            msg = "this server was made without tls=True"
+            raise RuntimeError(msg)
+        return f"rediss://{self.host}:{self.tls_port}/0"
+
+    @property
+    def ca_file(self) -> str:
+        """The PEM file of the certificate authority that signed the server's certificate."""
+        if self.tls_port is None:
+            msg = "this server was made without tls=True"
+            raise RuntimeError(msg)
+        return str(Path(self._directory()) / "ca.pem")
+
+    @property
+    def unix_socket(self) -> str:
+        """The path of the server's unix socket."""
+        if not self._unix:
+            msg = "this server was made without unix_socket=True"
+            raise RuntimeError(msg)
+        return str(Path(self._directory()) / "redis.sock")
+
+    def add_user(self, name: str, password: str, *rules: str) -> None:
+        """Add (or change) the ACL user *name*, enabled, with *password* and *rules*.
+
+        *rules* are ``ACL SETUSER`` rules, by default every key, channel and command
+        (``~* &* +@all``). The default user stays as it was.
+        """
+        rules = rules or ("~*", "&*", "+@all")
+        _command(self.port, "ACL", "SETUSER", name, "reset", "on", f">{password}", *rules)
+
+    def _directory(self) -> str:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
+        return self._dir
+
+    def _listeners(self) -> list[str]:
+        """Return the arguments for the TLS port and the unix socket (certificates made once)."""
+        args = []
+        if self.tls_port is not None:
+            directory = Path(self._directory())
+            if not (directory / "server.pem").exists():
+                _make_certificates(directory)
+            args += [
+                "--tls-port",
+                str(self.tls_port),
+                "--tls-cert-file",
+                str(directory / "server.pem"),
+                "--tls-key-file",
+                str(directory / "server.key"),
+                "--tls-ca-cert-file",
+                str(directory / "ca.pem"),
+                "--tls-auth-clients",
+                "no",
+            ]
+        if self._unix:
+            args += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
+        return args
 
     @property
     def is_running(self) -> bool:
@@ -138,9 +216,8 @@ class RedisServer:
         if self.is_running:
             return
         binary = self._binary or find_redis_server()
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
-        log = Path(self._dir) / "redis.log"
+        directory = self._directory()
+        log = Path(directory) / "redis.log"
         self._process = subprocess.Popen(  # noqa: S603 (our own arguments)
             [
                 binary,
@@ -153,9 +230,10 @@ class RedisServer:
                 "--appendonly",
                 "no",
                 "--dir",
-                self._dir,
+                directory,
                 "--logfile",
                 str(log),
+                *self._listeners(),
                 *self._args,
             ],
             stdin=subprocess.DEVNULL,
@@ -466,3 +544,283 @@ def _bulk(reply: bytes) -> str:
     """Return the string in a RESP bulk-string reply."""
     _, _, body = reply.partition(b"\r\n")
     return body.removesuffix(b"\r\n").decode()
+
+
+def _make_certificates(directory: Path) -> None:
+    """Write ``ca.pem``, and ``server.pem`` and ``server.key`` signed by it, into *directory*.
+
+    The server's certificate names ``127.0.0.1`` and ``localhost``; both last a year.
+    """
+    import datetime  # noqa: PLC0415
+    import ipaddress  # noqa: PLC0415
+
+    try:
+        from cryptography import x509  # noqa: PLC0415
+        from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+        from cryptography.x509.oid import NameOID  # noqa: PLC0415
+    except ImportError as error:  # pragma: no cover - cryptography comes with the test extra
+        msg = "RedisServer(tls=True) makes its certificates with `pip install cryptography`"
+        raise RuntimeError(msg) from error
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None, ca: bool
+    ) -> x509.CertificateBuilder:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = certificate("resilient test CA", ca_key, None, ca=True).sign(ca_key, hashes.SHA256())
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(_HOST))]
+    server_cert = (
+        certificate(_HOST, server_key, ca_cert.subject, ca=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (directory / "server.pem").write_bytes(server_cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+class RedisSentinel:
+    """A Redis Sentinel on a free loopback port, monitoring *master* as *service_name*.
+
+    *down_after* is how long, in seconds, the master may not answer before the sentinel
+    deems it down. One sentinel is a quorum of one: it alone decides a failover, which
+    :meth:`failover` asks for at once. The sentinel names the master when :meth:`start`
+    returns; it finds the master's replicas a moment later.
+
+    >>> with RedisServer() as master, RedisSentinel(master) as sentinel:  # doctest: +SKIP
+    ...     sentinels = redis.asyncio.Sentinel([sentinel.address])
+    ...     client = sentinels.master_for(sentinel.service_name)
+    """
+
+    def __init__(
+        self,
+        master: RedisServer,
+        *,
+        service_name: str = "resilient",
+        down_after: float = 1.0,
+        binary: str | None = None,
+    ) -> None:
+        if not down_after * 1000 >= 1:
+            msg = f"down_after must be at least 0.001 seconds, not {down_after!r}"
+            raise ValueError(msg)
+        self.host = _HOST
+        self.port = _free_port()
+        self.master = master
+        self.service_name = service_name
+        self.down_after = down_after
+        self._binary = binary
+        self._process: subprocess.Popen[bytes] | None = None
+        self._dir: str | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The sentinel's (host, port), as ``redis.asyncio.Sentinel`` takes it."""
+        return (self.host, self.port)
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start the sentinel and wait until it names the master (at most 20 s)."""
+        if self.is_running:
+            return
+        binary = self._binary or find_redis_server()
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix=f"sentinel-{self.port}-")
+        directory = Path(self._dir)
+        name = self.service_name
+        config = directory / "sentinel.conf"
+        config.write_text(  # the sentinel rewrites it: its own, in its own directory
+            f"port {self.port}\n"
+            f"bind {self.host}\n"
+            f"dir {directory}\n"
+            f"logfile {directory / 'sentinel.log'}\n"
+            f"sentinel monitor {name} {self.master.host} {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {name} {round(self.down_after * 1000)}\n"
+            f"sentinel failover-timeout {name} 10000\n",
+            encoding="utf-8",
+        )
+        self._process = subprocess.Popen(  # noqa: S603 (our own arguments)
+            [binary, str(config), "--sentinel"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while self.master_address() is None:
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                log = directory / "sentinel.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                self.stop()
+                msg = f"redis-server --sentinel on port {self.port} did not start:\n{tail}"
+                raise RuntimeError(msg)
+            time.sleep(0.02)
+
+    def master_address(self) -> tuple[str, int] | None:
+        """Return the (host, port) of the master the sentinel names now (None: it cannot say)."""
+        try:
+            reply = _ask(self.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service_name)
+        except (OSError, RuntimeError):
+            return None
+        if not isinstance(reply, list) or len(reply) != 2:
+            return None
+        return (reply[0].decode(), int(reply[1]))
+
+    def _switched(self, address: tuple[str, int]) -> bool:
+        """Whether the failover has ended, with the master at *address* serving writes."""
+        try:
+            state = _pairs(_ask(self.port, "SENTINEL", "MASTER", self.service_name))
+        except (OSError, RuntimeError):
+            return False
+        return (
+            (state.get("ip"), state.get("port")) == (address[0], str(address[1]))
+            and "failover" not in state.get("flags", "")
+            and _serves_writes(address[1])
+        )
+
+    def _good_replicas(self) -> int:
+        """Count the replicas the sentinel would promote: linked, and their INFO read."""
+        try:
+            replicas = _ask(self.port, "SENTINEL", "REPLICAS", self.service_name)
+        except (OSError, RuntimeError):
+            return 0
+        fit = 0
+        for replica in map(_pairs, replicas):
+            # A replica just discovered is linked, and its INFO read (a refresh 0 ms ago
+            # means never), a moment after the sentinel lists it: until then it is no
+            # candidate, and a failover is refused (NOGOODSLAVE).
+            refreshed = int(replica.get("info-refresh", "0"))
+            if replica.get("flags") == "slave" and 0 < refreshed < 10_000:
+                fit += 1
+        return fit
+
+    def failover(self, timeout: float = 30.0) -> tuple[str, int]:
+        """Fail the master over to one of its replicas now; return the new master's address.
+
+        Waits until the sentinel can promote a replica (it has found one and read its
+        state), then until the failover has ended: the sentinel tells every client the new
+        master, which serves writes. Raise :class:`TimeoutError` after *timeout* seconds.
+        """
+        before = self.master_address()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._good_replicas():
+                try:
+                    _ask(self.port, "SENTINEL", "FAILOVER", self.service_name)
+                    break
+                except RuntimeError as error:  # a replica's state changed: look again
+                    if "NOGOODSLAVE" not in str(error):
+                        raise
+            if time.monotonic() > deadline:
+                msg = f"the sentinel found no replica of {self.service_name} to promote"
+                raise TimeoutError(msg)
+            time.sleep(0.02)
+        while True:
+            after = self.master_address()
+            if after is not None and after != before and self._switched(after):
+                return after
+            if time.monotonic() > deadline:
+                msg = f"the sentinel did not fail {self.service_name} over within {timeout} s"
+                raise TimeoutError(msg)
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the sentinel and wait for it."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def close(self) -> None:
+        """Stop the sentinel and remove its directory."""
+        self.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RedisSentinel(port={self.port}, watching {self.service_name!r})"
+
+
+def _ask(port: int, *args: str, timeout: float = 0.5) -> Any:
+    """Send one command and return its reply, parsed (what Sentinel answers, in RESP2)."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    with socket.create_connection((_HOST, port), timeout=timeout) as sock:
+        sock.sendall(b"".join(parts))
+        with sock.makefile("rb") as stream:
+            return _read_reply(stream)
+
+
+def _read_reply(stream: BinaryIO) -> Any:
+    line = stream.readline()
+    if not line.endswith(b"\r\n"):
+        msg = "the connection closed in the middle of a reply"
+        raise OSError(msg)
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"-":
+        raise RuntimeError(rest.decode(errors="replace"))
+    if kind in (b"+", b":"):
+        return rest
+    size = int(rest)
+    if size < 0:
+        return None
+    if kind == b"$":
+        return stream.read(size + 2)[:-2]
+    return [_read_reply(stream) for _ in range(size)]
+
+
+def _pairs(reply: list[bytes]) -> dict[str, str]:
+    """Return a flat array of names and values as a dictionary of strings."""
+    values = [value.decode() for value in reply]
+    return dict(zip(values[::2], values[1::2], strict=True))
+
+
+def _serves_writes(port: int) -> bool:
+    try:
+        replication = _command(port, "INFO", "replication", timeout=0.5).decode()
+    except (OSError, RuntimeError):
+        return False
+    return "role:master" in replication
