@@ -8,7 +8,7 @@ import functools
 import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
@@ -290,11 +290,13 @@ class CircuitBreaker:
     #
     # _admit decides whether a call goes ahead, or says what it needs done before it can
     # decide (a shared circuit's probe lease claimed), and _admit_claimed decides once that
-    # is done. _returned and _raised record how the call ended. The drivers below (the
-    # decorator and call() for def and async def, with, async with) only carry that out:
-    # each claims the lease, calls and awaits the sync way or the async way. The admission
-    # is not a generator, as auth/core.py's lookup is: making one per call costs more than
-    # all the rest of a call through a closed circuit.
+    # is done. _returned and _raised record how the call ended. The drivers below
+    # (_run_sync and _run_async, behind call() and the decorator, and with, async with)
+    # only carry that out: each claims the lease, calls and awaits the sync way or the
+    # async way. The admission is not a generator, as auth/core.py's lookup is: making one
+    # per call costs more than all the rest of a call through a closed circuit. For the
+    # same reason a decorated function's wrapper reads _admit's and _returned's first test
+    # itself, and leaves every other call to its driver.
 
     def _admit(self) -> int | Literal[_Need.LEASE]:
         """Admit a call: return its generation, or :attr:`_Need.LEASE` (claim it first).
@@ -438,60 +440,108 @@ class CircuitBreaker:
             await shared.claim(self)
         return self._admit_claimed(True)
 
-    def _guard(self, function: Callable[..., Any]) -> Callable[..., Any]:
-        """Return *function* guarded by the breaker, by the sync or the async driver.
+    def _run_sync(self, function: Callable[..., _R], args: Any, kwargs: Any) -> _R:
+        """Call ``function(*args, **kwargs)`` through the breaker: the sync driver."""
+        try:
+            generation = self._admit()
+            if generation is _LEASE:
+                generation = self._claim_sync()
+        except CircuitOpenError:
+            if self.fallback is None:
+                raise
+            return self.fallback(*args, **kwargs)  # type: ignore[no-any-return]
+        started = self._start()
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as exc:
+            self._raised(generation, started, exc)
+            raise
+        return self._returned(generation, started, result)
 
-        A ``def`` gets the sync driver, an ``async def`` the async one. Each only carries
-        out what the logic above decides: it claims the lease, calls and awaits its way.
+    async def _run_async(
+        self, function: Callable[..., Awaitable[_R]], args: Any, kwargs: Any
+    ) -> _R:
+        """Call and await ``function(*args, **kwargs)`` through the breaker: the async driver."""
+        try:
+            generation = self._admit()
+            if generation is _LEASE:
+                generation = await self._claim_async()
+        except CircuitOpenError:
+            if self.fallback is None:
+                raise
+            answer = self.fallback(*args, **kwargs)
+            return await answer if inspect.isawaitable(answer) else answer  # type: ignore[no-any-return]
+        started = self._start()
+        try:
+            result = await function(*args, **kwargs)
+        except BaseException as exc:
+            self._raised(generation, started, exc)
+            raise
+        return self._returned(generation, started, result)
+
+    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
+        """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker.
+
+        The driver is chosen here, once: an ``async def`` gets the async one.
         """
+        # The wrappers take the path of most calls themselves, with no call of ours: a
+        # closed breaker with nothing to time or judge (see _returned) and no shared store
+        # to start (see _admit), whose window stays full of successes. Any other call goes
+        # through the driver. Each call of ours would cost more than all the rest.
+        core = self._core
+        quiet = self._quiet
         if inspect.iscoroutinefunction(function):
+            run_async = self._run_async
 
             async def guarded_async(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    generation = self._admit()
-                    if generation is _LEASE:
-                        generation = await self._claim_async()
-                except CircuitOpenError:
-                    if self.fallback is None:
-                        raise
-                    answer = self.fallback(*args, **kwargs)
-                    return await answer if inspect.isawaitable(answer) else answer
-                started = self._start()
+                generation = core.generation
+                if (
+                    not quiet
+                    or core.state is not _CLOSED
+                    or ((shared := self._shared) is not None and shared.idle)
+                ):
+                    return await run_async(function, args, kwargs)
                 try:
                     result = await function(*args, **kwargs)
                 except BaseException as exc:
-                    self._raised(generation, started, exc)
+                    self._raised(generation, 0.0, exc)
                     raise
-                return self._returned(generation, started, result)
+                if (
+                    core.window.clean
+                    and generation == core.generation
+                    and not self.observe_successes
+                ):
+                    return result
+                return self._returned(generation, 0.0, result)
 
-            return guarded_async
+            return functools.wraps(function)(guarded_async)  # type: ignore[return-value]
+
+        run_sync = self._run_sync
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                generation = self._admit()
-                if generation is _LEASE:
-                    generation = self._claim_sync()
-            except CircuitOpenError:
-                if self.fallback is None:
-                    raise
-                return self.fallback(*args, **kwargs)
-            started = self._start()
+            generation = core.generation
+            if (
+                not quiet
+                or core.state is not _CLOSED
+                or ((shared := self._shared) is not None and shared.idle)
+            ):
+                return run_sync(function, args, kwargs)
             try:
                 result = function(*args, **kwargs)
             except BaseException as exc:
-                self._raised(generation, started, exc)
+                self._raised(generation, 0.0, exc)
                 raise
-            return self._returned(generation, started, result)
+            if core.window.clean and generation == core.generation and not self.observe_successes:
+                return result
+            return self._returned(generation, 0.0, result)
 
-        return guarded
-
-    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
-        """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker."""
-        return functools.wraps(function)(self._guard(function))
+        return functools.wraps(function)(guarded)
 
     def call(self, function: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
         """Call *function* through the breaker; for an ``async def``, returns its awaitable."""
-        return self._guard(function)(*args, **kwargs)  # type: ignore[no-any-return]
+        if inspect.iscoroutinefunction(function):
+            return self._run_async(function, args, kwargs)  # type: ignore[return-value]
+        return self._run_sync(function, args, kwargs)
 
     def __enter__(self) -> CircuitBreaker:
         generation = self._admit()
