@@ -8,6 +8,7 @@
 
 Every figure is the median of ``--repeat`` runs; contenders alternate within each run.
 
+Run it as ``python -m benchmarks.transport`` (not yet a block of the benchmark page).
 ``--against SRC`` runs the same measurement with the ``resilient`` of another checkout's
 ``src`` (say a worktree of an earlier commit) and with this one, alternating processes
 round by round, and prints both side by side instead (nothing saved).
