@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Collection, Generator
+import inspect
+from collections.abc import Callable, Collection, Generator
 from dataclasses import dataclass
-from typing import Any, Final, Generic, Literal, NamedTuple, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, Generic, Literal, NamedTuple, TypeAlias, TypeVar, cast
 
 try:
     import httpx
@@ -45,7 +46,7 @@ except ImportError as error:  # pragma: no cover (the test suite always has http
 
 from resilient.breaker import BreakerRegistry, CircuitBreaker
 from resilient.errors import CircuitOpenError, ConfigurationError
-from resilient.retries import Retry, retry
+from resilient.retries import Attempt, Retry, retry
 from resilient.retries.core import validate_seconds
 
 __all__ = [
@@ -191,13 +192,15 @@ def _breaker_lookup(breaker: BreakerChoice) -> Callable[[str], CircuitBreaker] |
     raise ConfigurationError(msg)
 
 
-class _FailedResponse(httpx.HTTPStatusError):
-    """A response judged failed (by ``failure_when``), on its way through the breaker.
+def _failed_response(request: httpx.Request, response: httpx.Response) -> httpx.HTTPStatusError:
+    """Return what a breaker records for a response judged failed (by ``failure_when``).
 
-    A breaker learns of failures from exceptions, so a failed response is raised through
-    it as an ``httpx.HTTPStatusError`` (what breakers' ``record=`` can name), then caught
-    outside it and returned to the caller like any other response.
+    A breaker learns of failures from exceptions, so a failed response is recorded as an
+    ``httpx.HTTPStatusError`` (what breakers' ``record=`` can name); the caller still gets
+    the response, like any other.
     """
+    message = f"{response.status_code} {response.reason_phrase} from {request.url}"
+    return httpx.HTTPStatusError(message, request=request, response=response)
 
 
 # What a flow needs its transport to do, and what it is sent back.
@@ -213,46 +216,53 @@ class _Close(NamedTuple):
     response: httpx.Response  # answered with None
 
 
-class _Call(NamedTuple):
-    """Call *function* (a breaker's or the retry policy's) with *args*; await it if async.
+class _Claim(NamedTuple):
+    """Claim *breaker*'s shared probe lease, then admit the attempt (``admit_after_claim``)."""
 
-    It calls back into the transport's own runner of flows, which is why it is awaited in
-    the async transport and called in the sync one.
-    """
-
-    function: Callable[..., Any]
-    args: tuple[Any, ...]  # answered with its return value
+    breaker: CircuitBreaker  # answered with the attempt's ticket
 
 
-_Need: TypeAlias = _Send | _Close | _Call
+class _Wait(NamedTuple):
+    """Wait *seconds* before the next attempt, with the retry policy's sleep (``pause``)."""
+
+    policy: Retry
+    seconds: float  # answered with None
+
+
+class _Fallback(NamedTuple):
+    """Answer with the open breaker's *fallback* for *request*; await it if it is awaitable."""
+
+    fallback: Callable[..., Any]
+    request: httpx.Request  # answered with its answer
+
+
+_Need: TypeAlias = _Send | _Close | _Claim | _Wait | _Fallback
 _Flow: TypeAlias = Generator[_Need, Any, httpx.Response]
 
 
 class _Core:
     """The flow of a request through retry, breaker and the wrapped transport; no I/O.
 
-    Its flows are generators: they yield a :data:`_Need`, are sent its outcome (or have
-    its exception thrown in) and return the response. *runner* is the transport's: given
-    a flow's function, it returns a function that runs that flow, plain in the sync
-    transport and a coroutine function in the async one. The retry policy and the
-    breakers are handed those, so they call, and await or not, the way the transport does.
+    A flow is one generator per request: it yields a :data:`_Need`, is sent its outcome
+    (or has its exception thrown in) and returns the response. It drives the breaker and
+    the retry policy through their public steps (:meth:`CircuitBreaker.admit`,
+    :meth:`~CircuitBreaker.returned`, :meth:`~CircuitBreaker.raised`; :meth:`Retry.begin`,
+    :meth:`Retry.steps`), so the transport carries out every wait and every call itself.
     """
 
-    __slots__ = ("_attempt_call", "_judged_call", "_retried", "breaker_for", "options", "registry")
+    __slots__ = ("breaker_for", "options", "plain", "policy", "registry")
 
-    def __init__(
-        self, options: TransportOptions, runner: Callable[[Callable[..., _Flow]], Any]
-    ) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         self.options = options
         # A registry made here is the transport's own: closing the transport clears it.
         self.registry = _own_registry(options.breaker)
         self.breaker_for = (
             _breaker_lookup(options.breaker) if self.registry is None else self.registry.get
         )
-        self._attempt_call = runner(self._attempt)
-        self._judged_call = runner(self._judged)
         policy = options.retry
-        self._retried = None if policy is None else self._narrow(policy)(self._attempt_call)
+        self.policy = None if policy is None else self._narrow(policy)
+        # Nothing between the caller and the wrapped transport but the timeout.
+        self.plain = self.policy is None and self.breaker_for is None
 
     def _narrow(self, policy: Retry) -> Retry:
         """Return *policy* retrying what this transport retries, and what *policy* allows.
@@ -274,7 +284,7 @@ class _Core:
         It may when there is a retry policy, its method is idempotent or it carries an
         ``Idempotency-Key``, and its body can be sent again (it is in memory).
         """
-        if self._retried is None:
+        if self.policy is None:
             return False
         methods = self.options.retry_methods
         if request.method not in methods and "idempotency-key" not in request.headers:
@@ -287,42 +297,72 @@ class _Core:
 
     def request(self, request: httpx.Request) -> _Flow:
         """Return the flow of *request*: its attempts, to the response the caller gets."""
-        retried = self._retried
-        if retried is None or not self.retries(request):
-            return (yield from self._attempt(request, []))
-        previous: list[httpx.Response] = []
+        policy = self.policy
+        if policy is None or not self.retries(request):
+            return self._attempt(request)
+        return self._retried(request, policy)
+
+    def _retried(self, request: httpx.Request, policy: Retry) -> _Flow:
+        """Make attempts until one is not retried, as :meth:`Retry.steps` decides."""
+        started = policy.begin()
+        previous: list[httpx.Response] = []  # the response the next attempt replaces
         try:
-            response: httpx.Response = yield _Call(retried, (request, previous))
+            response = yield from self._attempt(request)
+        except Exception as error:
+            if not policy.retryable(error):
+                raise
+            first = Attempt(1, error=error)
+        else:
+            wanted = policy.options.result
+            if wanted is None or not wanted(response):
+                return response
+            first = Attempt(1, value=response)
+            previous.append(response)
+        last = first
+        try:
+            for step in policy.steps(first, policy.name or "resilient.httpx", started):
+                if isinstance(step, Attempt):
+                    if previous:
+                        yield _Close(previous.pop())
+                    last = step
+                    with step:
+                        step.value = response = yield from self._attempt(request)
+                        previous.append(response)
+                else:
+                    yield _Wait(policy, step)
         except BaseException:
             # Cancelled while waiting to retry: the response being retried is still open.
             for opened in previous:
                 yield _Close(opened)
             raise
-        return response
+        return cast("httpx.Response", last.outcome())
 
-    def _attempt(self, request: httpx.Request, previous: list[httpx.Response]) -> _Flow:
-        """One attempt, after closing the response it replaces: breaker -> the transport."""
-        if previous:
-            yield _Close(previous.pop())
+    def _attempt(self, request: httpx.Request) -> _Flow:
+        """One attempt: breaker -> the transport."""
         breaker_for = self.breaker_for
         if breaker_for is None:
             response: httpx.Response = yield _Send(request)
-        else:
-            breaker = breaker_for(origin_of(request.url))
-            try:
-                response = yield _Call(breaker.call, (self._judged_call, request))
-            except _FailedResponse as failed:
-                response = failed.response
-        previous.append(response)
-        return response
-
-    def _judged(self, request: httpx.Request) -> _Flow:
-        """Send *request* inside the breaker, and raise its response there if it failed."""
-        response: httpx.Response = yield _Send(request)
+            return response
+        breaker = breaker_for(origin_of(request.url))
+        try:
+            ticket = breaker.admit()
+            if ticket is None:
+                ticket = yield _Claim(breaker)
+        except CircuitOpenError:
+            if breaker.fallback is None:
+                raise
+            answer: httpx.Response = yield _Fallback(breaker.fallback, request)
+            return answer
+        started = breaker.start_time()
+        try:
+            response = yield _Send(request)
+        except BaseException as error:
+            breaker.raised(ticket, started, error)
+            raise
         if self.options.failure_when(response):
-            message = f"{response.status_code} {response.reason_phrase} from {request.url}"
-            raise _FailedResponse(message, request=request, response=response)
-        return response
+            breaker.raised(ticket, started, _failed_response(request, response))
+            return response
+        return breaker.returned(ticket, started, response)
 
     def closed(self) -> None:
         """Drop the breakers made per origin: the transport was closed."""
@@ -394,13 +434,14 @@ class _Transport(Generic[_Wrapped]):
             failure_when=failure_when,
         )
         self.transport: _Wrapped = transport if transport is not None else self._new_transport()
-        self._core = _Core(self.options, self._runner)
+        self._core = _Core(self.options)
+        if self._sync and self._core.policy is not None:
+            self._core.policy.check_sync_sleep(type(self).__name__)
+
+    _sync: ClassVar[bool]
+    """Whether the transport blocks (its retry policy's sleep must too)."""
 
     def _new_transport(self) -> _Wrapped:
-        raise NotImplementedError
-
-    def _runner(self, flow_of: Callable[..., _Flow]) -> Callable[..., Any]:
-        """Return a function, of this transport's kind, that runs the flow ``flow_of(*args)``."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -452,18 +493,14 @@ class ResilientTransport(_Transport[httpx.AsyncBaseTransport], httpx.AsyncBaseTr
     def _new_transport(self) -> httpx.AsyncBaseTransport:
         return httpx.AsyncHTTPTransport()
 
+    _sync = False
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send *request* through retry, breaker and timeout; return the final response."""
-        return await self._run(self._core.request(request))
-
-    def _runner(self, flow_of: Callable[..., _Flow]) -> Callable[..., Awaitable[httpx.Response]]:
-        async def run(*args: Any) -> httpx.Response:
-            return await self._run(flow_of(*args))
-
-        return run
-
-    async def _run(self, flow: _Flow) -> httpx.Response:
-        steps = _Steps(flow)
+        core = self._core
+        if core.plain:
+            return await self._send(request)
+        steps = _Steps(core.request(request))
         while (need := steps.next()) is not None:
             try:
                 if isinstance(need, _Send):
@@ -471,8 +508,14 @@ class ResilientTransport(_Transport[httpx.AsyncBaseTransport], httpx.AsyncBaseTr
                 elif isinstance(need, _Close):
                     await need.response.aclose()
                     steps.reply(None)
+                elif isinstance(need, _Claim):
+                    steps.reply(await need.breaker.admit_after_claim())
+                elif isinstance(need, _Wait):
+                    await need.policy.pause_async(need.seconds)
+                    steps.reply(None)
                 else:
-                    steps.reply(await need.function(*need.args))
+                    answer = need.fallback(need.request)
+                    steps.reply(await answer if inspect.isawaitable(answer) else answer)
             except BaseException as error:  # raised in the flow, which decides
                 steps.fail(error)
         return steps.response
@@ -511,18 +554,14 @@ class SyncResilientTransport(_Transport[httpx.BaseTransport], httpx.BaseTranspor
     def _new_transport(self) -> httpx.BaseTransport:
         return httpx.HTTPTransport()
 
+    _sync = True
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send *request* through retry, breaker and timeout; return the final response."""
-        return self._run(self._core.request(request))
-
-    def _runner(self, flow_of: Callable[..., _Flow]) -> Callable[..., httpx.Response]:
-        def run(*args: Any) -> httpx.Response:
-            return self._run(flow_of(*args))
-
-        return run
-
-    def _run(self, flow: _Flow) -> httpx.Response:
-        steps = _Steps(flow)
+        core = self._core
+        if core.plain:
+            return self._send(request)
+        steps = _Steps(core.request(request))
         while (need := steps.next()) is not None:
             try:
                 if isinstance(need, _Send):
@@ -530,8 +569,13 @@ class SyncResilientTransport(_Transport[httpx.BaseTransport], httpx.BaseTranspor
                 elif isinstance(need, _Close):
                     need.response.close()
                     steps.reply(None)
+                elif isinstance(need, _Claim):
+                    steps.reply(need.breaker.admit_after_claim_sync())
+                elif isinstance(need, _Wait):
+                    need.policy.pause(need.seconds)
+                    steps.reply(None)
                 else:
-                    steps.reply(need.function(*need.args))
+                    steps.reply(need.fallback(need.request))
             except BaseException as error:  # raised in the flow, which decides
                 steps.fail(error)
         return steps.response

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextvars
-import enum
 import functools
 import inspect
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from resilient.backends.redis import RedisBackend
 from resilient.breaker.core import (
@@ -44,16 +43,6 @@ _R = TypeVar("_R")
 _T = TypeVar("_T")
 _DEFAULT_OBSERVER = LoggingObserver()
 _CLOSED = State.CLOSED
-
-
-class _Need(enum.Enum):
-    """What an admission needs done before it can decide (see ``CircuitBreaker._admit``)."""
-
-    LEASE = "lease"
-    """The call would probe a shared circuit: claim its probe lease, then ask again."""
-
-
-_LEASE: Final = _Need.LEASE  # read on every call: a module global, not an enum lookup
 
 
 class CircuitBreaker:
@@ -288,18 +277,36 @@ class CircuitBreaker:
 
     # --- the logic of a call, once for every form -------------------------------------
     #
-    # _admit decides whether a call goes ahead, or says what it needs done before it can
+    # admit decides whether a call goes ahead, or says what it needs done before it can
     # decide (a shared circuit's probe lease claimed), and _admit_claimed decides once that
-    # is done. _returned and _raised record how the call ended. The drivers below (the
-    # decorator and call() for def and async def, with, async with) only carry that out:
-    # each claims the lease, calls and awaits the sync way or the async way. The admission
-    # is not a generator, as auth/core.py's lookup is: making one per call costs more than
-    # all the rest of a call through a closed circuit.
+    # is done. returned and raised record how the call ended. The drivers below
+    # (_run_sync and _run_async, behind call() and the decorator, and with, async with)
+    # only carry that out: each claims the lease, calls and awaits the sync way or the
+    # async way. The admission is not a generator, as auth/core.py's lookup is: making one
+    # per call costs more than all the rest of a call through a closed circuit. For the
+    # same reason a decorated function's wrapper reads admit's and returned's first test
+    # itself, and leaves every other call to its driver.
+    #
+    # The same steps are public, for code that drives its calls itself (the httpx
+    # transports' flow): admit, then admit_after_claim(_sync) if it answered None,
+    # start_time, then returned or raised with the ticket admit gave.
 
-    def _admit(self) -> int | Literal[_Need.LEASE]:
-        """Admit a call: return its generation, or :attr:`_Need.LEASE` (claim it first).
+    def admit(self) -> int | None:
+        """Admit a call driven by hand: return its ticket, or ``None`` to claim a lease first.
 
-        Raises :class:`CircuitOpenError` if the circuit rejects the call.
+        ``None`` means the call would probe a shared circuit whose probe lease this
+        instance does not hold: claim it with :meth:`admit_after_claim` (async) or
+        :meth:`admit_after_claim_sync`, which return the ticket. Raises
+        :class:`~resilient.CircuitOpenError` if the circuit rejects the call (the caller
+        decides whether :attr:`fallback` answers instead). Once admitted, take
+        :meth:`start_time`, make the call, then hand the ticket to :meth:`returned` or
+        :meth:`raised`, exactly once: that is all the decorator does.
+
+        >>> breaker = CircuitBreaker("doc", observer=None)
+        >>> ticket = breaker.admit()
+        >>> started = breaker.start_time()
+        >>> breaker.returned(ticket, started, "the result")
+        'the result'
         """
         core = self._core
         generation = core.generation  # read first: a transition after it voids the call
@@ -310,11 +317,11 @@ class CircuitBreaker:
             return generation
         admitted, wants_lease = self._try_admit()
         if admitted is None and wants_lease:
-            return _LEASE
+            return None
         return self._admitted(admitted)
 
     def _admit_claimed(self, applied: bool) -> int:
-        """:meth:`_admit`, once the probe lease is claimed and the answer *applied* (or not)."""
+        """:meth:`admit`, once the probe lease is claimed and the answer *applied* (or not)."""
         return self._admitted(self._try_admit()[0] if applied else None)
 
     def _admitted(self, generation: int | None) -> int:
@@ -345,14 +352,15 @@ class CircuitBreaker:
         msg = f"circuit {self.name!r} is {core.state.value}; retry in {retry_after:.3f}s"
         return CircuitOpenError(msg, breaker=self.name, retry_after=retry_after)
 
-    def _start(self) -> float:
-        """When an admitted call starts, if its outcome needs the time (else 0)."""
+    def start_time(self) -> float:
+        """When an admitted call starts, if its outcome needs the time (else 0.0)."""
         return self.clock.monotonic() if self._timed else 0.0
 
-    def _returned(self, generation: int, start: float, result: _T) -> _T:
-        """Record that the call admitted in *generation* returned *result*; hand it back.
+    def returned(self, generation: int, start: float, result: _T) -> _T:
+        """Record that the call admitted with ticket *generation* returned *result*.
 
-        It counts as a success, unless it was slow or *failure_when* says it failed.
+        *start* is its :meth:`start_time`. It counts as a success, unless it was slow or
+        *failure_when* says it failed. Returns *result*.
         """
         core = self._core
         if (
@@ -389,13 +397,18 @@ class CircuitBreaker:
             emit(self.observer, CallSucceeded("breaker", self.name, duration))
         return result
 
-    def _raised(self, generation: int, start: float, exc: BaseException) -> None:
+    def raised(self, generation: int, start: float, exc: BaseException) -> None:
+        """Record that the call admitted with ticket *generation* raised *exc*.
+
+        *start* is its :meth:`start_time`. An exception of *record* counts as a failure,
+        one of *ignore* (or a cancellation) as nothing, any other as a success.
+        """
         if not isinstance(exc, Exception) or isinstance(exc, self._ignore):
             with self._lock:
                 self._core.release(generation)
             return
         if not isinstance(exc, self._record):
-            self._returned(generation, start, None)
+            self.returned(generation, start, None)
             return
         now = self.clock.monotonic()
         duration = now - start if self._timed else None
@@ -421,8 +434,8 @@ class CircuitBreaker:
 
     # --- the drivers: the sync way and the async way ----------------------------------
 
-    def _claim_sync(self) -> int:
-        """Claim the probe lease from this thread, then admit (see :meth:`_admit`).
+    def admit_after_claim_sync(self) -> int:
+        """Claim the probe lease from this thread, then admit: :meth:`admit`'s ticket.
 
         From a worker thread this waits for the event loop's round trip; on the loop's own
         thread nothing may block, so the call is rejected and the sync task claims the
@@ -431,73 +444,124 @@ class CircuitBreaker:
         shared = self._shared  # None: detached meanwhile, so it decides alone
         return self._admit_claimed(shared is None or shared.claim_from_thread(self))
 
-    async def _claim_async(self) -> int:
-        """Claim the probe lease now (one round trip), then admit (see :meth:`_admit`)."""
+    async def admit_after_claim(self) -> int:
+        """Claim the probe lease now (one round trip), then admit: :meth:`admit`'s ticket.
+
+        Raises :class:`~resilient.CircuitOpenError` if the circuit rejects the call.
+        """
         shared = self._shared
         if shared is not None:
             await shared.claim(self)
         return self._admit_claimed(True)
 
-    def _guard(self, function: Callable[..., Any]) -> Callable[..., Any]:
-        """Return *function* guarded by the breaker, by the sync or the async driver.
+    def _run_sync(self, function: Callable[..., _R], args: Any, kwargs: Any) -> _R:
+        """Call ``function(*args, **kwargs)`` through the breaker: the sync driver."""
+        try:
+            generation = self.admit()
+            if generation is None:
+                generation = self.admit_after_claim_sync()
+        except CircuitOpenError:
+            if self.fallback is None:
+                raise
+            return self.fallback(*args, **kwargs)  # type: ignore[no-any-return]
+        started = self.start_time()
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as exc:
+            self.raised(generation, started, exc)
+            raise
+        return self.returned(generation, started, result)
 
-        A ``def`` gets the sync driver, an ``async def`` the async one. Each only carries
-        out what the logic above decides: it claims the lease, calls and awaits its way.
+    async def _run_async(
+        self, function: Callable[..., Awaitable[_R]], args: Any, kwargs: Any
+    ) -> _R:
+        """Call and await ``function(*args, **kwargs)`` through the breaker: the async driver."""
+        try:
+            generation = self.admit()
+            if generation is None:
+                generation = await self.admit_after_claim()
+        except CircuitOpenError:
+            if self.fallback is None:
+                raise
+            answer = self.fallback(*args, **kwargs)
+            return await answer if inspect.isawaitable(answer) else answer  # type: ignore[no-any-return]
+        started = self.start_time()
+        try:
+            result = await function(*args, **kwargs)
+        except BaseException as exc:
+            self.raised(generation, started, exc)
+            raise
+        return self.returned(generation, started, result)
+
+    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
+        """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker.
+
+        The driver is chosen here, once: an ``async def`` gets the async one.
         """
+        # The wrappers take the path of most calls themselves, with no call of ours: a
+        # closed breaker with nothing to time or judge (see returned) and no shared store
+        # to start (see admit), whose window stays full of successes. Any other call goes
+        # through the driver. Each call of ours would cost more than all the rest.
+        core = self._core
+        quiet = self._quiet
         if inspect.iscoroutinefunction(function):
+            run_async = self._run_async
 
             async def guarded_async(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    generation = self._admit()
-                    if generation is _LEASE:
-                        generation = await self._claim_async()
-                except CircuitOpenError:
-                    if self.fallback is None:
-                        raise
-                    answer = self.fallback(*args, **kwargs)
-                    return await answer if inspect.isawaitable(answer) else answer
-                started = self._start()
+                generation = core.generation
+                if (
+                    not quiet
+                    or core.state is not _CLOSED
+                    or ((shared := self._shared) is not None and shared.idle)
+                ):
+                    return await run_async(function, args, kwargs)
                 try:
                     result = await function(*args, **kwargs)
                 except BaseException as exc:
-                    self._raised(generation, started, exc)
+                    self.raised(generation, 0.0, exc)
                     raise
-                return self._returned(generation, started, result)
+                if (
+                    core.window.clean
+                    and generation == core.generation
+                    and not self.observe_successes
+                ):
+                    return result
+                return self.returned(generation, 0.0, result)
 
-            return guarded_async
+            return functools.wraps(function)(guarded_async)  # type: ignore[return-value]
+
+        run_sync = self._run_sync
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                generation = self._admit()
-                if generation is _LEASE:
-                    generation = self._claim_sync()
-            except CircuitOpenError:
-                if self.fallback is None:
-                    raise
-                return self.fallback(*args, **kwargs)
-            started = self._start()
+            generation = core.generation
+            if (
+                not quiet
+                or core.state is not _CLOSED
+                or ((shared := self._shared) is not None and shared.idle)
+            ):
+                return run_sync(function, args, kwargs)
             try:
                 result = function(*args, **kwargs)
             except BaseException as exc:
-                self._raised(generation, started, exc)
+                self.raised(generation, 0.0, exc)
                 raise
-            return self._returned(generation, started, result)
+            if core.window.clean and generation == core.generation and not self.observe_successes:
+                return result
+            return self.returned(generation, 0.0, result)
 
-        return guarded
-
-    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
-        """Decorate *function* (``def`` or ``async def``) so its calls go through the breaker."""
-        return functools.wraps(function)(self._guard(function))
+        return functools.wraps(function)(guarded)
 
     def call(self, function: Callable[..., _R], /, *args: Any, **kwargs: Any) -> _R:
         """Call *function* through the breaker; for an ``async def``, returns its awaitable."""
-        return self._guard(function)(*args, **kwargs)  # type: ignore[no-any-return]
+        if inspect.iscoroutinefunction(function):
+            return self._run_async(function, args, kwargs)  # type: ignore[return-value]
+        return self._run_sync(function, args, kwargs)
 
     def __enter__(self) -> CircuitBreaker:
-        generation = self._admit()
-        if generation is _LEASE:
-            generation = self._claim_sync()
-        self._entered.set((*self._entered.get(), (generation, self._start())))
+        generation = self.admit()
+        if generation is None:
+            generation = self.admit_after_claim_sync()
+        self._entered.set((*self._entered.get(), (generation, self.start_time())))
         return self
 
     def __exit__(
@@ -510,15 +574,15 @@ class CircuitBreaker:
         (generation, start), rest = entered[-1], entered[:-1]
         self._entered.set(rest)
         if exc is None:
-            self._returned(generation, start, None)
+            self.returned(generation, start, None)
         else:
-            self._raised(generation, start, exc)
+            self.raised(generation, start, exc)
 
     async def __aenter__(self) -> CircuitBreaker:
-        generation = self._admit()
-        if generation is _LEASE:
-            generation = await self._claim_async()
-        self._entered.set((*self._entered.get(), (generation, self._start())))
+        generation = self.admit()
+        if generation is None:
+            generation = await self.admit_after_claim()
+        self._entered.set((*self._entered.get(), (generation, self.start_time())))
         return self
 
     async def __aexit__(

@@ -2,7 +2,7 @@
 
 A call that succeeds at once never meets tenacity: the decorated function is called
 directly, and tenacity is imported only after a first failure worth retrying. From there
-one core decides for ``def``, ``async def`` and blocks alike: :meth:`Retry._steps` yields
+one core decides for ``def``, ``async def`` and blocks alike: :meth:`Retry.steps` yields
 what the call needs next (wait so long, or make one more :class:`Attempt`) and asks
 tenacity (:mod:`resilient.retries.flow`) after each attempt whether to go on. The drivers
 are thin: one sync and one async for functions, one sync and one async for blocks, each
@@ -166,7 +166,7 @@ class Retry:
         name = self.options.name or _name_of(function)
         if inspect.iscoroutinefunction(function):
             return self._decorate_async(function, name)
-        self._check_sync_sleep(name)
+        self.check_sync_sleep(name)
         return self._decorate_sync(function, name)
 
     def attempts(self) -> Attempts:
@@ -194,16 +194,22 @@ class Retry:
             f"jitter={options.jitter!r}, base={options.base!r}, cap={options.cap!r})"
         )
 
-    # The core: what a call needs next, decided once for every driver.
+    # The core: what a call needs next, decided once for every driver (public, for
+    # drivers of their own: begin, steps, pause, pause_async).
 
-    def _steps(
+    def steps(
         self, first: Attempt, name: str, started: float
     ) -> Generator[float | Attempt, None, Attempt]:
         """After a *first* attempt worth retrying, yield the waits and the attempts to make.
 
-        The driver sleeps a wait (a float), and makes an :class:`Attempt` (recording how it
-        ended on it) before asking for the next step. Returns, when the call gives up or an
-        attempt ends it, the last attempt: what the caller gets.
+        The driver sleeps a wait (a float; :meth:`pause` or :meth:`pause_async`), and
+        makes an :class:`Attempt` (under ``with``, keeping a return value in its ``value``)
+        before asking for the next step. Returns, when the call gives up or an attempt ends
+        it, the last attempt: what the caller gets (:meth:`Attempt.outcome`). *started* is
+        from :meth:`begin`; *first* is the first attempt, judged worth retrying by
+        :meth:`retryable` (an error) or by ``options.result`` (a value). This is the core
+        the decorator and :meth:`attempts` drive; code that drives its own calls (the
+        httpx transports) drives it the same way.
         """
         decider = self._decider
         if decider is None:
@@ -219,23 +225,26 @@ class Retry:
         return last
 
     def _block(self, name: str) -> Iterator[float | Attempt]:
-        """Yield the steps of a block: its first attempt, then :meth:`_steps` if it failed."""
-        started = self._start()
+        """Yield the steps of a block: its first attempt, then :meth:`steps` if it failed."""
+        started = self.begin()
         first = Attempt(1, catches=self.retryable)
         yield first
         if first.error is not None:
-            last = yield from self._steps(first, name, started)
+            last = yield from self.steps(first, name, started)
             last.outcome()  # raises what the last attempt raised
 
     def _starter(self) -> Callable[[], float] | None:
-        """Return the cheapest way to :meth:`_start` a call, or ``None`` for nothing to do."""
+        """Return the cheapest way to :meth:`begin` a call, or ``None`` for nothing to do."""
         options = self.options
         if options.budget is None:
             return None if options.deadline is None else self._monotonic
-        return self._start
+        return self.begin
 
-    def _start(self) -> float:
-        """Begin a call: return when (if a deadline needs to know), and feed the budget."""
+    def begin(self) -> float:
+        """Begin a call driven by hand: feed the budget; return when it began, for :meth:`steps`.
+
+        The time is read only when a deadline needs it (else 0.0).
+        """
         options = self.options
         if options.budget is not None:
             options.budget.deposit()
@@ -292,54 +301,57 @@ class Retry:
 
     def _retry_sync(self, first: Attempt, name: str, started: float, call: Callable[[], _R]) -> _R:
         last = first
-        for step in self._steps(first, name, started):
+        for step in self.steps(first, name, started):
             if isinstance(step, Attempt):
                 last = step
                 with step:
                     step.value = call()
             else:
-                self._pause(step)
+                self.pause(step)
         return cast("_R", last.outcome())
 
     async def _retry_async(
         self, first: Attempt, name: str, started: float, call: Callable[[], Awaitable[_R]]
     ) -> _R:
         last = first
-        for step in self._steps(first, name, started):
+        for step in self.steps(first, name, started):
             if isinstance(step, Attempt):
                 last = step
                 with step:
                     step.value = await call()
             else:
-                await self._pause_async(step)
+                await self.pause_async(step)
         return cast("_R", last.outcome())
 
     def _attempts_sync(self, name: str) -> Iterator[Attempt]:
-        self._check_sync_sleep(name)
+        self.check_sync_sleep(name)
         for step in self._block(name):
             if isinstance(step, Attempt):
                 yield step
             else:
-                self._pause(step)
+                self.pause(step)
 
     async def _attempts_async(self, name: str) -> AsyncIterator[Attempt]:
         for step in self._block(name):
             if isinstance(step, Attempt):
                 yield step
             else:
-                await self._pause_async(step)
+                await self.pause_async(step)
 
-    def _check_sync_sleep(self, name: str) -> None:
+    def check_sync_sleep(self, name: str) -> None:
+        """Raise :class:`~resilient.ConfigurationError` if sync code (*name*) got an async sleep."""
         sleep = self.options.sleep
         if sleep is not None and inspect.iscoroutinefunction(sleep):
             msg = f"{name} is synchronous, so sleep must be too; {sleep!r} is async"
             raise ConfigurationError(msg)
 
-    def _pause(self, seconds: float) -> None:
+    def pause(self, seconds: float) -> None:
+        """Wait *seconds* (a wait :meth:`steps` yielded) with the policy's sync ``sleep``."""
         if waits.enabled:
             (self.options.sleep or time.sleep)(seconds)
 
-    async def _pause_async(self, seconds: float) -> None:
+    async def pause_async(self, seconds: float) -> None:
+        """:meth:`pause` for async code: awaits the policy's ``sleep`` if it is async."""
         if waits.enabled:
             slept = (self.options.sleep or asyncio.sleep)(seconds)
             if inspect.isawaitable(slept):
