@@ -102,7 +102,6 @@ PRIVATE_CHECKED = ("src", "examples", "benchmarks", "tests")
 PRIVATE_BASELINE = frozenset(
     {
         ("src/resilient/auth/requires.py", "imports _UNSAFE from resilient.auth.middleware"),
-        ("src/resilient/cache/decorator.py", "uses _shared, private to another module"),
         ("src/resilient/ratelimit/limiter.py", "imports _Result from resilient.ratelimit.core"),
         ("src/resilient/ratelimit/memory.py", "imports _ALGORITHMS from resilient.ratelimit.core"),
         ("src/resilient/ratelimit/memory.py", "imports _Result from resilient.ratelimit.core"),
@@ -111,11 +110,6 @@ PRIVATE_BASELINE = frozenset(
         ("src/resilient/ratelimit/middleware.py", "uses _now_ms, private to another module"),
         ("tests/auth/test_jwks.py", "uses _lock, private to another module"),
         ("tests/auth/test_jwks.py", "uses _published, private to another module"),
-        ("tests/cache/test_cache.py", "uses _store, private to another module"),
-        ("tests/cache/test_invalid.py", "uses _l1, private to another module"),
-        ("tests/cache/test_l1.py", "uses _l1, private to another module"),
-        ("tests/cache/test_memory.py", "uses _store, private to another module"),
-        ("tests/ecommerce/test_shop.py", "uses _shared, private to another module"),
         ("tests/idempotency/test_memory.py", "uses _completed, private to another module"),
         ("tests/idempotency/test_memory.py", "uses _leases, private to another module"),
         ("tests/idempotency/test_memory.py", "uses _queued, private to another module"),

@@ -226,7 +226,7 @@ async def test_the_memory_store_is_bounded() -> None:
     cache = Cache(MemoryBackend(max_keys=100), clock=clock, jitter=0.0)
     for i in range(250):
         await cache.set(f"k{i}", i)
-    store = cache._store
+    store = cache.store
     assert isinstance(store, MemoryCacheStore)
     assert len(store) == 100
     assert await cache.get("k249") == 249

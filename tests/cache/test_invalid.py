@@ -147,7 +147,7 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
 
 def header(clock: FakeClock, fresh: float = 60.0, stale: float = 60.0) -> bytes:
     now_ms = int(clock.time() * 1000)
-    return b"v1|%d|%d|0|" % (now_ms + int(fresh * 1000), now_ms + int((fresh + stale) * 1000))
+    return b"v2|%d|%d|0||" % (now_ms + int(fresh * 1000), now_ms + int((fresh + stale) * 1000))
 
 
 async def write(raw: redis.asyncio.Redis, backend: RedisBackend, key: str, value: bytes) -> None:
@@ -191,10 +191,16 @@ async def test_foreign_bytes_on_redis_are_a_miss_that_is_overwritten(
 @pytest.mark.parametrize(
     "value",
     [
-        b"v2|1|2|3|{}",  # another version
+        b"v2|1|2|3|{}",  # no stamps
+        b"v1|99999999999999|99999999999999|0|{}",  # the previous version's entry
+        b"v9|99999999999999|99999999999999|0||{}",  # another version
         b"v1|notanumber|2|3|{}",
-        b"v1|99999999999999|x|0|{}",  # looks fresh to the claim script; unreadable
+        b"v2|notanumber|2|3||{}",
+        b"v1|99999999999999|x|0|{}",
+        b"v2|99999999999999|x|0||{}",  # looks fresh to the claim script; unreadable
+        b"v2|99999999999999|99999999999999|0|zz:1|{}",  # stamps that are not stamps
         b"v1|99999999999999|99999999999999|0",  # no body
+        b"v2|99999999999999|99999999999999|0|",  # no body
         pickle.dumps("a foreign writer"),
     ],
 )
@@ -225,7 +231,7 @@ async def test_the_in_process_tier_never_keeps_an_entry_it_cannot_read(
     async with RedisBackend(raw) as backend:
         cache = Cache(backend, clock=clock, jitter=0.0, observer=seen, l1=8)
         await cache.get("warm-up")  # starts the tier's subscription
-        l1 = cache._l1
+        l1 = cache.l1
         assert l1 is not None
         for _ in range(500):  # bounded wait for the subscription, not a timing assertion
             if l1.listening:
