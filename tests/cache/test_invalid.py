@@ -17,6 +17,7 @@ from resilient.cache.core import JSONSerializer
 from resilient.cache.redis import RedisCacheStore
 from resilient.events import CacheEntryInvalid, CacheLockWait, CacheMiss, Event, StaleServed
 from resilient.testing import FakeClock, RedisServer
+from tests.cache.conftest import Driver
 
 # What a foreign writer leaves: a pickle, a truncated value, bytes that are not UTF-8,
 # JSON's non-standard constants (the cache's JSON never writes them).
@@ -64,7 +65,9 @@ def test_the_json_serializer_refuses_what_it_never_writes() -> None:
 
 
 @pytest.mark.parametrize("body", BODIES)
-async def test_a_foreign_entry_in_memory_is_a_miss_that_is_overwritten(body: bytes) -> None:
+async def test_a_foreign_entry_in_memory_is_a_miss_that_is_overwritten(
+    body: bytes, driver: Driver
+) -> None:
     clock, seen = FakeClock(), Recorder()
     backend = MemoryBackend()
     await Cache(backend, clock=clock, serializer=Foreign(body)).set("product:1", "x")
@@ -72,19 +75,19 @@ async def test_a_foreign_entry_in_memory_is_a_miss_that_is_overwritten(body: byt
     assert await cache.get("product:1") is MISSING
     loads: list[int] = []
 
-    async def load() -> dict[str, int]:
+    def load() -> dict[str, int]:
         loads.append(1)
         return {"p": 1}
 
-    assert await cache.get_or_load("product:1", load) == {"p": 1}
-    assert await cache.get_or_load("product:1", load) == {"p": 1}
+    assert await driver.get_or_load(cache, "product:1", load) == {"p": 1}
+    assert await driver.get_or_load(cache, "product:1", load) == {"p": 1}
     assert loads == [1]  # overwritten: the second call is a hit
     invalid = seen.of(CacheEntryInvalid)
     assert [(e.key, e.reason) for e in invalid] == [("product:1", "body")] * 2
     assert len(seen.of(CacheMiss)) == 1
 
 
-async def test_a_foreign_entry_is_never_served_stale() -> None:
+async def test_a_foreign_entry_is_never_served_stale(driver: Driver) -> None:
     clock, seen = FakeClock(), Recorder()
     backend = MemoryBackend()
     options: dict[str, Any] = {"ttl": 10.0, "stale_while_revalidate": 60.0, "stale_if_error": 60.0}
@@ -92,20 +95,20 @@ async def test_a_foreign_entry_is_never_served_stale() -> None:
     clock.advance(20)  # stale now: would be served while revalidating, or on error
     cache = Cache(backend, clock=clock, jitter=0.0, observer=seen, **options)
 
-    async def load() -> str:
+    def load() -> str:
         return "fresh"
 
-    assert await cache.get_or_load("k", load) == "fresh"
+    assert await driver.get_or_load(cache, "k", load) == "fresh"
     assert seen.of(StaleServed) == []
 
     await Cache(backend, clock=clock, serializer=Foreign(b"\x80\x04"), **options).set("k", "x")
     clock.advance(20)
 
-    async def fail() -> str:
+    def fail() -> str:
         raise LookupError("the database is down")
 
     with pytest.raises(LookupError):  # the loader's error, not a UnicodeDecodeError
-        await cache.get_or_load("k", fail)
+        await driver.get_or_load(cache, "k", fail)
     assert seen.of(StaleServed) == []
 
 
