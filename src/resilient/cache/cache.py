@@ -290,7 +290,7 @@ class Cache:
         if self._l1 is not None:
             self._l1.drop(key)
 
-    async def _entry_of(self, key: str, now: float) -> Entry | None:
+    async def _entry_of(self, key: str, now: float, tags: _Tags = ()) -> Entry | None:
         l1 = self._l1
         if l1 is not None:
             entry = l1.get(key, now)
@@ -298,7 +298,7 @@ class Cache:
                 return entry
         if self._pending:
             await self._settle_pending()
-        entry = await self._store.get(key, now)
+        entry = await self._store.get(key, now, tags)
         if l1 is not None and entry is not None:
             l1.put(key, entry, now)
         return entry
@@ -473,7 +473,7 @@ class Cache:
             reply = error = None
             try:
                 if need is Need.READ:
-                    reply = await self._entry_of(key, self.clock.time())
+                    reply = await self._entry_of(key, self.clock.time(), tags)
                 elif need is Need.LOAD:
                     reply = await self._flight(key, loader, ttl, tags)
                 elif need is Need.REFRESH:

@@ -41,8 +41,11 @@ class MemoryCacheStore:
         with self._lock:
             return iter(list(self._entries))
 
-    async def get(self, key: str, now: float) -> Entry | None:
-        """Return *key*'s entry if it is still servable and none of its tags moved on."""
+    async def get(self, key: str, now: float, tags: Iterable[str] = ()) -> Entry | None:
+        """Return *key*'s entry if it is still servable and none of its tags moved on.
+
+        *tags*: those the caller expects it to have (of use to a remote store only).
+        """
         return self.get_now(key, now)
 
     async def stamp(self, tags: Iterable[str], lifetime: float) -> dict[str, Any]:

@@ -11,9 +11,10 @@ Every operation is one Lua script (``cache/lua/``), run in one round trip:
   of tags and values. A value is stored with the versions its tags had before it was
   loaded (``stamp.lua``; its *stamps*), and a read that finds a tag moved on, or its
   version gone, treats the value as missing. On a standalone server the read checks the
-  versions in the same script; on Redis Cluster, where the versions live in another slot,
-  a value that has tags costs a second script on the tags' slot (``tags.lua``), and a
-  value without tags none;
+  versions in the same script. On Redis Cluster, where the versions live in another slot,
+  they are read by a second script on the tags' slot (``versions.lua``): at the same time
+  as the value when the caller names the tags it expects (``get_or_load`` does), after it
+  when the value turns out to have tags (``get`` does); a value without tags costs none;
 * loading is guarded across processes by a lock per key (``claim.lua``: ``SET NX PX``
   with an owner token, unless a fresh value is already there). Waiters in other processes
   are counted, then block on a list (``BLPOP``) that the owner fills with one token per
@@ -45,7 +46,7 @@ _SET = Script(_PACKAGE, "set.lua")
 _DELETE = Script(_PACKAGE, "delete.lua")
 _STAMP = Script(_PACKAGE, "stamp.lua")
 _INVALIDATE = Script(_PACKAGE, "invalidate.lua")
-_TAGS = Script(_PACKAGE, "tags.lua")
+_VERSIONS = Script(_PACKAGE, "versions.lua")
 _CLAIM = Script(_PACKAGE, "claim.lua")
 _FILL = Script(_PACKAGE, "fill.lua")
 _EXTEND = Script(_PACKAGE, "extend.lua")
@@ -90,6 +91,10 @@ def _hex(text: str) -> bool:
     return bool(text) and all(c in "0123456789abcdef" for c in text)
 
 
+def _text(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
 def _read(raw: Any) -> tuple[Entry, dict[str, str]]:
     if isinstance(raw, str):  # a client that decodes: a cache needs bytes
         raw = raw.encode("utf-8", "surrogateescape")
@@ -120,22 +125,52 @@ class RedisCacheStore:
         """Return the key of *tag*'s version (every tag's under the hash tag ``{tags}``)."""
         return self._tags_prefix + _digest(tag)
 
-    async def get(self, key: str, now: float) -> Entry | None:
-        """Return *key*'s entry if it is still servable and none of its tags moved on."""
-        raw = await self._backend.run_script(_GET, self.keys(key)[:1], (self._local_prefix,))
+    async def get(self, key: str, now: float, tags: Iterable[str] = ()) -> Entry | None:
+        """Return *key*'s entry if it is still servable and none of its tags moved on.
+
+        *tags*, those the caller expects the value to have, let a cluster read their
+        versions at the same time as the value.
+        """
+        value_key = self.keys(key)[:1]
+        run = self._backend.run_script
+        known: dict[str, str] = {}
+        if self._local_prefix or not tags:
+            raw = await run(_GET, value_key, (self._local_prefix,))
+        else:
+            digests = list(dict.fromkeys(_digest(tag) for tag in tags))
+            keys = [self._tags_prefix + digest for digest in digests]
+            replies: tuple[Any, ...] = await asyncio.gather(
+                run(_GET, value_key, ("",)), run(_VERSIONS, keys, ()), return_exceptions=True
+            )
+            for reply in replies:  # both retrieved, the first failure raised
+                if isinstance(reply, BaseException):
+                    raise reply
+            raw, versions = replies
+            known = dict(zip(digests, map(_text, versions), strict=True))
         if raw is None:
             return None
         entry, stamps = _read(raw)
         if not entry.servable(now):
             return None
-        if stamps and not self._local_prefix and not await self._current(stamps):
+        if stamps and not self._local_prefix and not await self._current(stamps, known):
             return None
         return entry
 
-    async def _current(self, stamps: dict[str, str]) -> bool:
-        """Whether each tag still has the version in *stamps* (a cluster's second script)."""
-        keys = [self._tags_prefix + tag for tag in stamps]
-        return bool(await self._backend.run_script(_TAGS, keys, tuple(stamps.values())))
+    async def _current(self, stamps: dict[str, str], known: dict[str, str]) -> bool:
+        """Whether each tag still has the version in *stamps* (on a cluster).
+
+        *known* holds versions read already; the others are read now.
+        """
+        if any(known.get(tag, version) != version for tag, version in stamps.items()):
+            return False
+        unknown = [tag for tag in stamps if tag not in known]
+        if not unknown:
+            return True
+        keys = [self._tags_prefix + tag for tag in unknown]
+        versions = await self._backend.run_script(_VERSIONS, keys, ())
+        return all(
+            _text(version) == stamps[tag] for tag, version in zip(unknown, versions, strict=True)
+        )
 
     async def stamp(self, tags: Iterable[str], lifetime: float) -> dict[str, Any]:
         """Return the current versions of *tags* (making missing ones), to store a value with.
@@ -150,10 +185,7 @@ class RedisCacheStore:
             [self._tags_prefix + digest for digest in digests],
             (max(1, math.ceil(lifetime * 1000)), *(secrets.token_hex(8) for _ in digests)),
         )
-        return {
-            digest: version.decode() if isinstance(version, bytes) else str(version)
-            for digest, version in zip(digests, versions, strict=True)
-        }
+        return dict(zip(digests, map(_text, versions), strict=True))
 
     async def set(self, key: str, entry: Entry, stamps: dict[str, Any], now: float) -> None:
         """Store *entry* under *key* (no lock involved), with its tags' *stamps*."""
@@ -200,7 +232,7 @@ class RedisCacheStore:
             kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
             if kind == "v":
                 entry, stamps = _read(reply[1])
-                if stamps and not self._local_prefix and not await self._current(stamps):
+                if stamps and not self._local_prefix and not await self._current(stamps, {}):
                     over_value = True  # invalidated: load over it, as over a miss
                     continue
                 return kind, entry
