@@ -212,3 +212,42 @@ async def test_no_lookup_or_load_state_remains(topology: Topology) -> None:
     assert load.calls == 2_000
     await asyncio.sleep(0)  # the done-callbacks of the last tasks
     assert cache.in_flight == 0
+
+
+async def test_a_value_whose_stamps_name_other_tags_is_checked_against_them(
+    topology: Topology,
+) -> None:
+    cache = Cache(topology.backend, ttl=60, jitter=0.0)
+    load = Loader()
+    assert await cache.get_or_load("page", load, tags=["a", "b"]) == {"version": 1}
+    assert await cache.get_or_load("page", load, tags=["a"]) == {"version": 1}  # b: unnamed
+    await cache.invalidate_tags(["b"])
+    assert await cache.get_or_load("page", load, tags=["a"]) == {"version": 2}
+    assert await cache.get_or_load("page", load, tags=["a", "c"]) == {"version": 2}
+    await cache.invalidate_tags(["a"])
+    assert await cache.get_or_load("page", load, tags=["a", "c"]) == {"version": 3}
+    assert load.calls == 3
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"v1|99999999999999999|99999999999999999|0|{}",  # the previous version's entry
+        b"v2|99999999999999999|99999999999999999|0|zz:1|{}",  # stamps that are not stamps
+        b'v2|99999999999999999|99999999999999999|0|ab:cd|"x"',  # a tag with no version
+    ],
+)
+async def test_an_entry_it_cannot_trust_is_a_miss_that_is_overwritten(
+    topology: Topology, value: bytes
+) -> None:
+    clock = wall_clock()
+    cache = Cache(topology.backend, ttl=60, jitter=0.0, clock=clock)
+    store = cache.store
+    assert isinstance(store, RedisCacheStore)
+    await topology.client.set(store.keys("k")[0], value, px=60_000)  # a foreign writer
+    assert await cache.get("k") is MISSING
+    load = Loader()
+    assert await cache.get_or_load("k", load, tags=["t"]) == {"version": 1}
+    assert await cache.get_or_load("k", load, tags=["t"]) == {"version": 1}
+    assert await cache.get("k") == {"version": 1}
+    assert load.calls == 1

@@ -254,9 +254,9 @@ class Cache:
 
     @property
     def in_flight(self) -> int:
-        """How many keys this process is loading (or, on Redis, looking up) right now.
+        """How many loads (and, on Redis, shared lookups) this process has under way.
 
-        Each key's state goes with its load: an idle cache has none, however many keys it
+        A key's state goes with its load: an idle cache holds none, however many keys it
         has loaded.
         """
         return len(self._lookups) + len(self._flights) + len(self._sync_flights)
