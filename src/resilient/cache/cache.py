@@ -48,6 +48,8 @@ __all__ = ["Cache"]
 _T = TypeVar("_T")
 _DEFAULT_OBSERVER = LoggingObserver()
 _SYNC_REFRESHES = 8  # background refresh threads at once, per cache
+# The lookup's needs, as module constants: the drivers compare them on every read.
+_READ, _LOAD, _REFRESH, _FORGET = Need.READ, Need.LOAD, Need.REFRESH, Need.FORGET
 _Tags: TypeAlias = tuple[str, ...]
 
 
@@ -132,6 +134,7 @@ class Cache:
     __slots__ = (
         "_flights",
         "_l1",
+        "_local",
         "_lookups",
         "_pending",
         "_pending_serial",
@@ -197,13 +200,14 @@ class Cache:
         if backend is None:
             backend = MemoryBackend()
         self._shared: RedisCacheStore | None = None
+        self._local: MemoryCacheStore | None = None
         if isinstance(backend, RedisBackend):
             from resilient.cache.redis import RedisCacheStore  # noqa: PLC0415
 
             self._shared = backend.store("cache", RedisCacheStore)
             self._store: MemoryCacheStore | RedisCacheStore = self._shared
         elif isinstance(backend, MemoryBackend):
-            self._store = backend.store("cache", MemoryCacheStore)
+            self._store = self._local = backend.store("cache", MemoryCacheStore)
         else:
             msg = f"a cache needs a MemoryBackend or a RedisBackend, not {backend!r}"
             raise ConfigurationError(msg)
@@ -444,9 +448,9 @@ class Cache:
         tags: Iterable[str] = (),
     ) -> _T:
         """Return *key*'s value, loading it with *loader* once for all concurrent misses."""
-        tags = tuple(tags)
         if self._shared is None:
             return await self._look_up(key, loader, ttl, tags)  # type: ignore[no-any-return]
+        tags = tuple(tags)  # read twice: by the lookup's read, then by its load
         # On Redis, concurrent callers of a key share the whole lookup (one read, then the
         # load if needed): they wait once, not once per step.
         task = self._lookups.get(key)
@@ -459,10 +463,15 @@ class Cache:
         return await asyncio.shield(task)
 
     async def _look_up(
-        self, key: str, loader: Callable[[], Awaitable[Any]], ttl: float | None, tags: _Tags
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+        tags: Iterable[str],
     ) -> Any:
         """Drive :func:`~resilient.cache.core.lookup` on the event loop."""
-        flow = lookup(self, key)
+        now = self.clock.time()
+        flow = lookup(self, key, now)
         reply: Any = None
         error: Exception | None = None
         while True:
@@ -472,13 +481,17 @@ class Cache:
                 return done.value
             reply = error = None
             try:
-                if need is Need.READ:
-                    reply = await self._entry_of(key, self.clock.time(), tags)
-                elif need is Need.LOAD:
+                if need is _READ:
+                    local = self._local  # the memory store answers without waiting
+                    if local is not None:
+                        reply = local.get_now(key, now)
+                    else:
+                        reply = await self._entry_of(key, now, tuple(tags))
+                elif need is _LOAD:
                     reply = await self._flight(key, loader, ttl, tags)
-                elif need is Need.REFRESH:
+                elif need is _REFRESH:
                     reply = self._background(key, loader, ttl, tags)
-                elif need is Need.FORGET:
+                elif need is _FORGET:
                     self._forget(key)
                 else:
                     raise _unexpected(need)
@@ -495,12 +508,17 @@ class Cache:
         return done
 
     def _flight(
-        self, key: str, loader: Callable[[], Awaitable[Any]], ttl: float | None, tags: _Tags
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+        tags: Iterable[str],
     ) -> Awaitable[Any]:
         """Return the load of *key* in flight (starting one if none is), shielded for callers."""
         task = self._flights.get(key)
         if task is None or task.done():  # done: an earlier load, its callback still pending
-            task = asyncio.get_running_loop().create_task(self._load(key, loader, ttl, tags))
+            load = self._load(key, loader, ttl, tuple(tags))
+            task = asyncio.get_running_loop().create_task(load)
             self._flights[key] = task
             task.add_done_callback(self._landed(key))
         return asyncio.shield(task)
@@ -515,7 +533,11 @@ class Cache:
         return landed
 
     def _background(
-        self, key: str, loader: Callable[[], Awaitable[Any]], ttl: float | None, tags: _Tags
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+        tags: Iterable[str],
     ) -> bool:
         flight = self._flights.get(key)
         if flight is not None and not flight.done():
@@ -674,8 +696,8 @@ class Cache:
         if not isinstance(store, MemoryCacheStore):
             msg = "get_or_load_sync and @cached on a def need the memory backend"
             raise ConfigurationError(msg)
-        tags = tuple(tags)
-        flow = lookup(self, key)
+        now = self.clock.time()
+        flow = lookup(self, key, now)
         reply: Any = None
         error: Exception | None = None
         while True:
@@ -685,13 +707,13 @@ class Cache:
                 return done.value  # type: ignore[no-any-return]
             reply = error = None
             try:
-                if need is Need.READ:
-                    reply = store.get_now(key, self.clock.time())
-                elif need is Need.LOAD:
+                if need is _READ:
+                    reply = store.get_now(key, now)
+                elif need is _LOAD:
                     reply = self._flight_sync(store, key, loader, ttl, tags)
-                elif need is Need.REFRESH:
+                elif need is _REFRESH:
                     reply = self._refresh_sync(store, key, loader, ttl, tags)
-                elif need is not Need.FORGET:  # nothing kept in process but the store
+                elif need is not _FORGET:  # nothing kept in process but the store
                     raise _unexpected(need)
             except Exception as exc:  # thrown into the lookup, which decides
                 error = exc
@@ -702,7 +724,7 @@ class Cache:
         key: str,
         loader: Callable[[], Any],
         ttl: float | None,
-        tags: _Tags,
+        tags: Iterable[str],
     ) -> Any:
         """Wait for the load of *key* in flight, or load it in this thread if none is."""
         with self._sync_lock:
@@ -711,7 +733,7 @@ class Cache:
             if flight is None:
                 flight = self._sync_flights[key] = _Flight()
         if owner:
-            self._fly(flight, store=store, key=key, loader=loader, ttl=ttl, tags=tags)
+            self._fly(flight, store=store, key=key, loader=loader, ttl=ttl, tags=tuple(tags))
         return flight.result()
 
     def _refresh_sync(
@@ -720,7 +742,7 @@ class Cache:
         key: str,
         loader: Callable[[], Any],
         ttl: float | None,
-        tags: _Tags,
+        tags: Iterable[str],
     ) -> bool:
         """Start loading *key* in a background thread, unless one loads it or none is free."""
         with self._sync_lock:
@@ -730,7 +752,7 @@ class Cache:
         thread = threading.Thread(
             target=self._refresh_in_thread,
             args=(flight,),
-            kwargs={"store": store, "key": key, "loader": loader, "ttl": ttl, "tags": tags},
+            kwargs={"store": store, "key": key, "loader": loader, "ttl": ttl, "tags": tuple(tags)},
             name=f"resilient-cache-refresh:{key}",
             daemon=True,
         )

@@ -238,16 +238,15 @@ Flow: TypeAlias = Generator[Need | Write, Any, Any]
 """A lookup or a load in progress: yields what it needs, is sent (or thrown) the answer."""
 
 
-def lookup(cache: Settings, key: str) -> Flow:
-    """Return *key*'s value: fresh, stale (refreshing), or from the key's load.
+def lookup(cache: Settings, key: str, now: float) -> Flow:
+    """Return *key*'s value at *now*: fresh, stale (refreshing), or from the key's load.
 
     A fresh value may start an early refresh (XFetch); an expired one is served for
     ``stale_while_revalidate`` seconds while one refresh runs; a miss waits for the load,
     and if the load fails, an expired value is served for ``stale_if_error`` seconds. An
     entry that cannot be read is a miss, never served stale. A failing store is a miss
-    too: the value is loaded directly.
+    too: the value is loaded directly. The driver reads the entry at *now* too.
     """
-    now = cache.clock.time()
     entry: Entry | None
     try:
         entry = yield Need.READ
