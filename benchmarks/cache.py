@@ -6,7 +6,10 @@ Sections:
   local ``redis-server``, with a 50 ms loader: loader calls, latency p50/p99 of the
   requests, and the commands Redis executed (``INFO commandstats``, which also counts the
   commands run inside Lua scripts, for every contender alike);
-* ``hit``: microseconds per read of a warm key, one at a time.
+* ``hit``: microseconds per read of a warm key, one at a time;
+* ``tags``: ours alone, on the same server: a warm read of a value with tags (its tags'
+  versions checked in the same script), and the invalidation of one tag that 1,000 values
+  carry (one script, whatever the number of values).
 
 Every figure is the median of ``--repeat`` runs; contenders alternate within each run.
 """
@@ -182,6 +185,70 @@ async def bench(url: str, repeat: int) -> tuple[Section, Section]:
     return stampede_section, hit_section
 
 
+async def bench_tags(url: str, repeat: int) -> Section:
+    """Warm reads with and without tags, and invalidating a tag of 1,000 values."""
+    client = redis.asyncio.Redis.from_url(url)
+    sync = redis.Redis.from_url(url)
+    tags = ["catalog", "product:42"]
+    reads = 2_000
+
+    async def value() -> dict[str, int]:
+        return {"product": 42}
+
+    def scripts() -> int:
+        return int(sync.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    names = ["warm read, no tags", "warm read, 2 tags", "invalidate a tag of 1,000 values"]
+    micros: dict[str, list[float]] = {name: [] for name in names}
+    trips: dict[str, list[float]] = {name: [] for name in names}
+    cmds: dict[str, list[float]] = {name: [] for name in names}
+    async with RedisBackend(client) as backend:
+        cache = Cache(backend, ttl=600)
+        for run in range(repeat):
+            await cache.get_or_load(f"plain:{run}", value)
+            await cache.get_or_load(f"tagged:{run}", value, tags=tags)
+            for name, key, key_tags in (
+                (names[0], f"plain:{run}", []),
+                (names[1], f"tagged:{run}", tags),
+            ):
+                before, evals = commands(sync), scripts()
+                start = time.perf_counter()
+                for _ in range(reads):
+                    await cache.get_or_load(key, value, tags=key_tags)
+                micros[name].append((time.perf_counter() - start) / reads * 1e6)
+                trips[name].append((scripts() - evals) / reads)
+                cmds[name].append((commands(sync) - before) / reads)
+            for i in range(1_000):
+                await cache.set(f"page:{run}:{i}", i, tags=[f"pages:{run}"])
+            before, evals = commands(sync), scripts()
+            start = time.perf_counter()
+            await cache.invalidate_tags([f"pages:{run}"])
+            micros[names[2]].append((time.perf_counter() - start) * 1e6)
+            trips[names[2]].append(scripts() - evals)
+            cmds[names[2]].append(commands(sync) - before)
+    await client.aclose()
+    sync.close()
+    rows: list[list[Cell]] = [
+        [
+            f"resilient `Cache` (Redis): {name}",
+            statistics.median(micros[name]),
+            f"{statistics.median(trips[name]):.0f}",
+            f"{statistics.median(cmds[name]):,.0f}",
+        ]
+        for name in names
+    ]
+    return Section(
+        key="tags",
+        title="Tags: warm reads and an invalidation",
+        headers=["operation", "µs", "round trips", "Redis commands"],
+        rows=rows,
+        raw={
+            name: {"µs": micros[name], "round trips": trips[name], "Redis commands": cmds[name]}
+            for name in names
+        },
+    )
+
+
 def _process(url: str, key: str, start: Any, out: Any) -> None:
     """One of the 4 processes: 250 concurrent requests for the key, once released."""
 
@@ -260,6 +327,7 @@ async def main_async(args: argparse.Namespace) -> Report:
         parts += [machine.markdown(), ""]
         stampede, hit = await bench(server.url, args.repeat)
         processes = bench_processes(server.url, args.repeat)
+        tags = await bench_tags(server.url, args.repeat)
     parts += [
         f"## {stampede.title}",
         "",
@@ -276,10 +344,19 @@ async def main_async(args: argparse.Namespace) -> Report:
         "",
         hit.markdown(),
         "",
+        f"## {tags.title}",
+        "",
+        "Ours alone, on the same server: reads of a value without tags and with two (their "
+        "versions are checked in the read's own script), and `invalidate_tags` of a tag "
+        "that 1,000 values carry. Redis commands include those run inside the scripts.",
+        "",
+        tags.markdown(),
+        "",
         f"Medians of {args.repeat} runs. "
         f"Rerun: `python dev.py bench cache --repeat {args.repeat}`.",
     ]
-    return Report(markdown="\n".join(parts), machine=machine, sections=[stampede, processes, hit])
+    sections = [stampede, processes, hit, tags]
+    return Report(markdown="\n".join(parts), machine=machine, sections=sections)
 
 
 def main(argv: list[str] | None = None) -> int:

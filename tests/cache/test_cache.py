@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
+import threading
 from typing import Any
 
 import pytest
@@ -9,8 +11,9 @@ import pytest
 from resilient import ConfigurationError, MemoryBackend
 from resilient.cache import MISSING, Cache, cached
 from resilient.cache.memory import MemoryCacheStore
-from resilient.events import CacheRefreshed, Event, StaleServed
+from resilient.events import CacheMiss, CacheRefreshed, Event, StaleServed
 from resilient.testing import FakeClock
+from tests.cache.conftest import Driver, Gate, Loader, until
 
 
 class Recorder:
@@ -24,71 +27,53 @@ class Recorder:
         return [e for e in self.events if isinstance(e, kind)]
 
 
-class Loader:
-    """A loader that counts its calls, can fail, and can be held at a gate."""
-
-    def __init__(self, clock: FakeClock | None = None, compute: float = 0.0) -> None:
-        self.calls = 0
-        self.fail: Exception | None = None
-        self.gate: asyncio.Event | None = None
-        self.clock = clock
-        self.compute = compute
-
-    async def __call__(self) -> dict[str, int]:
-        self.calls += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.clock is not None:
-            self.clock.advance(self.compute)  # the time the value takes to compute
-        if self.fail is not None:
-            raise self.fail
-        return {"version": self.calls}
-
-
 def make(clock: FakeClock, **options: Any) -> Cache:
     defaults: dict[str, Any] = {"ttl": 10.0, "jitter": 0.0, "beta": 0.0}
     return Cache(clock=clock, **{**defaults, **options})
 
 
-async def test_a_miss_loads_and_a_hit_does_not() -> None:
+async def test_a_miss_loads_and_a_hit_does_not(driver: Driver) -> None:
     clock, load = FakeClock(), Loader()
     cache = make(clock)
-    assert await cache.get_or_load("k", load) == {"version": 1}
-    assert await cache.get_or_load("k", load) == {"version": 1}
+    assert await driver.get_or_load(cache, "k", load) == {"version": 1}
+    assert await driver.get_or_load(cache, "k", load) == {"version": 1}
     assert load.calls == 1
     clock.advance(10)
-    assert await cache.get_or_load("k", load) == {"version": 2}
+    assert await driver.get_or_load(cache, "k", load) == {"version": 2}
 
 
-async def test_1000_concurrent_misses_share_one_load() -> None:
+async def test_1000_concurrent_misses_share_one_load(driver: Driver) -> None:
     clock, load = FakeClock(), Loader()
-    load.gate = asyncio.Event()
+    load.gate = Gate()
     cache = make(clock)
-    callers = [asyncio.create_task(cache.get_or_load("hot", load)) for _ in range(1000)]
-    await asyncio.sleep(0)
+    callers = [asyncio.ensure_future(driver.get_or_load(cache, "hot", load)) for _ in range(1000)]
+    await until(lambda: load.calls > 0)
     load.gate.set()
     results = await asyncio.gather(*callers)
     assert load.calls == 1
     assert all(r == {"version": 1} for r in results)
 
 
-async def test_a_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
-    clock, load = FakeClock(), Loader()
-    load.gate, load.fail = asyncio.Event(), RuntimeError("database down")
-    cache = make(clock)
-    callers = [asyncio.create_task(cache.get_or_load("k", load)) for _ in range(50)]
-    await asyncio.sleep(0)
+async def test_a_failed_load_reaches_every_waiter_and_is_not_cached(driver: Driver) -> None:
+    clock, load, recorder = FakeClock(), Loader(), Recorder()
+    load.gate, load.fail = Gate(), RuntimeError("database down")
+    cache = make(clock, observer=recorder)
+    callers = [asyncio.ensure_future(driver.get_or_load(cache, "k", load)) for _ in range(50)]
+    await until(lambda: load.calls > 0 and len(recorder.of(CacheMiss)) == 50)
+    # Every caller missed; give the threads among them the moment from their miss to the
+    # load they join (one that came after the load had failed would load anew).
+    await asyncio.sleep(0.05)
     load.gate.set()
     results = await asyncio.gather(*callers, return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
     assert load.calls == 1
     load.fail = None
-    assert await cache.get_or_load("k", load) == {"version": 2}
+    assert await driver.get_or_load(cache, "k", load) == {"version": 2}
 
 
 async def test_a_cancelled_caller_does_not_cancel_the_shared_load() -> None:
     clock, load = FakeClock(), Loader()
-    load.gate = asyncio.Event()
+    load.gate = Gate()
     cache = make(clock)
     impatient = asyncio.create_task(cache.get_or_load("k", load))
     patient = asyncio.create_task(cache.get_or_load("k", load))
@@ -102,19 +87,20 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_load() -> None:
     assert await cache.get("k") == {"version": 1}
 
 
-async def test_stale_while_revalidate_serves_stale_and_refreshes_once() -> None:
+async def test_stale_while_revalidate_serves_stale_and_refreshes_once(driver: Driver) -> None:
     clock, load, recorder = FakeClock(), Loader(), Recorder()
     cache = make(clock, stale_while_revalidate=5.0, observer=recorder)
-    await cache.get_or_load("k", load)
+    await driver.get_or_load(cache, "k", load)
     clock.advance(11)  # expired, within the 5 s of stale-while-revalidate
-    load.gate = asyncio.Event()
-    stale = await asyncio.gather(*(cache.get_or_load("k", load) for _ in range(20)))
+    load.gate = Gate()
+    stale = await asyncio.gather(*(driver.get_or_load(cache, "k", load) for _ in range(20)))
     assert stale == [{"version": 1}] * 20  # served at once, stale
+    await until(lambda: load.calls > 1)  # the refresh runs in a task, or a thread
     assert load.calls == 2  # one background refresh for all twenty
     load.gate.set()
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert await cache.get_or_load("k", load) == {"version": 2}
+    await driver.settle(cache)
+    assert load.calls == 2
+    assert await driver.get_or_load(cache, "k", load) == {"version": 2}
     assert len(recorder.of(StaleServed)) == 20
     assert [e.reason for e in recorder.of(CacheRefreshed)] == ["stale"]
 
@@ -139,43 +125,51 @@ async def test_a_finished_refresh_is_not_reused_by_a_later_miss() -> None:
     assert await cache.get_or_load("k", new) == "new"
 
 
-async def test_stale_if_error_serves_stale_only_within_its_bound() -> None:
+async def test_stale_if_error_serves_stale_only_within_its_bound(driver: Driver) -> None:
     clock, load = FakeClock(), Loader()
     cache = make(clock, stale_if_error=30.0)
-    await cache.get_or_load("k", load)
+    await driver.get_or_load(cache, "k", load)
     load.fail = ConnectionError("down")
     clock.advance(20)
-    assert await cache.get_or_load("k", load) == {"version": 1}  # stale, the loader failed
+    assert await driver.get_or_load(cache, "k", load) == {"version": 1}  # stale, it failed
     clock.advance(25)  # 45 s after the set: beyond ttl + stale_if_error
     with pytest.raises(ConnectionError):
-        await cache.get_or_load("k", load)
+        await driver.get_or_load(cache, "k", load)
 
 
-async def test_early_refresh_happens_before_expiry_exactly_once_under_concurrency() -> None:
-    clock = FakeClock()
+async def test_early_refresh_happens_before_expiry_exactly_once_under_concurrency(
+    driver: Driver,
+) -> None:
+    clock, recorder = FakeClock(), Recorder()
     load = Loader(clock, compute=2.0)  # a slow value: 2 s to compute
-    cache = make(clock, beta=1.0, rng=random.Random(7))
-    await cache.get_or_load("k", load)
+    cache = make(clock, beta=1.0, rng=random.Random(7), observer=recorder)
+    await driver.get_or_load(cache, "k", load)
     expires = clock.time() + 10 - 2  # the entry was stamped after the 2 s load
+    load.gate = Gate()  # the refresh waits here until the reads of its moment are served
     refreshed_at = None
     while clock.time() < expires:
         clock.advance(0.25)
-        reads = await asyncio.gather(*(cache.get_or_load("k", load) for _ in range(50)))
+        reads = await asyncio.gather(*(driver.get_or_load(cache, "k", load) for _ in range(50)))
+        if recorder.of(CacheRefreshed):
+            await until(lambda: load.calls > 1)  # the refresh runs in a task, or a thread
         if load.calls > 1:
             refreshed_at = clock.time()
             assert all(r == {"version": 1} for r in reads)  # served the current value
             break
     assert refreshed_at is not None
     assert refreshed_at < expires  # early, before expiry
-    await asyncio.sleep(0)
+    load.gate.set()
+    await driver.settle(cache)
     assert load.calls == 2  # once, however many read meanwhile
+    assert [e.reason for e in recorder.of(CacheRefreshed)] == ["early"]
+    assert await driver.get_or_load(cache, "k", load) == {"version": 2}
 
 
-async def test_ttl_jitter_spreads_expiries_below_the_ttl() -> None:
+async def test_ttl_jitter_spreads_expiries_below_the_ttl(driver: Driver) -> None:
     clock, load = FakeClock(), Loader()
     cache = make(clock, jitter=0.2, rng=random.Random(1))
     for i in range(50):
-        await cache.get_or_load(f"k{i}", load)
+        await driver.get_or_load(cache, f"k{i}", load)
     clock.advance(7.99)
     alive = [await cache.get(f"k{i}") for i in range(50)]
     assert MISSING not in alive  # every one lives at least 8 s
@@ -184,22 +178,22 @@ async def test_ttl_jitter_spreads_expiries_below_the_ttl() -> None:
     assert gone == [MISSING] * 50  # and at most 10 s
 
 
-async def test_none_is_cached_only_with_negative_ttl() -> None:
+async def test_none_is_cached_only_with_negative_ttl(driver: Driver) -> None:
     clock, calls = FakeClock(), []
 
-    async def not_found() -> None:
+    def not_found() -> None:
         calls.append(1)
 
     plain = make(clock)
-    await plain.get_or_load("missing", not_found)
-    await plain.get_or_load("missing", not_found)
+    await driver.get_or_load(plain, "missing", not_found)
+    await driver.get_or_load(plain, "missing", not_found)
     assert len(calls) == 2
     negative = make(clock, negative_ttl=1.0)
-    await negative.get_or_load("missing", not_found)
-    await negative.get_or_load("missing", not_found)
+    await driver.get_or_load(negative, "missing", not_found)
+    await driver.get_or_load(negative, "missing", not_found)
     assert len(calls) == 3
     clock.advance(1.0)
-    await negative.get_or_load("missing", not_found)
+    await driver.get_or_load(negative, "missing", not_found)
     assert len(calls) == 4
 
 
@@ -226,20 +220,20 @@ async def test_the_memory_store_is_bounded() -> None:
     cache = Cache(MemoryBackend(max_keys=100), clock=clock, jitter=0.0)
     for i in range(250):
         await cache.set(f"k{i}", i)
-    store = cache._store
+    store = cache.store
     assert isinstance(store, MemoryCacheStore)
     assert len(store) == 100
     assert await cache.get("k249") == 249
     assert await cache.get("k0") is MISSING
 
 
-async def test_cached_keys_and_tags_come_from_the_arguments() -> None:
+async def test_cached_keys_and_tags_come_from_the_arguments(driver: Driver) -> None:
     clock = FakeClock()
     cache = make(clock)
     calls: list[int] = []
 
-    @cached(cache, key="product:{product_id}", tags=["products", "product:{product_id}"])
-    async def product(product_id: int) -> dict[str, int]:
+    @driver.cached(cache, key="product:{product_id}", tags=["products", "product:{product_id}"])
+    def product(product_id: int) -> dict[str, int]:
         calls.append(product_id)
         return {"id": product_id}
 
@@ -294,8 +288,6 @@ def test_bad_configuration_is_refused() -> None:
 
 
 def test_plain_functions_in_threads_share_one_load() -> None:
-    import threading
-
     clock = FakeClock()
     cache = make(clock, stale_if_error=60.0)
     calls: list[int] = []
@@ -324,3 +316,88 @@ def test_plain_functions_in_threads_share_one_load() -> None:
     clock.advance(60)  # beyond stale_if_error
     with pytest.raises(ConnectionError):
         rate("EUR")
+
+
+async def test_no_state_per_key_remains_once_its_load_is_done(driver: Driver) -> None:
+    clock, load = FakeClock(), Loader()
+    cache = make(clock, stale_while_revalidate=5.0)
+    for i in range(10_000):
+        await driver.get_or_load(cache, f"k{i}", load)
+    assert load.calls == 10_000
+    assert cache.in_flight == 0
+    clock.advance(12)  # stale: background refreshes, eight at a time
+    for i in range(0, 1_000, 8):
+        await asyncio.gather(*(driver.get_or_load(cache, f"k{j}", load) for j in range(i, i + 8)))
+        await driver.settle(cache)
+    assert load.calls == 11_000
+    assert cache.in_flight == 0
+
+
+async def test_a_tag_invalidated_while_its_value_loads_invalidates_what_it_stores(
+    driver: Driver,
+) -> None:
+    clock, load = FakeClock(), Loader()
+    cache = make(clock)
+    load.gate = Gate()
+    loading = asyncio.ensure_future(driver.get_or_load(cache, "product:1", load, tags=["p:1"]))
+    await until(lambda: load.calls == 1)  # the loader has read the old row
+    await cache.invalidate_tags(["p:1"])  # the row changed meanwhile
+    load.gate.set()
+    assert await loading == {"version": 1}  # the caller gets what it loaded ...
+    assert await cache.get("product:1") is MISSING  # ... which nobody else is served
+    load.gate = None
+    assert await driver.get_or_load(cache, "product:1", load, tags=["p:1"]) == {"version": 2}
+    assert await cache.get("product:1") == {"version": 2}
+
+
+async def test_a_failing_refresh_leaves_the_value_served_and_tries_again(driver: Driver) -> None:
+    clock, load, recorder = FakeClock(), Loader(), Recorder()
+    cache = make(clock, stale_while_revalidate=30.0, observer=recorder)
+    await driver.get_or_load(cache, "k", load)
+    clock.advance(11)
+    load.fail = ConnectionError("down")
+    assert await driver.get_or_load(cache, "k", load) == {"version": 1}
+    await driver.settle(cache)  # the refresh failed in the background, quietly
+    assert await driver.get_or_load(cache, "k", load) == {"version": 1}
+    await driver.settle(cache)
+    assert load.calls == 3  # each stale read after a failed refresh starts another
+    load.fail = None
+    assert await driver.get_or_load(cache, "k", load) == {"version": 1}
+    await driver.settle(cache)
+    assert await driver.get_or_load(cache, "k", load) == {"version": 4}
+    assert [e.reason for e in recorder.of(CacheRefreshed)] == ["stale"] * 3
+
+
+def test_refresh_threads_are_one_per_key_and_bounded() -> None:
+    clock, recorder = FakeClock(), Recorder()
+    cache = make(clock, stale_while_revalidate=60.0, observer=recorder)
+    gate = threading.Event()
+    running: list[str] = []
+
+    def loader(key: str) -> Any:
+        def load() -> str:
+            running.append(key)
+            gate.wait(30)
+            return f"{key}:new"
+
+        return load
+
+    for i in range(20):
+        cache.get_or_load_sync(f"k{i}", functools.partial(str, f"k{i}:old"))
+    assert cache.in_flight == 0
+    clock.advance(11)  # every value stale: each read starts a refresh, if it may
+    for _ in range(3):
+        for i in range(20):
+            assert cache.get_or_load_sync(f"k{i}", loader(f"k{i}")) == f"k{i}:old"
+    refreshed = [e.key for e in recorder.of(CacheRefreshed)]
+    assert refreshed == [f"k{i}" for i in range(8)]  # 8 threads at once, one per key
+    assert cache.in_flight == 8
+    gate.set()
+    for _ in range(1_000):  # bounded wait for the threads, not a timing assertion
+        if cache.in_flight == 0:
+            break
+        threading.Event().wait(0.01)
+    assert cache.in_flight == 0
+    assert sorted(running) == sorted(f"k{i}" for i in range(8))
+    assert cache.get_or_load_sync("k0", loader("k0")) == "k0:new"
+    assert cache.get_or_load_sync("k19", loader("k19")) == "k19:old"  # refreshing now

@@ -17,6 +17,7 @@ from resilient.cache.core import JSONSerializer
 from resilient.cache.redis import RedisCacheStore
 from resilient.events import CacheEntryInvalid, CacheLockWait, CacheMiss, Event, StaleServed
 from resilient.testing import FakeClock, RedisServer
+from tests.cache.conftest import Driver
 
 # What a foreign writer leaves: a pickle, a truncated value, bytes that are not UTF-8,
 # JSON's non-standard constants (the cache's JSON never writes them).
@@ -64,7 +65,9 @@ def test_the_json_serializer_refuses_what_it_never_writes() -> None:
 
 
 @pytest.mark.parametrize("body", BODIES)
-async def test_a_foreign_entry_in_memory_is_a_miss_that_is_overwritten(body: bytes) -> None:
+async def test_a_foreign_entry_in_memory_is_a_miss_that_is_overwritten(
+    body: bytes, driver: Driver
+) -> None:
     clock, seen = FakeClock(), Recorder()
     backend = MemoryBackend()
     await Cache(backend, clock=clock, serializer=Foreign(body)).set("product:1", "x")
@@ -72,19 +75,19 @@ async def test_a_foreign_entry_in_memory_is_a_miss_that_is_overwritten(body: byt
     assert await cache.get("product:1") is MISSING
     loads: list[int] = []
 
-    async def load() -> dict[str, int]:
+    def load() -> dict[str, int]:
         loads.append(1)
         return {"p": 1}
 
-    assert await cache.get_or_load("product:1", load) == {"p": 1}
-    assert await cache.get_or_load("product:1", load) == {"p": 1}
+    assert await driver.get_or_load(cache, "product:1", load) == {"p": 1}
+    assert await driver.get_or_load(cache, "product:1", load) == {"p": 1}
     assert loads == [1]  # overwritten: the second call is a hit
     invalid = seen.of(CacheEntryInvalid)
     assert [(e.key, e.reason) for e in invalid] == [("product:1", "body")] * 2
     assert len(seen.of(CacheMiss)) == 1
 
 
-async def test_a_foreign_entry_is_never_served_stale() -> None:
+async def test_a_foreign_entry_is_never_served_stale(driver: Driver) -> None:
     clock, seen = FakeClock(), Recorder()
     backend = MemoryBackend()
     options: dict[str, Any] = {"ttl": 10.0, "stale_while_revalidate": 60.0, "stale_if_error": 60.0}
@@ -92,20 +95,20 @@ async def test_a_foreign_entry_is_never_served_stale() -> None:
     clock.advance(20)  # stale now: would be served while revalidating, or on error
     cache = Cache(backend, clock=clock, jitter=0.0, observer=seen, **options)
 
-    async def load() -> str:
+    def load() -> str:
         return "fresh"
 
-    assert await cache.get_or_load("k", load) == "fresh"
+    assert await driver.get_or_load(cache, "k", load) == "fresh"
     assert seen.of(StaleServed) == []
 
     await Cache(backend, clock=clock, serializer=Foreign(b"\x80\x04"), **options).set("k", "x")
     clock.advance(20)
 
-    async def fail() -> str:
+    def fail() -> str:
         raise LookupError("the database is down")
 
     with pytest.raises(LookupError):  # the loader's error, not a UnicodeDecodeError
-        await cache.get_or_load("k", fail)
+        await driver.get_or_load(cache, "k", fail)
     assert seen.of(StaleServed) == []
 
 
@@ -147,7 +150,7 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
 
 def header(clock: FakeClock, fresh: float = 60.0, stale: float = 60.0) -> bytes:
     now_ms = int(clock.time() * 1000)
-    return b"v1|%d|%d|0|" % (now_ms + int(fresh * 1000), now_ms + int((fresh + stale) * 1000))
+    return b"v2|%d|%d|0||" % (now_ms + int(fresh * 1000), now_ms + int((fresh + stale) * 1000))
 
 
 async def write(raw: redis.asyncio.Redis, backend: RedisBackend, key: str, value: bytes) -> None:
@@ -191,10 +194,16 @@ async def test_foreign_bytes_on_redis_are_a_miss_that_is_overwritten(
 @pytest.mark.parametrize(
     "value",
     [
-        b"v2|1|2|3|{}",  # another version
+        b"v2|1|2|3|{}",  # no stamps
+        b"v1|99999999999999|99999999999999|0|{}",  # the previous version's entry
+        b"v9|99999999999999|99999999999999|0||{}",  # another version
         b"v1|notanumber|2|3|{}",
-        b"v1|99999999999999|x|0|{}",  # looks fresh to the claim script; unreadable
+        b"v2|notanumber|2|3||{}",
+        b"v1|99999999999999|x|0|{}",
+        b"v2|99999999999999|x|0||{}",  # looks fresh to the claim script; unreadable
+        b"v2|99999999999999|99999999999999|0|zz:1|{}",  # stamps that are not stamps
         b"v1|99999999999999|99999999999999|0",  # no body
+        b"v2|99999999999999|99999999999999|0|",  # no body
         pickle.dumps("a foreign writer"),
     ],
 )
@@ -225,7 +234,7 @@ async def test_the_in_process_tier_never_keeps_an_entry_it_cannot_read(
     async with RedisBackend(raw) as backend:
         cache = Cache(backend, clock=clock, jitter=0.0, observer=seen, l1=8)
         await cache.get("warm-up")  # starts the tier's subscription
-        l1 = cache._l1
+        l1 = cache.l1
         assert l1 is not None
         for _ in range(500):  # bounded wait for the subscription, not a timing assertion
             if l1.listening:

@@ -37,8 +37,8 @@ async def test_hits_from_the_in_process_tier_cost_no_redis_command(
         return {"v": 1}
 
     await cache.get_or_load("k", load)
-    assert cache._l1 is not None
-    l1 = cache._l1
+    assert cache.l1 is not None
+    l1 = cache.l1
     await until(lambda: l1.listening)
     await cache.get_or_load("k", load)  # from Redis, now kept in process
     before = await gets(two_backends[0].client)
@@ -54,8 +54,8 @@ async def test_a_write_on_one_instance_drops_the_others_copy(
 ) -> None:
     a, b = Cache(two_backends[0], l1=100, jitter=0.0), Cache(two_backends[1], l1=100, jitter=0.0)
     await a.set("product:1", {"price": 10}, tags=["products"])
-    assert b._l1 is not None
-    b_l1 = b._l1
+    assert b.l1 is not None
+    b_l1 = b.l1
     await b.get("product:1")  # starts b's subscription
     await until(lambda: b_l1.listening)
     assert await b.get("product:1") == {"price": 10}

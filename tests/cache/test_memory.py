@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,51 +9,35 @@ from resilient import MemoryBackend
 from resilient.cache import MISSING, Cache
 from resilient.cache.memory import MemoryCacheStore
 from resilient.testing import FakeClock
-
-
-class Unscannable(OrderedDict[str, Any]):
-    """An OrderedDict that counts the walks through it: making room must not walk it."""
-
-    walks = 0
-
-    def __iter__(self) -> Any:
-        type(self).walks += 1
-        return super().__iter__()
-
-    def items(self) -> Any:
-        type(self).walks += 1
-        return super().items()
-
-    def keys(self) -> Any:
-        type(self).walks += 1
-        return super().keys()
-
-    def values(self) -> Any:
-        type(self).walks += 1
-        return super().values()
+from tests.cache.conftest import Driver
 
 
 def store_of(cache: Cache) -> MemoryCacheStore:
-    store = cache._store
+    store = cache.store
     assert isinstance(store, MemoryCacheStore)
     return store
 
 
-async def test_a_full_store_makes_room_without_walking_its_entries() -> None:
+async def test_a_full_store_makes_room_by_evicting_one_entry_not_by_sweeping(
+    driver: Driver,
+) -> None:
+    # Each new key evicts exactly the least recently used entry: expired entries are not
+    # swept out (a sweep would walk the store, and shrink it below its bound).
     clock = FakeClock()
     cache = Cache(MemoryBackend(max_keys=1_000), clock=clock, ttl=1.0, jitter=0.0)
     store = store_of(cache)
-    store._entries = Unscannable()
-    Unscannable.walks = 0
 
-    async def load() -> int:
+    def load() -> int:
         return 1
 
     for i in range(5_000):  # all unique: the hostile case, with entries expiring too
-        await cache.get_or_load(f"k{i}", load)
+        await driver.get_or_load(cache, f"k{i}", load)
         clock.advance(0.01)
-    assert Unscannable.walks == 0
+        assert len(store) == min(i + 1, 1_000)
+        if i >= 1_000:
+            assert next(iter(store)) == f"k{i - 999}"  # the oldest left is the next to go
     assert len(store) == 1_000
+    assert list(store) == [f"k{i}" for i in range(4_000, 5_000)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -83,4 +64,4 @@ async def test_the_least_recently_used_entry_makes_room(
             if key in model:
                 model.remove(key)
                 model.append(key)
-        assert list(store_of(cache)._entries) == model
+        assert list(store_of(cache)) == model

@@ -376,7 +376,7 @@ async def test_a_payment_outage_fails_fast_then_recovers(harness: Harness) -> No
     assert registry.get_sample_value("resilient_breaker_transitions_total", opened) == 1
     harness.provider.failure_rate = 0.0
     harness.clock.advance(harness.shop.settings.breaker_open_for + 1)
-    shared = harness.shop.payments_breaker._shared
+    shared = harness.shop.payments_breaker.shared_store
     if shared is not None:  # on Redis: the periodic sync elects this instance to probe
         await shared.sync_now()
     recovered = await order("after")

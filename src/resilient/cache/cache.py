@@ -10,7 +10,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from resilient.backends.memory import MemoryBackend
 from resilient.backends.redis import RedisBackend
@@ -19,9 +19,12 @@ from resilient.cache.core import (
     Entry,
     InvalidEntry,
     JSONSerializer,
+    Need,
     Serializer,
-    jittered_ttl,
-    should_refresh_early,
+    Write,
+    load,
+    lookup,
+    new_entry,
     validate_seconds,
 )
 from resilient.cache.memory import MemoryCacheStore
@@ -30,13 +33,9 @@ from resilient.errors import BackendError, ConfigurationError
 from resilient.events import (
     BackendFailed,
     CacheEntryInvalid,
-    CacheHit,
     CacheLockWait,
-    CacheMiss,
-    CacheRefreshed,
     LoggingObserver,
     Observer,
-    StaleServed,
     emit,
 )
 
@@ -48,7 +47,10 @@ __all__ = ["Cache"]
 
 _T = TypeVar("_T")
 _DEFAULT_OBSERVER = LoggingObserver()
-_INVALID: Any = object()  # what _value returns for an entry it cannot read
+_SYNC_REFRESHES = 8  # background refresh threads at once, per cache
+# The lookup's needs, as module constants: the drivers compare them on every read.
+_READ, _LOAD, _REFRESH, _FORGET = Need.READ, Need.LOAD, Need.REFRESH, Need.FORGET
+_Tags: TypeAlias = tuple[str, ...]
 
 
 class _LoaderFailed(Exception):
@@ -57,6 +59,27 @@ class _LoaderFailed(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+class _Flight:
+    """One load of a key in a thread: the others wait for its outcome."""
+
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def result(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _unexpected(need: object) -> RuntimeError:
+    return RuntimeError(f"the cache's driver cannot do {need!r}")
 
 
 class Cache:
@@ -77,6 +100,13 @@ class Cache:
     read (another writer's bytes, a truncated value, a header of another version) is a
     miss: it is never served, even stale, the loader runs and overwrites it, and a
     :class:`~resilient.events.CacheEntryInvalid` event says so.
+
+    A value stored with *tags* is gone once any of them is invalidated
+    (:meth:`invalidate_tags`). A loaded value is stamped with its tags' versions before
+    its loader runs, so an invalidation while it runs invalidates what it stores too.
+
+    :meth:`get_or_load_sync` does the same lookup for plain functions, in threads (on the
+    memory backend): both run one core, :mod:`resilient.cache.core`.
 
     On a :class:`~resilient.RedisBackend`, one process loads a key for all of them: the
     others wait, up to *max_wait* seconds, to be woken when the value is written (no
@@ -104,9 +134,11 @@ class Cache:
     __slots__ = (
         "_flights",
         "_l1",
+        "_local",
         "_lookups",
         "_pending",
         "_pending_serial",
+        "_refreshers",
         "_shared",
         "_store",
         "_sync_flights",
@@ -168,19 +200,21 @@ class Cache:
         if backend is None:
             backend = MemoryBackend()
         self._shared: RedisCacheStore | None = None
+        self._local: MemoryCacheStore | None = None
         if isinstance(backend, RedisBackend):
             from resilient.cache.redis import RedisCacheStore  # noqa: PLC0415
 
             self._shared = backend.store("cache", RedisCacheStore)
             self._store: MemoryCacheStore | RedisCacheStore = self._shared
         elif isinstance(backend, MemoryBackend):
-            self._store = backend.store("cache", MemoryCacheStore)
+            self._store = self._local = backend.store("cache", MemoryCacheStore)
         else:
             msg = f"a cache needs a MemoryBackend or a RedisBackend, not {backend!r}"
             raise ConfigurationError(msg)
         self._flights: dict[str, asyncio.Task[Any]] = {}
-        self._sync_flights: dict[str, threading.Lock] = {}
+        self._sync_flights: dict[str, _Flight] = {}
         self._sync_lock = threading.Lock()
+        self._refreshers = threading.BoundedSemaphore(_SYNC_REFRESHES)
         if isinstance(l1, bool) or not isinstance(l1, int) or l1 < 0:
             msg = f"l1 must be a number of entries >= 0, not {l1!r}"
             raise ConfigurationError(msg)
@@ -210,6 +244,27 @@ class Cache:
         self._pending: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._pending_serial = 0
 
+    # --- what it holds ----------------------------------------------------------------
+
+    @property
+    def store(self) -> MemoryCacheStore | RedisCacheStore:
+        """The store the entries live in: the backend's cache store."""
+        return self._store
+
+    @property
+    def l1(self) -> L1 | None:
+        """The in-process tier in front of Redis (``None`` unless made with ``l1=``)."""
+        return self._l1
+
+    @property
+    def in_flight(self) -> int:
+        """How many loads (and, on Redis, shared lookups) this process has under way.
+
+        A key's state goes with its load: an idle cache holds none, however many keys it
+        has loaded.
+        """
+        return len(self._lookups) + len(self._flights) + len(self._sync_flights)
+
     # --- plain operations ---------------------------------------------------------------
 
     async def get(self, key: str) -> Any:
@@ -220,28 +275,26 @@ class Cache:
         try:
             entry = await self._entry_of(key, self.clock.time())
         except InvalidEntry as exc:
-            self._invalid(key, exc)
+            self._unreadable(key, exc)
             return MISSING
         if entry is None or not entry.fresh(self.clock.time()):
             return MISSING
-        value = self._value(key, entry)
-        return MISSING if value is _INVALID else value
-
-    def _value(self, key: str, entry: Entry) -> Any:
-        """Return *entry*'s value, or ``_INVALID`` (reported) if the serializer cannot read it."""
         try:
             return self.serializer.loads(entry.data)
         except Exception as exc:  # any serializer's failure: another writer's bytes
-            self._invalid(key, InvalidEntry("body", repr(exc)))
-            return _INVALID
+            self._unreadable(key, InvalidEntry("body", repr(exc)))
+            return MISSING
 
-    def _invalid(self, key: str, error: InvalidEntry) -> None:
+    def _unreadable(self, key: str, error: InvalidEntry) -> None:
         """Report an unreadable entry of *key*; never serve it again from this process."""
-        if self._l1 is not None:
-            self._l1.drop(key)
+        self._forget(key)
         emit(self.observer, CacheEntryInvalid("cache", key, error.reason))
 
-    async def _entry_of(self, key: str, now: float) -> Entry | None:
+    def _forget(self, key: str) -> None:
+        if self._l1 is not None:
+            self._l1.drop(key)
+
+    async def _entry_of(self, key: str, now: float, tags: _Tags = ()) -> Entry | None:
         l1 = self._l1
         if l1 is not None:
             entry = l1.get(key, now)
@@ -249,7 +302,7 @@ class Cache:
                 return entry
         if self._pending:
             await self._settle_pending()
-        entry = await self._store.get(key, now)
+        entry = await self._store.get(key, now, tags)
         if l1 is not None and entry is not None:
             l1.put(key, entry, now)
         return entry
@@ -272,7 +325,34 @@ class Cache:
         self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = ()
     ) -> None:
         """Store *value* under *key* for *ttl* seconds (default: the cache's), with *tags*."""
-        await self._put(key, value, ttl, tags, delta=0.0)
+        entry = new_entry(self, value, ttl, delta=0.0)
+        if entry is not None:
+            stamps = await self._stamp(tuple(tags), entry.stale_until - self.clock.time())
+            await self._write(key, entry, stamps)
+
+    async def _stamp(self, tags: tuple[str, ...], lifetime: float) -> dict[str, Any]:
+        """Return the current versions of *tags*, to store a value with."""
+        if not tags:
+            return {}
+        if self._pending:
+            await self._settle_pending()
+        return await self._store.stamp(tags, lifetime)
+
+    def _lifetime(self, ttl: float | None) -> float:
+        """Return the longest a value loaded now may live: its tags' versions outlive it."""
+        fresh = max(self.ttl if ttl is None else ttl, self.negative_ttl or 0.0)
+        return fresh + max(self.stale_while_revalidate, self.stale_if_error) + self.lock_lease
+
+    async def _write(self, key: str, entry: Entry | None, stamps: dict[str, Any] | None) -> None:
+        if entry is None:
+            return
+        if self._pending:
+            await self._settle_pending()
+        now = self.clock.time()
+        await self._store.set(key, entry, stamps or {}, now)
+        await self._published("k", key)
+        if self._l1 is not None:
+            self._l1.put(key, entry, now)
 
     async def delete(self, key: str, *, raise_on_error: bool = False) -> bool:
         """Forget *key*; return whether the backend did (``False``: it will, when it can).
@@ -282,16 +362,17 @@ class Cache:
         nothing from until then), and ``False`` is returned, or, with *raise_on_error*,
         :class:`~resilient.errors.BackendError` raised.
         """
-        return await self._invalidate([("k", key)], "delete", raise_on_error=raise_on_error)
+        return await self._invalidate("k", [key], "delete", raise_on_error=raise_on_error)
 
     async def invalidate_tags(self, tags: Iterable[str], *, raise_on_error: bool = False) -> bool:
-        """Forget every value stored with any of *tags*; return whether the backend did.
+        """Forget every value stored with any of *tags*, at once; return whether the backend did.
 
-        A failure is handled as for :meth:`delete`: reported, remembered, done first
-        once the backend answers again.
+        On Redis, every tag moves on in one atomic script, however many values they hold.
+        A failure is handled as for :meth:`delete`: reported, remembered, done first once
+        the backend answers again.
         """
-        items = [("t", tag) for tag in tags]
-        return await self._invalidate(items, "invalidate", raise_on_error=raise_on_error)
+        names = list(dict.fromkeys(tags))
+        return await self._invalidate("t", names, "invalidate", raise_on_error=raise_on_error)
 
     @property
     def pending_invalidations(self) -> int:
@@ -299,30 +380,30 @@ class Cache:
         return len(self._pending)
 
     async def _invalidate(
-        self, items: list[tuple[str, str]], operation: str, *, raise_on_error: bool
+        self, kind: str, names: list[str], operation: str, *, raise_on_error: bool
     ) -> bool:
-        done = 0
         try:
             if self._pending:
                 await self._settle_pending()
-            for kind, name in items:
-                await self._invalidate_one(kind, name)
-                done += 1
+            if names:
+                await self._invalidate_now(kind, names)
         except BackendError as exc:
             emit(self.observer, BackendFailed("cache", operation, exc, "retried later"))
-            for item in items[done:]:
-                self._remember(item, exc)
+            for name in names:
+                self._remember((kind, name), exc)
             if raise_on_error:
                 raise
             return False
         return True
 
-    async def _invalidate_one(self, kind: str, name: str) -> None:
+    async def _invalidate_now(self, kind: str, names: list[str]) -> None:
         if kind == "k":
-            await self._store.delete(name)
+            for name in names:
+                await self._store.delete(name)
         else:
-            await self._store.invalidate_tags([name])
-        await self._published(kind, name)
+            await self._store.invalidate_tags(names)
+        for name in names:
+            await self._published(kind, name)
 
     def _remember(self, item: tuple[str, str], error: BackendError) -> None:
         """Keep a failed invalidation for later; at the bound, forget the oldest (reported)."""
@@ -352,11 +433,11 @@ class Cache:
             if not pending:
                 return
             item, serial = next(iter(pending.items()))
-            await self._invalidate_one(*item)
+            await self._invalidate_now(item[0], [item[1]])
             if pending.get(item) == serial:  # not failed again meanwhile
                 del pending[item]
 
-    # --- cache-aside --------------------------------------------------------------------
+    # --- cache-aside, asyncio -----------------------------------------------------------
 
     async def get_or_load(
         self,
@@ -368,109 +449,54 @@ class Cache:
     ) -> _T:
         """Return *key*'s value, loading it with *loader* once for all concurrent misses."""
         if self._shared is None:
-            return await self._lookup(key, loader, ttl, tags)  # type: ignore[no-any-return]
-        # On Redis, concurrent callers of a key share the whole lookup (one GET, then the
+            return await self._look_up(key, loader, ttl, tags)  # type: ignore[no-any-return]
+        tags = tuple(tags)  # read twice: by the lookup's read, then by its load
+        # On Redis, concurrent callers of a key share the whole lookup (one read, then the
         # load if needed): they wait once, not once per step.
         task = self._lookups.get(key)
         # A task that is done but not yet forgotten (its callback runs a loop step later)
         # answered an earlier call: this one starts afresh.
         if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._lookup(key, loader, ttl, tags))
+            task = asyncio.get_running_loop().create_task(self._look_up(key, loader, ttl, tags))
             self._lookups[key] = task
             task.add_done_callback(self._lookup_done(key))
         return await asyncio.shield(task)
 
-    async def _lookup(
+    async def _look_up(
         self,
         key: str,
         loader: Callable[[], Awaitable[Any]],
         ttl: float | None,
         tags: Iterable[str],
     ) -> Any:
+        """Drive :func:`~resilient.cache.core.lookup` on the event loop."""
         now = self.clock.time()
-        try:
-            entry = await self._entry_of(key, now)
-        except BackendError as exc:
-            emit(self.observer, BackendFailed("cache", "get", exc, "loaded directly"))
-            entry = None
-        except InvalidEntry as exc:
-            self._invalid(key, exc)
-            entry = None
-        value = _INVALID
-        if entry is not None:
-            value = self._value(key, entry)
-            if value is _INVALID:
-                entry = None
-            elif entry.fresh(now):
-                if should_refresh_early(entry, now, self.beta, self.rng):
-                    self._background(key, loader, ttl, tags, "early")
-                emit(self.observer, CacheHit("cache", key))
-                return value
-            elif now < entry.expires_at + self.stale_while_revalidate:
-                self._background(key, loader, ttl, tags, "stale")
-                emit(self.observer, StaleServed("cache", key, "revalidating"))
-                return value
-        emit(self.observer, CacheMiss("cache", key))
-        try:
-            return await self._flight(key, loader, ttl, tags)
-        except Exception:
-            if entry is not None and now < entry.expires_at + self.stale_if_error:
-                emit(self.observer, StaleServed("cache", key, "error"))
-                return value
-            raise
-
-    def get_or_load_sync(
-        self,
-        key: str,
-        loader: Callable[[], _T],
-        *,
-        ttl: float | None = None,
-        tags: Iterable[str] = (),
-    ) -> _T:
-        """Do :meth:`get_or_load` for plain functions and threads (memory backend only).
-
-        Concurrent misses on a key in several threads share one loader call: the others
-        wait for it, then read its value (or, if it failed, load in turn). Stale values are
-        served only on error (``stale_if_error``): there is no background refresh here.
-        """
-        store = self._store
-        if not isinstance(store, MemoryCacheStore):
-            msg = "get_or_load_sync and @cached on a def need the memory backend"
-            raise ConfigurationError(msg)
-        now = self.clock.time()
-        entry = store.get_now(key, now)
-        unreadable: Entry | None = None
-        if entry is not None and entry.fresh(now):
-            value = self._value(key, entry)
-            if value is not _INVALID:
-                emit(self.observer, CacheHit("cache", key))
-                return value  # type: ignore[no-any-return]
-            unreadable, entry = entry, None
-        with self._sync_lock:
-            lock = self._sync_flights.setdefault(key, threading.Lock())
-        with lock:  # one loader per key; the others wait here, then find its value
-            now = self.clock.time()
-            again = store.get_now(key, now)
-            if again is not None and again.fresh(now) and again is not unreadable:
-                value = self._value(key, again)
-                if value is not _INVALID:
-                    emit(self.observer, CacheHit("cache", key))
-                    return value  # type: ignore[no-any-return]
-            emit(self.observer, CacheMiss("cache", key))
-            started = self.clock.monotonic()
+        flow = lookup(self, key, now)
+        reply: Any = None
+        error: Exception | None = None
+        while True:
             try:
-                value = loader()
-            except Exception:
-                if entry is not None and now < entry.expires_at + self.stale_if_error:
-                    stale = self._value(key, entry)
-                    if stale is not _INVALID:
-                        emit(self.observer, StaleServed("cache", key, "error"))
-                        return stale  # type: ignore[no-any-return]
-                raise
-            fresh = self._entry(value, ttl, delta=self.clock.monotonic() - started)
-            if fresh is not None:
-                store.set_now(key, fresh, tags, self.clock.time())
-            return value
+                need = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as done:
+                return done.value
+            reply = error = None
+            try:
+                if need is _READ:
+                    local = self._local  # the memory store answers without waiting
+                    if local is not None:
+                        reply = local.get_now(key, now)
+                    else:
+                        reply = await self._entry_of(key, now, tuple(tags))
+                elif need is _LOAD:
+                    reply = await self._flight(key, loader, ttl, tags)
+                elif need is _REFRESH:
+                    reply = self._background(key, loader, ttl, tags)
+                elif need is _FORGET:
+                    self._forget(key)
+                else:
+                    raise _unexpected(need)
+            except Exception as exc:  # thrown into the lookup, which decides
+                error = exc
 
     def _lookup_done(self, key: str) -> Callable[[asyncio.Task[Any]], None]:
         def done(task: asyncio.Task[Any]) -> None:
@@ -491,7 +517,8 @@ class Cache:
         """Return the load of *key* in flight (starting one if none is), shielded for callers."""
         task = self._flights.get(key)
         if task is None or task.done():  # done: an earlier load, its callback still pending
-            task = asyncio.get_running_loop().create_task(self._load(key, loader, ttl, tags))
+            load = self._load(key, loader, ttl, tuple(tags))
+            task = asyncio.get_running_loop().create_task(load)
             self._flights[key] = task
             task.add_done_callback(self._landed(key))
         return asyncio.shield(task)
@@ -511,20 +538,15 @@ class Cache:
         loader: Callable[[], Awaitable[Any]],
         ttl: float | None,
         tags: Iterable[str],
-        reason: str,
-    ) -> None:
+    ) -> bool:
         flight = self._flights.get(key)
         if flight is not None and not flight.done():
-            return  # one refresher per key
-        emit(self.observer, CacheRefreshed("cache", key, reason))
+            return False  # one refresher per key
         self._flight(key, loader, ttl, tags)
+        return True
 
     async def _load(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[Any]],
-        ttl: float | None,
-        tags: Iterable[str],
+        self, key: str, loader: Callable[[], Awaitable[Any]], ttl: float | None, tags: _Tags
     ) -> Any:
         if self._shared is not None:
             try:
@@ -533,13 +555,37 @@ class Cache:
                 raise failed.error from failed.error.__cause__
             except BackendError as exc:
                 emit(self.observer, BackendFailed("cache", "load", exc, "loaded directly"))
-        started = self.clock.monotonic()
-        value = await loader()
-        try:
-            await self._put(key, value, ttl, tags, delta=self.clock.monotonic() - started)
-        except BackendError as exc:
-            emit(self.observer, BackendFailed("cache", "set", exc, "value not stored"))
-        return value
+        return await self._drive_load(key, loader, ttl, tags, self._write)
+
+    async def _drive_load(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+        tags: _Tags,
+        write: Callable[[str, Entry | None, dict[str, Any] | None], Awaitable[None]],
+    ) -> Any:
+        """Drive :func:`~resilient.cache.core.load` on the event loop, storing with *write*."""
+        flow = load(self, ttl, tagged=bool(tags))
+        reply: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                need = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as done:
+                return done.value
+            reply = error = None
+            try:
+                if need is Need.CALL:
+                    reply = await loader()
+                elif isinstance(need, Write):
+                    await write(key, need.entry, need.stamps)
+                elif need is Need.STAMP:
+                    reply = await self._stamp(tags, self._lifetime(ttl))
+                else:
+                    raise _unexpected(need)
+            except Exception as exc:  # thrown into the load, which decides
+                error = exc
 
     async def _load_shared(
         self,
@@ -547,7 +593,7 @@ class Cache:
         key: str,
         loader: Callable[[], Awaitable[Any]],
         ttl: float | None,
-        tags: Iterable[str],
+        tags: _Tags,
     ) -> Any:
         """Load *key* once across processes: claim the lock, or wait to be woken."""
         loop = asyncio.get_running_loop()
@@ -563,16 +609,17 @@ class Cache:
                     key, self.clock.time(), token, lease_ms, over_value=over_value
                 )
             except InvalidEntry as exc:
-                self._invalid(key, exc)
+                self._unreadable(key, exc)
                 over_value = True  # claim the load over it, as for a miss
                 continue
             over_value = False
             if kind == "v":
-                value = self._value(key, found)
-                if value is _INVALID:
+                try:
+                    return self.serializer.loads(found.data)
+                except Exception as exc:  # any serializer's failure: another writer's bytes
+                    self._unreadable(key, InvalidEntry("body", repr(exc)))
                     over_value = True
                     continue
-                return value
             if kind == "o":
                 return await self._load_owned(store, key, token, loader=loader, ttl=ttl, tags=tags)
             left = deadline - loop.time()
@@ -592,28 +639,29 @@ class Cache:
         *,
         loader: Callable[[], Awaitable[Any]],
         ttl: float | None,
-        tags: Iterable[str],
+        tags: _Tags,
     ) -> Any:
+        async def fill(key: str, entry: Entry | None, stamps: dict[str, Any] | None) -> None:
+            now = self.clock.time()
+            await store.fill(key, token, entry, stamps or {}, now)
+            if entry is not None:
+                await self._published("k", key)
+                if self._l1 is not None:
+                    self._l1.put(key, entry, now)
+
         renewing = asyncio.get_running_loop().create_task(self._renew(store, key, token))
-        started = self.clock.monotonic()
         try:
-            value = await loader()
+            # The load stores what it may (or frees the lock) itself: what escapes it is
+            # the loader's own exception.
+            return await self._drive_load(key, loader, ttl, tags, fill)
         except BaseException as exc:
-            renewing.cancel()
             with contextlib.suppress(BackendError):  # else the lock expires with its lease
-                await asyncio.shield(store.fill(key, token, None, (), self.clock.time()))
+                await asyncio.shield(store.fill(key, token, None, {}, self.clock.time()))
             if isinstance(exc, Exception):
                 raise _LoaderFailed(exc) from exc
             raise
-        renewing.cancel()
-        entry = self._entry(value, ttl, delta=self.clock.monotonic() - started)
-        now = self.clock.time()
-        await store.fill(key, token, entry, tags if entry is not None else (), now)
-        if entry is not None:
-            await self._published("k", key)
-            if self._l1 is not None:
-                self._l1.put(key, entry, now)
-        return value
+        finally:
+            renewing.cancel()
 
     async def _renew(self, store: RedisCacheStore, key: str, token: str) -> None:
         lease_ms = math.ceil(self.lock_lease * 1000)
@@ -625,28 +673,150 @@ class Cache:
             except BackendError:
                 continue
 
-    def _entry(self, value: Any, ttl: float | None, *, delta: float) -> Entry | None:
-        if value is None:
-            if self.negative_ttl is None:
-                return None  # "not found" is not cached unless asked for
-            ttl = self.negative_ttl
-        lifetime = jittered_ttl(self.ttl if ttl is None else ttl, self.jitter, self.rng)
-        expires_at = self.clock.time() + lifetime
-        stale = max(self.stale_while_revalidate, self.stale_if_error)
-        return Entry(self.serializer.dumps(value), expires_at, expires_at + stale, delta)
+    # --- cache-aside, threads -----------------------------------------------------------
 
-    async def _put(
-        self, key: str, value: Any, ttl: float | None, tags: Iterable[str], *, delta: float
+    def get_or_load_sync(
+        self,
+        key: str,
+        loader: Callable[[], _T],
+        *,
+        ttl: float | None = None,
+        tags: Iterable[str] = (),
+    ) -> _T:
+        """Do :meth:`get_or_load` for plain functions and threads (memory backend only).
+
+        The same lookup as :meth:`get_or_load`, with threads for tasks: concurrent misses
+        on a key in several threads share one loader call, whose value (or exception)
+        every one of them gets; a value is refreshed early, or served stale while it is
+        refreshed, in a background thread (one per key at a time, and at most
+        ``8`` at once per cache: past that, the value is served and a later read
+        refreshes it); stale values are served on error for ``stale_if_error``.
+        """
+        store = self._store
+        if not isinstance(store, MemoryCacheStore):
+            msg = "get_or_load_sync and @cached on a def need the memory backend"
+            raise ConfigurationError(msg)
+        now = self.clock.time()
+        flow = lookup(self, key, now)
+        reply: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                need = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            reply = error = None
+            try:
+                if need is _READ:
+                    reply = store.get_now(key, now)
+                elif need is _LOAD:
+                    reply = self._flight_sync(store, key, loader, ttl, tags)
+                elif need is _REFRESH:
+                    reply = self._refresh_sync(store, key, loader, ttl, tags)
+                elif need is not _FORGET:  # nothing kept in process but the store
+                    raise _unexpected(need)
+            except Exception as exc:  # thrown into the lookup, which decides
+                error = exc
+
+    def _flight_sync(
+        self,
+        store: MemoryCacheStore,
+        key: str,
+        loader: Callable[[], Any],
+        ttl: float | None,
+        tags: Iterable[str],
+    ) -> Any:
+        """Wait for the load of *key* in flight, or load it in this thread if none is."""
+        with self._sync_lock:
+            flight = self._sync_flights.get(key)
+            owner = flight is None
+            if flight is None:
+                flight = self._sync_flights[key] = _Flight()
+        if owner:
+            self._fly(flight, store=store, key=key, loader=loader, ttl=ttl, tags=tuple(tags))
+        return flight.result()
+
+    def _refresh_sync(
+        self,
+        store: MemoryCacheStore,
+        key: str,
+        loader: Callable[[], Any],
+        ttl: float | None,
+        tags: Iterable[str],
+    ) -> bool:
+        """Start loading *key* in a background thread, unless one loads it or none is free."""
+        with self._sync_lock:
+            if key in self._sync_flights or not self._refreshers.acquire(blocking=False):
+                return False
+            flight = self._sync_flights[key] = _Flight()
+        thread = threading.Thread(
+            target=self._refresh_in_thread,
+            args=(flight,),
+            kwargs={"store": store, "key": key, "loader": loader, "ttl": ttl, "tags": tuple(tags)},
+            name=f"resilient-cache-refresh:{key}",
+            daemon=True,
+        )
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: the next read tries again
+            self._refreshers.release()
+            self._landed_sync(key, flight, None, exc)
+            return False
+        return True
+
+    def _refresh_in_thread(self, flight: _Flight, **load: Any) -> None:
+        try:
+            self._fly(flight, **load)
+        finally:
+            self._refreshers.release()
+
+    def _fly(
+        self,
+        flight: _Flight,
+        *,
+        store: MemoryCacheStore,
+        key: str,
+        loader: Callable[[], Any],
+        ttl: float | None,
+        tags: _Tags,
     ) -> None:
-        entry = self._entry(value, ttl, delta=delta)
-        if entry is not None:
-            if self._pending:
-                await self._settle_pending()
-            now = self.clock.time()
-            await self._store.set(key, entry, tags, now)
-            await self._published("k", key)
-            if self._l1 is not None:
-                self._l1.put(key, entry, now)
+        """Drive :func:`~resilient.cache.core.load` in this thread; land *flight* with it."""
+        flow = load(self, ttl, tagged=bool(tags))
+        reply: Any = None
+        error: Exception | None = None
+        try:
+            while True:
+                try:
+                    need = flow.send(reply) if error is None else flow.throw(error)
+                except StopIteration as done:
+                    value = done.value
+                    break
+                reply = error = None
+                try:
+                    if need is Need.CALL:
+                        reply = loader()
+                    elif isinstance(need, Write):
+                        if need.entry is not None:
+                            store.set_now(key, need.entry, need.stamps or {}, self.clock.time())
+                    elif need is Need.STAMP:
+                        reply = store.stamp_now(tags)
+                    else:
+                        raise _unexpected(need)
+                except Exception as exc:  # thrown into the load, which decides
+                    error = exc
+        except BaseException as exc:  # every waiter gets it, whatever it is
+            self._landed_sync(key, flight, None, exc)
+        else:
+            self._landed_sync(key, flight, value, None)
+
+    def _landed_sync(
+        self, key: str, flight: _Flight, value: Any, error: BaseException | None
+    ) -> None:
+        flight.value, flight.error = value, error
+        with self._sync_lock:
+            if self._sync_flights.get(key) is flight:
+                del self._sync_flights[key]
+        flight.done.set()
 
     async def aclose(self) -> None:
         """Stop the in-process tier's subscription, if there is one."""

@@ -1,4 +1,4 @@
-"""``@cached``: cache-aside for an async function, keyed by its arguments."""
+"""``@cached``: cache-aside for a function (async, or plain on memory), keyed by its arguments."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from resilient._templates import key_function
 from resilient.cache.cache import Cache
+from resilient.cache.memory import MemoryCacheStore
 from resilient.errors import ConfigurationError
 
 __all__ = ["cached"]
@@ -28,8 +29,9 @@ def cached(
 
     *key* and each of *tags* are templates formatted with the call's arguments
     (``"product:{product_id}"``) or callables given the same arguments. An ``async def``
-    works on every backend; a plain ``def`` on the memory backend (threads share one
-    load per key).
+    works on every backend; a plain ``def`` on the memory backend, through
+    :meth:`Cache.get_or_load_sync` (threads share one load per key, and refresh in the
+    background as tasks do).
 
     >>> cache = Cache()
     >>> @cached(cache, key="product:{product_id}", ttl=600, tags=["products"])
@@ -41,7 +43,7 @@ def cached(
         key_of = key_function(key, function)
         tags_of = [key_function(tag, function) for tag in tag_list]
         if not inspect.iscoroutinefunction(function):
-            if cache._shared is not None:
+            if not isinstance(cache.store, MemoryCacheStore):
                 msg = f"@cached on a def needs the memory backend; {function!r} is not async"
                 raise TypeError(msg)
 

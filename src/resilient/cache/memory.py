@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from resilient.backends.memory import MemoryBackend
 from resilient.cache.core import Entry
@@ -16,8 +17,8 @@ class MemoryCacheStore:
     """Entries in an LRU-ordered dict, bounded by the backend's ``max_keys``; tag versions.
 
     Tags are invalidated by bumping a version: an entry remembers the versions of its tags
-    when it was set, and one whose tag moved on is gone. Invalidation is O(tags), whatever
-    the number of entries.
+    it was stamped with (:meth:`stamp`, before its value was loaded), and one whose tag
+    moved on is gone. Invalidation is O(tags), whatever the number of entries.
 
     A new key in a full store evicts the least recently used entry (read or written), in
     O(1): no scan for expired entries. Those are dropped when read, and otherwise age out
@@ -35,13 +36,25 @@ class MemoryCacheStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, key: str, now: float) -> Entry | None:
-        """Return *key*'s entry if it is still servable and none of its tags moved on."""
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the keys held, least recently used first (a copy: safe to change)."""
+        with self._lock:
+            return iter(list(self._entries))
+
+    async def get(self, key: str, now: float, tags: Iterable[str] = ()) -> Entry | None:
+        """Return *key*'s entry if it is still servable and none of its tags moved on.
+
+        *tags*: those the caller expects it to have (of use to a remote store only).
+        """
         return self.get_now(key, now)
 
-    async def set(self, key: str, entry: Entry, tags: Iterable[str], now: float) -> None:
-        """Store *entry* under *key*, stamped with the current versions of *tags*."""
-        self.set_now(key, entry, tags, now)
+    async def stamp(self, tags: Iterable[str], lifetime: float) -> dict[str, Any]:
+        """Return the current versions of *tags*, to store an entry with (*lifetime*: unused)."""
+        return self.stamp_now(tags)
+
+    async def set(self, key: str, entry: Entry, stamps: dict[str, Any], now: float) -> None:
+        """Store *entry* under *key*, stamped with its tags' versions *stamps*."""
+        self.set_now(key, entry, stamps, now)
 
     def get_now(self, key: str, now: float) -> Entry | None:
         """Do :meth:`get` synchronously (it never waits on I/O)."""
@@ -57,10 +70,15 @@ class MemoryCacheStore:
             self._entries.move_to_end(key)
             return entry
 
-    def set_now(self, key: str, entry: Entry, tags: Iterable[str], now: float) -> None:
+    def stamp_now(self, tags: Iterable[str]) -> dict[str, Any]:
+        """Do :meth:`stamp` synchronously."""
+        with self._lock:
+            return {tag: self._tags.get(tag, 0) for tag in tags}
+
+    def set_now(self, key: str, entry: Entry, stamps: dict[str, Any], now: float) -> None:
         """Do :meth:`set` synchronously."""
         with self._lock:
-            entry.tags = {tag: self._tags.get(tag, 0) for tag in tags}
+            entry.tags = dict(stamps)
             self._entries[key] = entry
             self._entries.move_to_end(key)
             if len(self._entries) > self.max_keys:
