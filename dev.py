@@ -126,12 +126,6 @@ PRIVATE_CHECKED = ("src", "examples", "benchmarks", "tests")
 PRIVATE_BASELINE = frozenset(
     {
         ("src/resilient/cache/decorator.py", "uses _shared, private to another module"),
-        ("src/resilient/ratelimit/limiter.py", "imports _Result from resilient.ratelimit.core"),
-        ("src/resilient/ratelimit/memory.py", "imports _ALGORITHMS from resilient.ratelimit.core"),
-        ("src/resilient/ratelimit/memory.py", "imports _Result from resilient.ratelimit.core"),
-        ("src/resilient/ratelimit/middleware.py", "imports _Result from resilient.ratelimit.core"),
-        ("src/resilient/ratelimit/middleware.py", "uses _hit_named, private to another module"),
-        ("src/resilient/ratelimit/middleware.py", "uses _now_ms, private to another module"),
         ("tests/cache/test_cache.py", "uses _store, private to another module"),
         ("tests/cache/test_invalid.py", "uses _l1, private to another module"),
         ("tests/cache/test_l1.py", "uses _l1, private to another module"),
