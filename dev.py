@@ -133,10 +133,6 @@ PRIVATE_BASELINE = frozenset(
         ("tests/cache/test_memory.py", "uses _store, private to another module"),
         ("tests/ecommerce/test_shop.py", "uses _shared, private to another module"),
         ("tests/idempotency/test_memory.py", "uses _data, private to another module"),
-        ("tests/ratelimit/test_limiter.py", "uses _deny_cache, private to another module"),
-        ("tests/ratelimit/test_memory.py", "uses _data, private to another module"),
-        ("tests/ratelimit/test_memory.py", "uses _expiries, private to another module"),
-        ("tests/ratelimit/test_middleware.py", "uses _header_cache, private to another module"),
     }
 )
 PUBLIC_UNDERSCORED = frozenset(

@@ -53,6 +53,8 @@ __all__ = [
     "combine",
     "decision_of",
     "evaluate",
+    "validate_cost",
+    "validate_policies",
 ]
 
 # Integers must stay exactly representable as doubles inside Lua (2**53); keep headroom
@@ -101,6 +103,9 @@ class Rate:
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
             msg = f"a rate's limit must be a positive integer, not {self.limit!r}"
+            raise ConfigurationError(msg)
+        if not _is_number(self.period):
+            msg = f"a rate's period must be a number of seconds, not {self.period!r}"
             raise ConfigurationError(msg)
         period_ms = self.period * 1000
         if not math.isfinite(period_ms) or period_ms < 1 or period_ms != int(period_ms):
@@ -151,8 +156,16 @@ class Rate:
 _MAX_BLOCK_S: Final = 10 * 366 * 86_400
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _block_ms(block_for: float) -> int:
-    if not math.isfinite(block_for) or not 0 <= block_for <= _MAX_BLOCK_S:
+    if (
+        not _is_number(block_for)
+        or not math.isfinite(block_for)
+        or not 0 <= block_for <= _MAX_BLOCK_S
+    ):
         msg = f"block_for must be a number of seconds from 0 to ten years, not {block_for!r}"
         raise ConfigurationError(msg)
     return math.ceil(block_for * 1000)
@@ -394,7 +407,10 @@ def _init_policy(
             "use a shorter period or a smaller limit"
         )
         raise ConfigurationError(msg)
-    if not (name.isascii() and name.isprintable()) or '"' in name or "\\" in name:
+    if not isinstance(name, str) or not (name.isascii() and name.isprintable()):
+        msg = f"a policy name must be a printable ASCII string, not {name!r}"
+        raise ConfigurationError(msg)
+    if '"' in name or "\\" in name:
         msg = f"a policy name must be printable and free of quotes and backslashes: {name!r}"
         raise ConfigurationError(msg)
     tail = f":b{block_ms}" if block_ms else ""
@@ -440,8 +456,11 @@ def charge(
 
     The fast path for a single policy: when the outcome allows, store the state for the
     TTL and the check is done. When it denies, call :func:`evaluate` instead, which also
-    applies the block period.
+    applies the block period. *cost* must be an integer from 0 to the policy's capacity
+    and *now_ms* an integer (:class:`~resilient.errors.ConfigurationError` otherwise).
     """
+    validate_cost(cost, (policy,))
+    _validate_now(now_ms)
     allowed, remaining, reset, retry, new_state, ttl = policy.step(state, now_ms, cost)
     return _new(Outcome, (allowed, remaining, reset, retry)), new_state, ttl
 
@@ -462,8 +481,12 @@ def evaluate(
     ``remaining`` counting the units left now.
 
     Return one :class:`Outcome` per policy and, per policy, the :class:`Write` to store
-    (``None``: leave the stored state as it is).
+    (``None``: leave the stored state as it is). *cost* must be an integer from 0 to the
+    smallest capacity and *now_ms* an integer (:class:`~resilient.errors.ConfigurationError`
+    otherwise).
     """
+    validate_cost(cost, policies)
+    _validate_now(now_ms)
     results = [
         charge(policy, state, now_ms, cost) for policy, state in zip(policies, states, strict=True)
     ]
@@ -499,6 +522,39 @@ def evaluate(
             writes.append(None)
         outcomes.append(outcome)
     return outcomes, writes
+
+
+def validate_policies(policies: Sequence[Policy]) -> None:
+    """Check that *policies* are distinct :class:`Policy` objects (at least one)."""
+    if not policies:
+        msg = "give at least one policy, e.g. SlidingWindow('100/minute')"
+        raise ConfigurationError(msg)
+    seen: set[str] = set()
+    for policy in policies:
+        if not isinstance(policy, Policy):
+            msg = f"not a rate-limit policy: {policy!r}"
+            raise ConfigurationError(msg)
+        if policy.id in seen:
+            msg = f"{policy!r} is given twice: each policy may be checked once per call"
+            raise ConfigurationError(msg)
+        seen.add(policy.id)
+
+
+def validate_cost(cost: int, policies: Sequence[Policy]) -> None:
+    """Check that *cost* is an integer from 0 to the smallest capacity of *policies*."""
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+        msg = f"cost must be an integer >= 0, not {cost!r}"
+        raise ConfigurationError(msg)
+    for policy in policies:
+        if cost > policy.capacity:
+            msg = f"cost {cost} exceeds the capacity of {policy!r}: it could never be admitted"
+            raise ConfigurationError(msg)
+
+
+def _validate_now(now_ms: int) -> None:
+    if isinstance(now_ms, bool) or not isinstance(now_ms, int):
+        msg = f"now_ms must be an integer number of milliseconds, not {now_ms!r}"
+        raise ConfigurationError(msg)
 
 
 class Decision(NamedTuple):

@@ -9,8 +9,8 @@ from typing import ParamSpec, TypeVar
 
 from resilient._templates import key_function
 from resilient.errors import RateLimitExceeded
-from resilient.ratelimit.core import Policy
-from resilient.ratelimit.limiter import RateLimiter, validate_cost, validate_policies
+from resilient.ratelimit.core import Policy, validate_cost, validate_policies
+from resilient.ratelimit.limiter import RateLimiter
 
 __all__ = ["rate_limit"]
 

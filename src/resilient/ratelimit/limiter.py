@@ -13,10 +13,19 @@ from resilient.backends.redis import RedisBackend
 from resilient.clock import Clock
 from resilient.errors import BackendError, BackendUnavailable, ConfigurationError
 from resilient.events import BackendFailed, LoggingObserver, Observer, RateLimited, emit
-from resilient.ratelimit.core import Charge, Decision, Outcome, Policy, combine, decision_of
+from resilient.ratelimit.core import (
+    Charge,
+    Decision,
+    Outcome,
+    Policy,
+    combine,
+    decision_of,
+    validate_cost,
+    validate_policies,
+)
 from resilient.ratelimit.store import Admit, ImmediateRateLimitStore, RateLimitStore
 
-__all__ = ["RateLimitStore", "RateLimiter", "validate_cost", "validate_policies"]
+__all__ = ["RateLimitStore", "RateLimiter"]
 
 _DEFAULT_OBSERVER = LoggingObserver()
 
@@ -90,11 +99,20 @@ class RateLimiter:
         if on_backend_error not in ("open", "closed"):
             msg = f"on_backend_error must be 'open' or 'closed', not {on_backend_error!r}"
             raise ConfigurationError(msg)
-        if not backend_retry_after > 0:
+        number = isinstance(backend_retry_after, int | float) and not isinstance(
+            backend_retry_after, bool
+        )
+        if not number or not 0 < backend_retry_after < math.inf:
             msg = (
                 "backend_retry_after must be a positive number of seconds, "
                 f"not {backend_retry_after!r}"
             )
+            raise ConfigurationError(msg)
+        if clock is not None and not isinstance(clock, Clock):
+            msg = f"clock must be a Clock, with monotonic() and time(), not {clock!r}"
+            raise ConfigurationError(msg)
+        if observer is not None and not callable(observer):
+            msg = f"observer must be a callable taking an event, or None, not {observer!r}"
             raise ConfigurationError(msg)
         if isinstance(deny_cache, bool) or not isinstance(deny_cache, int) or deny_cache < 0:
             msg = f"deny_cache must be an integer >= 0, not {deny_cache!r}"
@@ -304,30 +322,3 @@ def _validate(key: str, policies: tuple[Policy, ...], cost: int) -> None:
         raise ConfigurationError(msg)
     validate_policies(policies)
     validate_cost(cost, policies)
-
-
-def validate_policies(policies: Sequence[Policy]) -> None:
-    """Check that *policies* are distinct :class:`Policy` objects (at least one)."""
-    if not policies:
-        msg = "give at least one policy, e.g. SlidingWindow('100/minute')"
-        raise ConfigurationError(msg)
-    seen: set[str] = set()
-    for policy in policies:
-        if not isinstance(policy, Policy):
-            msg = f"not a rate-limit policy: {policy!r}"
-            raise ConfigurationError(msg)
-        if policy.id in seen:
-            msg = f"{policy!r} is given twice: each policy may be checked once per call"
-            raise ConfigurationError(msg)
-        seen.add(policy.id)
-
-
-def validate_cost(cost: int, policies: Sequence[Policy]) -> None:
-    """Check that *cost* is an integer from 0 to the smallest capacity of *policies*."""
-    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
-        msg = f"cost must be an integer >= 0, not {cost!r}"
-        raise ConfigurationError(msg)
-    for policy in policies:
-        if cost > policy.capacity:
-            msg = f"cost {cost} exceeds the capacity of {policy!r}: it could never be admitted"
-            raise ConfigurationError(msg)

@@ -12,8 +12,8 @@ from resilient._routing import PathPattern
 from resilient.errors import BackendError, BackendUnavailable, ConfigurationError
 from resilient.keys import KeyFunc, as_key_func, by_ip
 from resilient.problem import send_problem
-from resilient.ratelimit.core import Decision, Policy, decision_of
-from resilient.ratelimit.limiter import RateLimiter, validate_cost, validate_policies
+from resilient.ratelimit.core import Decision, Policy, decision_of, validate_cost, validate_policies
+from resilient.ratelimit.limiter import RateLimiter
 from resilient.ratelimit.store import Admit
 
 __all__ = ["RateLimitMiddleware", "Rule"]
@@ -68,6 +68,14 @@ class Rule:
         validate_cost(cost, policies)
         if isinstance(methods, str):
             methods = [methods]
+        if methods is not None:
+            methods = list(methods)
+            if not all(isinstance(m, str) and m for m in methods):
+                msg = f"methods must be HTTP method names, not {methods!r}"
+                raise ConfigurationError(msg)
+        if name is not None and not isinstance(name, str):
+            msg = f"a rule's name must be a string, not {name!r}"
+            raise ConfigurationError(msg)
         self.policies = policies
         self.path = path
         self.methods = frozenset(m.upper() for m in methods) if methods else _ALL_METHODS
@@ -153,6 +161,10 @@ class RateLimitMiddleware:
         if headers not in ("ietf", "legacy", "both", "none"):
             msg = f"headers must be 'ietf', 'legacy', 'both' or 'none', not {headers!r}"
             raise ConfigurationError(msg)
+        if isinstance(rules, Rule) or not isinstance(rules, Iterable):
+            msg = f"rules must be a list of Rule objects, not {rules!r}"
+            raise ConfigurationError(msg)
+        rules = tuple(rules)
         for rule in rules:
             if not isinstance(rule, Rule):
                 msg = f"rules must be Rule objects, not {rule!r}"
