@@ -1,8 +1,9 @@
 """Rate limiting decisions: pure functions of (policy, stored state, now, cost).
 
-Nothing here does I/O. The memory backend calls :func:`evaluate` directly; the Redis
-backend runs the same algorithm as ``lua/ratelimit.lua``, and the test suite checks that
-both agree with a plain model on random traces.
+Nothing here does I/O. The memory backend runs it in process (:func:`evaluate`, and on
+its hot path :meth:`Policy.step`, each policy's algorithm); the Redis backend runs the same
+algorithms as ``lua/ratelimit.lua``, and the test suite checks that both agree with a
+plain model on random traces.
 
 Arithmetic is exact. Time is an integer number of milliseconds, counts are integers, and
 every quantity stays an integer below 2**53, so Python's ``int`` and Lua's doubles compute

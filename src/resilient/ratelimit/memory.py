@@ -21,10 +21,10 @@ _KEPT_HITS: Final = 256
 
 
 class _Hit(Protocol):
-    """A prepared hit: an :data:`~resilient.ratelimit.store.Admit`, taking more.
+    """A prepared hit: an :data:`~resilient.ratelimit.store.Admit` that also takes a cost.
 
-    :meth:`MemoryRateLimitStore.check_now` passes the cost and the time of its check too;
-    they default to those the hit was prepared with.
+    Adapters call it with the key alone; :meth:`MemoryRateLimitStore.check_now` passes the
+    cost and the time of its check too, which default to those it was prepared with.
     """
 
     def __call__(self, key: str, cost: int = ..., now_ms: int | None = ..., /) -> Charge | None: ...
