@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from resilient.ratelimit.core import Outcome, Policy
+from resilient.ratelimit.core import Algorithm, Outcome, Policy
 
 
 def first_ms(predicate: Callable[[int], bool], limit: int) -> int:
@@ -131,7 +131,7 @@ Model = WindowModel | BucketModel
 
 
 def model_of(policy: Policy) -> Model:
-    if policy.kind == 1:
+    if policy.kind is Algorithm.SLIDING_WINDOW:
         return WindowModel(policy.limit, policy.period_ms, policy.block_ms)
     return BucketModel(policy.limit, policy.period_ms, policy.capacity, policy.block_ms)
 

@@ -7,7 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from resilient import ConfigurationError, Rate, SlidingWindow, TokenBucket
-from resilient.ratelimit.core import Outcome, Policy, State, combine, evaluate
+from resilient.ratelimit.core import (
+    Algorithm,
+    Outcome,
+    Policy,
+    State,
+    charge,
+    combine,
+    decision_of,
+    evaluate,
+)
 from tests.ratelimit.model import model_check, model_of
 from tests.ratelimit.strategies import Step, traces
 
@@ -60,6 +69,64 @@ def test_policies_reject_bad_arguments() -> None:
         SlidingWindow("1/second", name='say "hi"')
     with pytest.raises(TypeError, match="abstract"):
         Policy(Rate(1, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Rate(5, "1"), "period must be a number"),  # type: ignore[arg-type]
+        (lambda: Rate(5, True), "period must be a number"),
+        (lambda: TokenBucket("1/second", block_for="5"), "block_for"),  # type: ignore[arg-type]
+        (lambda: SlidingWindow("1/second", block_for=True), "block_for"),
+        (lambda: TokenBucket("1/second", name=5), "policy name"),  # type: ignore[arg-type]
+        (lambda: SlidingWindow("1/second", name="caf\u00e9"), "policy name"),
+    ],
+)
+def test_policies_refuse_arguments_of_the_wrong_type(make, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigurationError, match=message):
+        make()
+
+
+def test_each_policy_names_its_algorithm_by_the_code_the_script_reads() -> None:
+    assert SlidingWindow("5/minute").kind is Algorithm.SLIDING_WINDOW
+    assert TokenBucket("5/minute").kind is Algorithm.TOKEN_BUCKET
+    assert [int(a) for a in Algorithm] == [1, 2]  # lua/ratelimit.lua's codes
+
+
+@pytest.mark.parametrize("cost", [-1, True, 1.0, 6])
+def test_the_core_refuses_costs_a_policy_cannot_take(cost: int) -> None:
+    bucket = TokenBucket("5/second")
+    with pytest.raises(ConfigurationError, match="cost"):
+        evaluate([bucket], [None], 0, cost)
+    with pytest.raises(ConfigurationError, match="cost"):
+        charge(bucket, None, 0, cost)
+
+
+def test_the_core_refuses_times_that_are_not_whole_milliseconds() -> None:
+    with pytest.raises(ConfigurationError, match="now_ms"):
+        evaluate([TokenBucket("5/second")], [None], 1.5, 1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="now_ms"):
+        charge(TokenBucket("5/second"), None, None, 1)  # type: ignore[arg-type]
+
+
+def test_a_policys_step_is_what_charge_reports() -> None:
+    window = SlidingWindow("3/second", block_for=10)
+    state: State | None = None
+    for now in (0, 10, 20, 30, 1_500):
+        allowed, remaining, reset, retry, after, ttl = window.step(state, now, 1)
+        outcome, charged, charged_ttl = charge(window, state, now, 1)
+        assert outcome == Outcome(allowed, remaining, reset, retry)
+        assert (charged, charged_ttl) == (after, ttl)
+        state = after
+
+
+def test_a_decision_is_an_outcome_in_seconds_against_the_policys_capacity() -> None:
+    bucket = TokenBucket("10/second", burst=20)
+    decision = decision_of(bucket, *Outcome(False, 0, 1_250, 100))
+    assert decision.per_policy == (decision,)
+    assert decision == (False, 20, 0, 1.25, 0.1, bucket, (), False)
+    degraded = decision_of(bucket, True, 20, 0, 0, degraded=True)
+    assert degraded == (True, 20, 20, 0.0, 0.0, bucket, (), True)
 
 
 def test_policies_compare_and_hash_by_configuration() -> None:

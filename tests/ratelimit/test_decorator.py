@@ -76,3 +76,13 @@ async def test_a_key_function_returning_junk_is_a_clear_error() -> None:
 
     with pytest.raises(ConfigurationError, match="non-empty string"):
         await f()
+
+
+async def test_a_key_function_returning_another_type_is_a_clear_error_too() -> None:
+    limiter = RateLimiter()
+
+    @rate_limit(limiter, TokenBucket("1/second"), key=lambda n: n)
+    async def f(n: int) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="non-empty string"):
+        await f(42)

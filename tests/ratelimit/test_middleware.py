@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
-from collections.abc import AsyncIterator
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from resilient import (
+    BackendError,
     ConfigurationError,
     RateLimiter,
     RateLimitMiddleware,
@@ -28,10 +31,10 @@ from resilient import (
     by_header,
     by_ip,
 )
-from resilient._asgi import ASGIApp
-from resilient.ratelimit import middleware as middleware_module
-from resilient.ratelimit.core import Policy
+from resilient._asgi import ASGIApp, Message, Receive, Scope, Send
+from resilient.ratelimit.core import Charge, Outcome, Policy
 from resilient.ratelimit.middleware import HeaderStyle
+from resilient.ratelimit.store import Admit
 from resilient.testing import FakeClock, RedisServer
 from tests.ratelimit.strategies import policies
 
@@ -145,10 +148,7 @@ async def test_on_the_system_clock_the_hot_path_and_the_full_check_share_a_count
     assert peeked.retry_after > 50  # the block period that the denial recorded
 
 
-async def test_quota_headers_are_remembered_within_a_bound(
-    limiter: RateLimiter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(middleware_module, "_HEADER_CACHE_SIZE", 8)
+async def test_quota_headers_are_remembered_within_a_bound(limiter: RateLimiter) -> None:
     app = RateLimitMiddleware(make_app(), limiter=limiter, rules=[Rule(TokenBucket("30/hour"))])
     async with client_for(app) as client:
         states = [(await client.get("/api/items")).headers["ratelimit"] for _ in range(20)]
@@ -157,7 +157,47 @@ async def test_quota_headers_are_remembered_within_a_bound(
             first = (await fresh.get("/api/items")).headers["ratelimit"]
     assert states == [f'"30/hour";r={29 - i};t={120 * (i + 1)}' for i in range(20)]
     assert first == states[0]
-    assert 0 < len(app._header_cache) <= 8
+
+
+async def test_quota_headers_stay_right_and_hold_bounded_memory_past_any_number(
+    limiter: RateLimiter,
+) -> None:
+    # Every request leaves a quota (remaining, reset) no earlier one had: each adds headers
+    # to what the middleware remembers, which must be forgotten again at some bound.
+    policy = TokenBucket("100000/hour")  # a token every 36 ms, none back: the clock stands
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limited = RateLimitMiddleware(app, limiter=limiter, rules=[Rule(policy)])
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "client": ("1.2.3.4", 1)}
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    held: list[int] = []
+    tracemalloc.start()
+    try:
+        for i in range(6_000):
+            sent.clear()
+            await limited(dict(scope), receive, send)
+            fields = dict(sent[0]["headers"])
+            assert fields[b"ratelimit"] == b'"100000/hour";r=%d;t=%d' % (
+                99_999 - i,
+                math.ceil((i + 1) * 0.036),
+            )
+            if i % 250 == 249:
+                gc.collect()
+                held.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    # Remembering every quota would hold twice as much in the second half as in the first.
+    assert max(held[12:]) < 1.25 * max(held[:12])
 
 
 async def test_rules_match_methods_templates_and_prefixes(limiter: RateLimiter) -> None:
@@ -426,3 +466,63 @@ def test_configuration_errors_are_clear() -> None:
         RateLimitMiddleware(make_app(), limiter=limiter, rules=[TokenBucket("1/s")])  # type: ignore[list-item]
     with pytest.raises(ConfigurationError, match="malformed route template"):
         Rule(TokenBucket("1/second"), path="/a/{b")
+
+
+def test_rules_refuse_methods_names_and_lists_of_the_wrong_type() -> None:
+    policy = TokenBucket("1/second")
+    with pytest.raises(ConfigurationError, match="HTTP method names"):
+        Rule(policy, methods=["GET", 1])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="HTTP method names"):
+        Rule(policy, methods=[""])
+    with pytest.raises(ConfigurationError, match="name must be a string"):
+        Rule(policy, name=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="list of Rule objects"):
+        RateLimitMiddleware(make_app(), limiter=RateLimiter(), rules=Rule(policy))  # type: ignore[arg-type]
+
+
+class FailingStore:
+    """A store with the fast-path protocol whose state has become unreachable."""
+
+    async def check(
+        self, key: str, policies: Sequence[Policy], cost: int, now_ms: int | None, consume: bool
+    ) -> Sequence[Outcome]:
+        raise BackendError("gone")
+
+    async def clear(self, key: str, policies: Sequence[Policy]) -> None:
+        raise BackendError("gone")
+
+    def check_now(
+        self, key: str, policies: Sequence[Policy], cost: int, now_ms: int | None, consume: bool
+    ) -> Sequence[Outcome]:
+        raise BackendError("gone")
+
+    def admitter(
+        self,
+        policy: Policy,
+        *,
+        cost: int = 1,
+        prefix: str = "",
+        now_ms: Callable[[], int] | None = None,
+    ) -> Admit:
+        def admit(key: str) -> Charge | None:
+            raise BackendError("gone")
+
+        return admit
+
+
+@pytest.mark.parametrize("rules", [1, 2], ids=["hot path", "every rule"])
+async def test_a_failing_fast_path_is_answered_by_the_limiters_policy_never_a_500(
+    rules: int,
+) -> None:
+    limits = [Rule(TokenBucket("5/second")), Rule(SlidingWindow("9/minute"))][:rules]
+    store = FailingStore()
+    opened = RateLimiter(store, on_backend_error="open", observer=None)
+    closed = RateLimiter(store, on_backend_error="closed", backend_retry_after=2, observer=None)
+    async with client_for(RateLimitMiddleware(make_app(), limiter=opened, rules=limits)) as client:
+        admitted = await client.get("/api/items")
+    async with client_for(RateLimitMiddleware(make_app(), limiter=closed, rules=limits)) as client:
+        refused = await client.get("/api/items")
+    assert admitted.status_code == 200
+    assert "ratelimit" not in admitted.headers  # degraded: no quota to tell
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "2"

@@ -2,6 +2,7 @@
 
 * :mod:`~resilient.ratelimit.core`: the pure algorithms (no I/O);
 * :class:`RateLimiter`: checks keys against policies on a backend;
+* :mod:`~resilient.ratelimit.store`: the protocols of the stores it checks them in;
 * :class:`RateLimitMiddleware` and :class:`Rule`: limits at the ASGI edge;
 * :func:`rate_limit`: a decorator for async functions.
 """
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 from resilient.ratelimit.core import Decision, Policy, Rate, SlidingWindow, TokenBucket
 from resilient.ratelimit.decorator import rate_limit
-from resilient.ratelimit.limiter import RateLimiter, RateLimitStore
+from resilient.ratelimit.limiter import RateLimiter
 from resilient.ratelimit.middleware import RateLimitMiddleware, Rule
+from resilient.ratelimit.store import ImmediateRateLimitStore, RateLimitStore
 
 __all__ = [
     "Decision",
+    "ImmediateRateLimitStore",
     "Policy",
     "Rate",
     "RateLimitMiddleware",

@@ -1,8 +1,9 @@
 """Rate limiting decisions: pure functions of (policy, stored state, now, cost).
 
-Nothing here does I/O. The memory backend calls :func:`evaluate` directly; the Redis
-backend runs the same algorithm as ``lua/ratelimit.lua``, and the test suite checks that
-both agree with a plain model on random traces.
+Nothing here does I/O. The memory backend runs it in process (:func:`evaluate`, and on
+its hot path :meth:`Policy.step`, each policy's algorithm); the Redis backend runs the same
+algorithms as ``lua/ratelimit.lua``, and the test suite checks that both agree with a
+plain model on random traces.
 
 Arithmetic is exact. Time is an integer number of milliseconds, counts are integers, and
 every quantity stays an integer below 2**53, so Python's ``int`` and Lua's doubles compute
@@ -29,6 +30,7 @@ shorter block keeps the counts: the window's own wait, if longer, still applies.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Sequence
@@ -38,6 +40,8 @@ from typing import Final, NamedTuple, TypeAlias
 from resilient.errors import ConfigurationError
 
 __all__ = [
+    "Algorithm",
+    "Charge",
     "Decision",
     "Outcome",
     "Policy",
@@ -48,7 +52,10 @@ __all__ = [
     "Write",
     "charge",
     "combine",
+    "decision_of",
     "evaluate",
+    "validate_cost",
+    "validate_policies",
 ]
 
 # Integers must stay exactly representable as doubles inside Lua (2**53); keep headroom
@@ -97,6 +104,9 @@ class Rate:
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
             msg = f"a rate's limit must be a positive integer, not {self.limit!r}"
+            raise ConfigurationError(msg)
+        if not _is_number(self.period):
+            msg = f"a rate's period must be a number of seconds, not {self.period!r}"
             raise ConfigurationError(msg)
         period_ms = self.period * 1000
         if not math.isfinite(period_ms) or period_ms < 1 or period_ms != int(period_ms):
@@ -147,11 +157,44 @@ class Rate:
 _MAX_BLOCK_S: Final = 10 * 366 * 86_400
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _block_ms(block_for: float) -> int:
-    if not math.isfinite(block_for) or not 0 <= block_for <= _MAX_BLOCK_S:
+    if (
+        not _is_number(block_for)
+        or not math.isfinite(block_for)
+        or not 0 <= block_for <= _MAX_BLOCK_S
+    ):
         msg = f"block_for must be a number of seconds from 0 to ten years, not {block_for!r}"
         raise ConfigurationError(msg)
     return math.ceil(block_for * 1000)
+
+
+class Algorithm(enum.IntEnum):
+    """The algorithm a :class:`Policy` runs: its :attr:`~Policy.kind`.
+
+    The values are the codes ``lua/ratelimit.lua`` reads in a policy's spec.
+    """
+
+    SLIDING_WINDOW = 1
+    TOKEN_BUCKET = 2
+
+
+State: TypeAlias = tuple[int, int, int, int]
+"""A policy's stored state: four integers whose meaning depends on the algorithm."""
+
+Charge: TypeAlias = tuple[bool, int, int, int, State, int]
+"""What a policy's algorithm answers (:meth:`Policy.step`), flat:
+``(allowed, remaining, reset_after_ms, retry_after_ms, state, ttl_ms)``.
+
+The first four are the fields of its :class:`Outcome`; then come the state after charging
+(nothing is charged when it denies) and how long that state matters, in milliseconds. A
+plain tuple, for the hot path: a store that runs the algorithm in process answers an
+admitted hit with it, and an adapter reads ``remaining`` (``[1]``) and
+``reset_after_ms`` (``[2]``) from it, without an :class:`Outcome` or a :class:`Decision`.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +205,7 @@ class Policy:
     block_for: float = 0.0
     name: str = ""
     # Derived at construction so the hot path reads plain attributes.
-    kind: int = field(init=False, repr=False, compare=False)
+    kind: Algorithm = field(init=False, repr=False, compare=False)
     limit: int = field(init=False, repr=False, compare=False)
     capacity: int = field(init=False, repr=False, compare=False)
     period_ms: int = field(init=False, repr=False, compare=False)
@@ -177,6 +220,22 @@ class Policy:
     def window(self) -> float:
         """Seconds for a full quota to come back from empty (RateLimit-Policy's ``w``)."""
         return self.capacity * self.period_ms / self.limit / 1000
+
+    def step(self, state: State | None, now: int, cost: int) -> Charge:
+        """Run this policy's algorithm once: what taking *cost* units at *now* gives.
+
+        *now* is the time in integer milliseconds; *state* the stored state, ``None`` when
+        there is none. Return the :data:`Charge`:
+        the outcome if *cost* were taken, the state after taking it (or, when denied, after
+        taking nothing) and how long that state matters. A pure function: the caller
+        stores the state if it admits. :func:`charge` and :func:`evaluate` wrap it; only
+        :func:`evaluate` applies the block period of a denial.
+        """
+        raise NotImplementedError
+
+
+# Integer division below is written inline (``a // b`` floors, ``-(-a // b)`` rounds up):
+# the algorithms run on every request. The Lua twin spells the same operations out.
 
 
 class SlidingWindow(Policy):
@@ -194,12 +253,67 @@ class SlidingWindow(Policy):
     def __init__(self, rate: str | Rate, *, block_for: float = 0.0, name: str = "") -> None:
         parsed = Rate.parse(rate)
         _init_policy(
-            self, 1, parsed, capacity=parsed.limit, block_for=block_for, name=name or f"{parsed}"
+            self,
+            Algorithm.SLIDING_WINDOW,
+            parsed,
+            capacity=parsed.limit,
+            block_for=block_for,
+            name=name or f"{parsed}",
         )
 
     def __repr__(self) -> str:
         extra = f", block_for={self.block_for!r}" if self.block_for else ""
         return f"SlidingWindow({str(self.rate)!r}{extra})"
+
+    def step(  # noqa: PLR0912 (one branch per case of the algorithm)
+        self, state: State | None, now: int, cost: int
+    ) -> Charge:
+        """Run the sliding window once; see :meth:`Policy.step`.
+
+        State: ``(window index, current count, previous count, blocked until)``.
+        """
+        limit, window = self.limit, self.period_ms
+        index = now // window
+        if state is None:
+            current = previous = blocked = 0
+        else:
+            stored, current, previous, blocked = state
+            if index < stored:  # a clock behind the one that wrote the state
+                index, now = stored, stored * window
+            elif index == stored + 1:
+                previous, current = current, 0
+            elif index > stored + 1:
+                previous = current = 0
+        left = window - (now - index * window)  # of the current window; computed once
+        weighted = previous * left + current * window
+        full = limit * window
+        fits = weighted + cost * window <= full
+        allowed = fits and blocked <= now
+        taken = cost if allowed else 0
+        remaining = (full - weighted - taken * window) // window
+        if remaining < 0:
+            remaining = 0
+        if current + taken > 0:
+            reset = left + window
+        elif previous > 0:
+            reset = left
+        else:
+            reset = 0
+        retry = 0
+        if not fits:
+            if current + cost <= limit:
+                # Still in this window: wait for the previous window's weight to fall enough.
+                need = previous * left - (limit - current - cost) * window
+                retry = max(0, -(-need // previous))
+            else:
+                # In the next window the current count becomes the weighted previous one.
+                later = -(-(current + cost - limit) * window // current) if current > 0 else 0
+                retry = left + max(0, later)
+        if blocked > now:
+            retry = max(retry, blocked - now)
+            reset = max(reset, blocked - now)
+            remaining = 0
+        return allowed, remaining, reset, retry, (index, current + taken, previous, blocked), reset
 
 
 class TokenBucket(Policy):
@@ -229,7 +343,12 @@ class TokenBucket(Policy):
             raise ConfigurationError(msg)
         default_name = f"{parsed};burst={capacity}" if burst is not None else f"{parsed}"
         _init_policy(
-            self, 2, parsed, capacity=capacity, block_for=block_for, name=name or default_name
+            self,
+            Algorithm.TOKEN_BUCKET,
+            parsed,
+            capacity=capacity,
+            block_for=block_for,
+            name=name or default_name,
         )
 
     def __repr__(self) -> str:
@@ -238,9 +357,49 @@ class TokenBucket(Policy):
             extra += f", block_for={self.block_for!r}"
         return f"TokenBucket({str(self.rate)!r}{extra})"
 
+    def step(self, state: State | None, now: int, cost: int) -> Charge:
+        """Run the token bucket once; see :meth:`Policy.step`.
+
+        State: ``(updated at, debt, 0, blocked until)``.
+        """
+        rate, unit = self.limit, self.period_ms
+        capacity = self.capacity * unit
+        if state is None:
+            debt = blocked = 0
+        else:
+            updated, debt, _, blocked = state
+            if now < updated:  # a clock behind the one that wrote the state waits for it
+                now = updated
+            # Refill: elapsed * rate units, which pays off at most the whole debt. (The Lua
+            # twin divides before it compares, so a long-idle key cannot overflow 2**53 in a
+            # double; Python's integers cannot overflow, and the comparison means the same.)
+            paid = (now - updated) * rate
+            debt = 0 if paid >= debt else debt - paid
+        wanted = debt + cost * unit
+        if blocked <= now and wanted <= capacity:
+            # Admitted, the common case, answered first: the debt becomes what was wanted,
+            # nothing is blocked and there is no wait.
+            reset = -(-wanted // rate)
+            return True, (capacity - wanted) // unit, reset, 0, (now, wanted, 0, blocked), reset
+        remaining = (capacity - debt) // unit
+        if remaining < 0:
+            remaining = 0
+        reset = -(-debt // rate)
+        retry = -(-(wanted - capacity) // rate)
+        if blocked > now:
+            retry = max(retry, blocked - now)
+            reset = max(reset, blocked - now)
+            remaining = 0
+        elif retry < 0:
+            retry = 0
+        return False, remaining, reset, retry, (now, debt, 0, blocked), reset
+
+
+_ID_PREFIXES: Final = {Algorithm.SLIDING_WINDOW: "sw", Algorithm.TOKEN_BUCKET: "tb"}
+
 
 def _init_policy(
-    policy: Policy, kind: int, rate: Rate, *, capacity: int, block_for: float, name: str
+    policy: Policy, kind: Algorithm, rate: Rate, *, capacity: int, block_for: float, name: str
 ) -> None:
     block_ms = _block_ms(block_for)
     if capacity * rate.period_ms > _MAX_PRODUCT or rate.limit * rate.period_ms > _MAX_PRODUCT:
@@ -249,10 +408,12 @@ def _init_policy(
             "use a shorter period or a smaller limit"
         )
         raise ConfigurationError(msg)
-    if not (name.isascii() and name.isprintable()) or '"' in name or "\\" in name:
+    if not isinstance(name, str) or not (name.isascii() and name.isprintable()):
+        msg = f"a policy name must be a printable ASCII string, not {name!r}"
+        raise ConfigurationError(msg)
+    if '"' in name or "\\" in name:
         msg = f"a policy name must be printable and free of quotes and backslashes: {name!r}"
         raise ConfigurationError(msg)
-    prefix = "sw" if kind == 1 else "tb"
     tail = f":b{block_ms}" if block_ms else ""
     values = {
         "rate": rate,
@@ -263,14 +424,10 @@ def _init_policy(
         "capacity": capacity,
         "period_ms": rate.period_ms,
         "block_ms": block_ms,
-        "id": f"{prefix}:{capacity}:{rate.limit}:{rate.period_ms}{tail}",
+        "id": f"{_ID_PREFIXES[kind]}:{capacity}:{rate.limit}:{rate.period_ms}{tail}",
     }
     for attribute, value in values.items():
         object.__setattr__(policy, attribute, value)
-
-
-State: TypeAlias = tuple[int, int, int, int]
-"""A policy's stored state: four integers whose meaning depends on the algorithm."""
 
 
 class Outcome(NamedTuple):
@@ -292,100 +449,6 @@ class Write(NamedTuple):
 # Named tuples built from a tuple skip their Python-level __new__: half the cost.
 _new: Final = tuple.__new__
 
-_Result: TypeAlias = tuple[bool, int, int, int, State, int]
-"""What an algorithm answers, flat: the four fields of its :class:`Outcome`, then the state
-after charging and its TTL. The memory store's hot path needs no Outcome object."""
-
-# Integer division below is written inline (``a // b`` floors, ``-(-a // b)`` rounds up):
-# these functions run on every request. The Lua twin spells the same operations out.
-
-
-def _sliding_window(  # noqa: PLR0912 (one branch per case of the algorithm)
-    policy: Policy, state: State | None, now: int, cost: int
-) -> _Result:
-    """Return (the outcome's fields if *cost* were taken, state after taking it, its ttl)."""
-    limit, window = policy.limit, policy.period_ms
-    index = now // window
-    if state is None:
-        current = previous = blocked = 0
-    else:
-        stored, current, previous, blocked = state
-        if index < stored:  # a clock behind the one that wrote the state
-            index, now = stored, stored * window
-        elif index == stored + 1:
-            previous, current = current, 0
-        elif index > stored + 1:
-            previous = current = 0
-    left = window - (now - index * window)  # of the current window; computed once
-    weighted = previous * left + current * window
-    full = limit * window
-    fits = weighted + cost * window <= full
-    allowed = fits and blocked <= now
-    taken = cost if allowed else 0
-    remaining = (full - weighted - taken * window) // window
-    if remaining < 0:
-        remaining = 0
-    if current + taken > 0:
-        reset = left + window
-    elif previous > 0:
-        reset = left
-    else:
-        reset = 0
-    retry = 0
-    if not fits:
-        if current + cost <= limit:
-            # Still in this window: wait for the previous window's weight to fall enough.
-            need = previous * left - (limit - current - cost) * window
-            retry = max(0, -(-need // previous))
-        else:
-            # In the next window the current count becomes the weighted previous one.
-            later = -(-(current + cost - limit) * window // current) if current > 0 else 0
-            retry = left + max(0, later)
-    if blocked > now:
-        retry = max(retry, blocked - now)
-        reset = max(reset, blocked - now)
-        remaining = 0
-    return allowed, remaining, reset, retry, (index, current + taken, previous, blocked), reset
-
-
-def _token_bucket(policy: Policy, state: State | None, now: int, cost: int) -> _Result:
-    """Return (the outcome's fields if *cost* were taken, state after taking it, its ttl)."""
-    rate, unit = policy.limit, policy.period_ms
-    capacity = policy.capacity * unit
-    if state is None:
-        debt = blocked = 0
-    else:
-        updated, debt, _, blocked = state
-        if now < updated:  # a clock behind the one that wrote the state waits for it
-            now = updated
-        # Refill: elapsed * rate units, which pays off at most the whole debt. (The Lua
-        # twin divides before it compares, so a long-idle key cannot overflow 2**53 in a
-        # double; Python's integers cannot overflow, and the comparison means the same.)
-        paid = (now - updated) * rate
-        debt = 0 if paid >= debt else debt - paid
-    wanted = debt + cost * unit
-    if blocked <= now and wanted <= capacity:
-        # Admitted, the common case, answered first: the debt becomes what was wanted,
-        # nothing is blocked and there is no wait.
-        reset = -(-wanted // rate)
-        return True, (capacity - wanted) // unit, reset, 0, (now, wanted, 0, blocked), reset
-    remaining = (capacity - debt) // unit
-    if remaining < 0:
-        remaining = 0
-    reset = -(-debt // rate)
-    retry = -(-(wanted - capacity) // rate)
-    if blocked > now:
-        retry = max(retry, blocked - now)
-        reset = max(reset, blocked - now)
-        remaining = 0
-    elif retry < 0:
-        retry = 0
-    return False, remaining, reset, retry, (now, debt, 0, blocked), reset
-
-
-# Indexed by Policy.kind. The memory store reads it directly on its hot path.
-_ALGORITHMS: Final = (None, _sliding_window, _token_bucket)
-
 
 def charge(
     policy: Policy, state: State | None, now_ms: int, cost: int
@@ -394,11 +457,12 @@ def charge(
 
     The fast path for a single policy: when the outcome allows, store the state for the
     TTL and the check is done. When it denies, call :func:`evaluate` instead, which also
-    applies the block period.
+    applies the block period. *cost* must be an integer from 0 to the policy's capacity
+    and *now_ms* an integer (:class:`~resilient.errors.ConfigurationError` otherwise).
     """
-    allowed, remaining, reset, retry, new_state, ttl = _ALGORITHMS[policy.kind](  # type: ignore[misc]
-        policy, state, now_ms, cost
-    )
+    validate_cost(cost, (policy,))
+    _validate_now(now_ms)
+    allowed, remaining, reset, retry, new_state, ttl = policy.step(state, now_ms, cost)
     return _new(Outcome, (allowed, remaining, reset, retry)), new_state, ttl
 
 
@@ -418,8 +482,12 @@ def evaluate(
     ``remaining`` counting the units left now.
 
     Return one :class:`Outcome` per policy and, per policy, the :class:`Write` to store
-    (``None``: leave the stored state as it is).
+    (``None``: leave the stored state as it is). *cost* must be an integer from 0 to the
+    smallest capacity and *now_ms* an integer (:class:`~resilient.errors.ConfigurationError`
+    otherwise).
     """
+    validate_cost(cost, policies)
+    _validate_now(now_ms)
     results = [
         charge(policy, state, now_ms, cost) for policy, state in zip(policies, states, strict=True)
     ]
@@ -439,7 +507,7 @@ def evaluate(
             writes.append(None)
         elif consume and policy.block_ms and new_state[3] <= now_ms:
             block = policy.block_ms
-            if policy.kind == 1 and block >= policy.period_ms:
+            if policy.kind is Algorithm.SLIDING_WINDOW and block >= policy.period_ms:
                 # The block outlives every unit counted: forget them, so that it lasts
                 # exactly its length, wherever in its fixed window the count fell. (A
                 # token bucket's debt is paid off within its window: nothing to forget.)
@@ -455,6 +523,39 @@ def evaluate(
             writes.append(None)
         outcomes.append(outcome)
     return outcomes, writes
+
+
+def validate_policies(policies: Sequence[Policy]) -> None:
+    """Check that *policies* are distinct :class:`Policy` objects (at least one)."""
+    if not policies:
+        msg = "give at least one policy, e.g. SlidingWindow('100/minute')"
+        raise ConfigurationError(msg)
+    seen: set[str] = set()
+    for policy in policies:
+        if not isinstance(policy, Policy):
+            msg = f"not a rate-limit policy: {policy!r}"
+            raise ConfigurationError(msg)
+        if policy.id in seen:
+            msg = f"{policy!r} is given twice: each policy may be checked once per call"
+            raise ConfigurationError(msg)
+        seen.add(policy.id)
+
+
+def validate_cost(cost: int, policies: Sequence[Policy]) -> None:
+    """Check that *cost* is an integer from 0 to the smallest capacity of *policies*."""
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+        msg = f"cost must be an integer >= 0, not {cost!r}"
+        raise ConfigurationError(msg)
+    for policy in policies:
+        if cost > policy.capacity:
+            msg = f"cost {cost} exceeds the capacity of {policy!r}: it could never be admitted"
+            raise ConfigurationError(msg)
+
+
+def _validate_now(now_ms: int) -> None:
+    if isinstance(now_ms, bool) or not isinstance(now_ms, int):
+        msg = f"now_ms must be an integer number of milliseconds, not {now_ms!r}"
+        raise ConfigurationError(msg)
 
 
 class Decision(NamedTuple):
@@ -487,33 +588,46 @@ class Decision(NamedTuple):
         return self.details or (self,)
 
 
-def _single(policy: Policy, outcome: Outcome) -> Decision:
-    return Decision(
-        outcome.allowed,
-        policy.capacity,
-        outcome.remaining,
-        outcome.reset_after_ms / 1000,
-        outcome.retry_after_ms / 1000,
-        policy,
+def decision_of(
+    policy: Policy,
+    allowed: bool,
+    remaining: int,
+    reset_after_ms: int,
+    retry_after_ms: int,
+    *,
+    degraded: bool = False,
+) -> Decision:
+    """Return the :class:`Decision` of one policy's verdict, its durations in seconds.
+
+    Every decision starts here: from an :class:`Outcome` (``decision_of(policy,
+    *outcome)``), from the first four fields of a :data:`Charge`, or, *degraded*, for a
+    check the backend could not answer. (A check of several policies folds theirs with
+    :func:`combine`.)
+    """
+    return _new(
+        Decision,
+        (
+            allowed,
+            policy.capacity,
+            remaining,
+            reset_after_ms / 1000,
+            retry_after_ms / 1000,
+            policy,
+            (),
+            degraded,
+        ),
     )
 
 
 def combine(policies: Sequence[Policy], outcomes: Sequence[Outcome]) -> Decision:
     """Fold per-policy outcomes into one :class:`Decision` around the binding policy."""
     if len(policies) == 1:
-        return _single(policies[0], outcomes[0])
-    details = tuple(_single(p, o) for p, o in zip(policies, outcomes, strict=True))
+        return decision_of(policies[0], *outcomes[0])
+    details = tuple(decision_of(p, *o) for p, o in zip(policies, outcomes, strict=True))
     denied = [d for d in details if not d.allowed]
     if denied:
         binding = max(denied, key=lambda d: d.retry_after)
     else:
         binding = min(details, key=lambda d: (d.remaining, -d.reset_after))
-    return Decision(
-        not denied,
-        binding.limit,
-        binding.remaining,
-        binding.reset_after,
-        binding.retry_after,
-        binding.policy,
-        details,
-    )
+    # The binding policy's decision allows exactly when every policy does.
+    return binding._replace(details=details)

@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 from resilient._templates import key_function
-from resilient.errors import ConfigurationError, RateLimitExceeded
-from resilient.ratelimit.core import Policy
-from resilient.ratelimit.limiter import RateLimiter, validate_cost, validate_policies
+from resilient.errors import RateLimitExceeded
+from resilient.ratelimit.core import Policy, validate_cost, validate_policies
+from resilient.ratelimit.limiter import RateLimiter
 
 __all__ = ["rate_limit"]
 
@@ -38,6 +38,8 @@ def rate_limit(
     """
     validate_policies(policies)
     validate_cost(cost, policies)
+    # One policy, where the backend allows it: admitted at once, without a full check.
+    admit = limiter.admitter(policies[0], cost=cost) if len(policies) == 1 else None
 
     def decorate(function: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
         if not inspect.iscoroutinefunction(function):
@@ -48,12 +50,12 @@ def rate_limit(
         @functools.wraps(function)
         async def limited(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             name = key_of(*args, **kwargs)
-            if not isinstance(name, str) or not name:
-                msg = f"the rate-limit key must be a non-empty string, got {name!r}"
-                raise ConfigurationError(msg)
-            decision = await limiter.check(name, policies, cost, consume=True)
-            if not decision.allowed:
-                raise RateLimitExceeded(decision)
+            if admit is None or admit(name) is None:
+                # The full check: a denial, or a key that hit() refuses (a key function may
+                # return anything), which it says.
+                decision = await limiter.hit(name, *policies, cost=cost)
+                if not decision.allowed:
+                    raise RateLimitExceeded(decision)
             return await function(*args, **kwargs)
 
         return limited

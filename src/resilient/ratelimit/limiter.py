@@ -6,46 +6,28 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 from resilient.backends.memory import MemoryBackend
 from resilient.backends.redis import RedisBackend
 from resilient.clock import Clock
 from resilient.errors import BackendError, BackendUnavailable, ConfigurationError
 from resilient.events import BackendFailed, LoggingObserver, Observer, RateLimited, emit
-from resilient.ratelimit.core import Decision, Outcome, Policy, _Result, combine
-from resilient.ratelimit.memory import name_suffix
+from resilient.ratelimit.core import (
+    Charge,
+    Decision,
+    Outcome,
+    Policy,
+    combine,
+    decision_of,
+    validate_cost,
+    validate_policies,
+)
+from resilient.ratelimit.store import Admit, ImmediateRateLimitStore, RateLimitStore
 
 __all__ = ["RateLimitStore", "RateLimiter"]
 
 _DEFAULT_OBSERVER = LoggingObserver()
-_new = tuple.__new__
-
-
-@runtime_checkable
-class RateLimitStore(Protocol):
-    """Where rate-limit state lives. Implement it to plug in another store.
-
-    ``check`` must be atomic per call: it evaluates and charges every policy as one step
-    (see :func:`resilient.ratelimit.core.evaluate`). *now_ms* is the time in integer
-    milliseconds, or ``None`` for the store's own clock. Failures are raised as
-    :class:`~resilient.errors.BackendError`.
-    """
-
-    async def check(
-        self,
-        key: str,
-        policies: Sequence[Policy],
-        cost: int,
-        now_ms: int | None,
-        consume: bool,
-    ) -> Sequence[Outcome]:
-        """Evaluate (and with *consume*, charge) *cost* units of *key* against *policies*."""
-        ...
-
-    async def clear(self, key: str, policies: Sequence[Policy]) -> None:
-        """Forget the state of *key* for *policies*."""
-        ...
 
 
 def _store_for(backend: MemoryBackend | RedisBackend | RateLimitStore) -> RateLimitStore:
@@ -96,7 +78,7 @@ class RateLimiter:
         "_check_now",
         "_deny_cache",
         "_deny_cache_size",
-        "_hit_named",
+        "_immediate",
         "_store",
         "backend_retry_after",
         "clock",
@@ -117,22 +99,30 @@ class RateLimiter:
         if on_backend_error not in ("open", "closed"):
             msg = f"on_backend_error must be 'open' or 'closed', not {on_backend_error!r}"
             raise ConfigurationError(msg)
-        if not backend_retry_after > 0:
+        number = isinstance(backend_retry_after, int | float) and not isinstance(
+            backend_retry_after, bool
+        )
+        if not number or not 0 < backend_retry_after < math.inf:
             msg = (
                 "backend_retry_after must be a positive number of seconds, "
                 f"not {backend_retry_after!r}"
             )
             raise ConfigurationError(msg)
+        if clock is not None and not isinstance(clock, Clock):
+            msg = f"clock must be a Clock, with monotonic() and time(), not {clock!r}"
+            raise ConfigurationError(msg)
+        if observer is not None and not callable(observer):
+            msg = f"observer must be a callable taking an event, or None, not {observer!r}"
+            raise ConfigurationError(msg)
         if isinstance(deny_cache, bool) or not isinstance(deny_cache, int) or deny_cache < 0:
             msg = f"deny_cache must be an integer >= 0, not {deny_cache!r}"
             raise ConfigurationError(msg)
-        self._store = _store_for(MemoryBackend() if backend is None else backend)
-        # The memory store never waits: call it without the cost of a coroutine.
-        self._check_now = self._hit_named = None
-        if type(self._store).__name__ == "MemoryRateLimitStore":
-            self._check_now = self._store.check_now  # type: ignore[attr-defined]
-            if not deny_cache:  # with one, denials are answered before the store
-                self._hit_named = self._store._hit_named  # type: ignore[attr-defined]
+        store = _store_for(MemoryBackend() if backend is None else backend)
+        self._store = store
+        # A store that answers at once (the memory store) is called without the cost of a
+        # coroutine: the fast-path protocol, recognised by its methods.
+        self._immediate = store if isinstance(store, ImmediateRateLimitStore) else None
+        self._check_now = None if self._immediate is None else self._immediate.check_now
         self.clock = clock
         self.on_backend_error = on_backend_error
         self.backend_retry_after = backend_retry_after
@@ -147,7 +137,9 @@ class RateLimiter:
         If any policy denies, none is charged. Return the :class:`Decision`.
         """
         _validate(key, policies, cost)
-        return await self.check(key, policies, cost, consume=True)
+        return self._answer_now(key, policies, cost, True) or await self._await_store(
+            key, policies, cost, True
+        )
 
     async def peek(self, key: str, *policies: Policy, cost: int = 1) -> Decision:
         """Say whether a hit of *cost* would be admitted now, charging nothing.
@@ -155,7 +147,9 @@ class RateLimiter:
         ``remaining`` counts the units left now (before any hit).
         """
         _validate(key, policies, cost)
-        return await self.check(key, policies, cost, consume=False)
+        return self._answer_now(key, policies, cost, False) or await self._await_store(
+            key, policies, cost, False
+        )
 
     async def reset(self, key: str, *policies: Policy) -> None:
         """Forget *key*'s usage of *policies*, as if it had never been seen."""
@@ -168,42 +162,89 @@ class RateLimiter:
             if self.on_backend_error == "closed":
                 raise
 
-    async def check(
-        self, key: str, policies: tuple[Policy, ...], cost: int, *, consume: bool
-    ) -> Decision:
-        """Run a check without validating its arguments (for adapters that did already)."""
+    def admitter(self, policy: Policy, *, cost: int = 1, prefix: str = "") -> Admit | None:
+        """Prepare hits of *cost* units against *policy* for a hot path, if there is one.
+
+        For adapters that check the same policy on every request, as
+        :class:`~resilient.RateLimitMiddleware` does. The function returned, called as
+        ``admit(key)``, charges ``prefix + key`` when *policy* allows, at once (no
+        coroutine, no :class:`Decision`), and returns the policy's
+        :data:`~resilient.ratelimit.core.Charge`: ``[1]`` is the units remaining, ``[2]``
+        the milliseconds until the quota is full again. Otherwise it changes nothing and
+        returns ``None``, and ``await limiter.hit(prefix + key, policy, cost=cost)`` gives
+        the full answer: the denial, its event and its block period (or the error of a
+        key :meth:`hit` refuses). Both count against the same state.
+
+        Return ``None`` where there is no such path: when the backend's store is not an
+        :class:`~resilient.ratelimit.store.ImmediateRateLimitStore` (Redis), and when the
+        limiter keeps a deny cache (which answers denials before the store, in
+        :meth:`hit`). *policy* and *cost* are validated here, once; the function keeps
+        the limiter's clock as it is when the function is made.
+
+        >>> from resilient import TokenBucket
+        >>> admit = RateLimiter().admitter(TokenBucket("10/second"), prefix="ip:")
+        >>> admit("203.0.113.7")[1]   # units remaining
+        9
+        """
+        if not isinstance(prefix, str):
+            msg = f"prefix must be a string, not {prefix!r}"
+            raise ConfigurationError(msg)
+        validate_policies((policy,))
+        validate_cost(cost, (policy,))
+        immediate = self._immediate
+        if immediate is None or self._deny_cache_size:
+            return None
+        clock = self.clock
+        if clock is None:
+            admit = immediate.admitter(policy, cost=cost, prefix=prefix)
+        else:
+
+            def now_ms() -> int:
+                return math.floor(clock.time() * 1000)
+
+            admit = immediate.admitter(policy, cost=cost, prefix=prefix, now_ms=now_ms)
+        if prefix:
+            return admit
+
+        def admit_key(key: str) -> Charge | None:
+            # Without a prefix, the key alone names the state: one that hit() refuses
+            # (empty, or not a string) is left to hit(), which says why.
+            return admit(key) if type(key) is str and key else None
+
+        return admit_key
+
+    def _answer_now(
+        self, key: str, policies: tuple[Policy, ...], cost: int, consume: bool
+    ) -> Decision | None:
+        """Answer a check at once if the deny cache or the store can; else return None.
+
+        A plain function, so that a check the memory store answers costs no coroutine
+        besides the caller's. ``None``: :meth:`_await_store` answers.
+        """
         if self._deny_cache_size and consume:
             cached = self._cached_denial(key, policies)
             if cached is not None:
                 # A denial all the same: counted like one the store answered.
                 self._report_denial(key, cached)
                 return cached
-        now_ms = self._now_ms()
-        if self._check_now is not None:
-            outcomes = self._check_now(key, policies, cost, now_ms, consume)
-        else:
-            try:
-                outcomes = await self._store.check(key, policies, cost, now_ms, consume)
-            except BackendError as exc:
-                return self._on_failure(exc, policies)
+        check_now = self._check_now
+        if check_now is None:
+            return None
+        try:
+            outcomes = check_now(key, policies, cost, self._now_ms(), consume)
+        except BackendError as exc:
+            return self._on_failure(exc, policies)
         return self._decide(key, policies, outcomes, consume)
 
-    def check_nowait(self, key: str, policies: tuple[Policy, ...], cost: int) -> Decision | None:
-        """Admit a check at once when the store can answer without waiting, else None.
-
-        For adapters on the hot path: ``check_nowait(...) or await check(...)`` spares a
-        coroutine when the memory store admits a single-policy check. Anything else
-        (another store, several policies, a denial, the deny cache) returns ``None``,
-        and :meth:`check` gives the full answer.
-        """
-        if len(policies) != 1:
-            return None
-        hit = self._hit_named
-        if hit is None:
-            return None
-        policy = policies[0]
-        result = hit(key + name_suffix(policy), policy, cost, self._now_ms())
-        return None if result is None else _admitted(policy, result)
+    async def _await_store(
+        self, key: str, policies: tuple[Policy, ...], cost: int, consume: bool
+    ) -> Decision:
+        """Answer a check by awaiting the store (one that cannot answer at once)."""
+        try:
+            outcomes = await self._store.check(key, policies, cost, self._now_ms(), consume)
+        except BackendError as exc:
+            return self._on_failure(exc, policies)
+        return self._decide(key, policies, outcomes, consume)
 
     def _now_ms(self) -> int | None:
         """Return the injected clock's time in integer milliseconds; None: the store's own."""
@@ -213,21 +254,9 @@ class RateLimiter:
     def _decide(
         self, key: str, policies: tuple[Policy, ...], outcomes: Sequence[Outcome], consume: bool
     ) -> Decision:
-        if len(outcomes) == 1:  # combine(), inlined for the common case
-            policy, (allowed, remaining, reset_ms, retry_ms) = policies[0], outcomes[0]
-            decision: Decision = _new(
-                Decision,
-                (
-                    allowed,
-                    policy.capacity,
-                    remaining,
-                    reset_ms / 1000,
-                    retry_ms / 1000,
-                    policy,
-                    (),
-                    False,
-                ),
-            )
+        if len(outcomes) == 1:  # combine(), unfolded for the common case
+            allowed, remaining, reset_ms, retry_ms = outcomes[0]
+            decision = decision_of(policies[0], allowed, remaining, reset_ms, retry_ms)
             if allowed:  # the common case: nothing to report, nothing to remember
                 return decision
         else:
@@ -250,7 +279,7 @@ class RateLimiter:
             msg = f"the rate limiter's backend is unavailable: {exc}"
             raise BackendUnavailable(msg, retry_after=self.backend_retry_after) from exc
         first = policies[0]
-        return Decision(True, first.capacity, first.capacity, 0.0, 0.0, first, degraded=True)
+        return decision_of(first, True, first.capacity, 0, 0, degraded=True)
 
     def _backend_failed(self, operation: str, exc: BackendError) -> None:
         outcome = "admitted" if self.on_backend_error == "open" else "refused"
@@ -268,15 +297,8 @@ class RateLimiter:
         if left <= 0:
             del self._deny_cache[key, policies]
             return None
-        return Decision(
-            False,
-            decision.limit,
-            decision.remaining,
-            max(decision.reset_after - (decision.retry_after - left), left),
-            left,
-            decision.policy,
-            decision.details,
-        )
+        reset_after = max(decision.reset_after - (decision.retry_after - left), left)
+        return decision._replace(reset_after=reset_after, retry_after=left)
 
     def _remember_denial(self, key: str, policies: tuple[Policy, ...], decision: Decision) -> None:
         cache = self._deny_cache
@@ -289,43 +311,14 @@ class RateLimiter:
         return f"RateLimiter({self._store!r}, on_backend_error={self.on_backend_error!r})"
 
 
-def _admitted(policy: Policy, result: _Result) -> Decision:
-    """Return the Decision of a single-policy check that the store admitted at once."""
-    return _new(
-        Decision, (True, policy.capacity, result[1], result[2] / 1000, 0.0, policy, (), False)
-    )
-
-
 def _validate(key: str, policies: tuple[Policy, ...], cost: int) -> None:
+    # The common case first, in a few steps: a key, one policy, a cost it can take.
+    if len(policies) == 1 and type(key) is str and key and type(cost) is int:
+        policy = policies[0]
+        if isinstance(policy, Policy) and 0 <= cost <= policy.capacity:
+            return
     if not isinstance(key, str) or not key:
         msg = f"a rate-limit key must be a non-empty string, not {key!r}"
         raise ConfigurationError(msg)
     validate_policies(policies)
     validate_cost(cost, policies)
-
-
-def validate_policies(policies: Sequence[Policy]) -> None:
-    """Check that *policies* are distinct :class:`Policy` objects (at least one)."""
-    if not policies:
-        msg = "give at least one policy, e.g. SlidingWindow('100/minute')"
-        raise ConfigurationError(msg)
-    seen: set[str] = set()
-    for policy in policies:
-        if not isinstance(policy, Policy):
-            msg = f"not a rate-limit policy: {policy!r}"
-            raise ConfigurationError(msg)
-        if policy.id in seen:
-            msg = f"{policy!r} is given twice: each policy may be checked once per call"
-            raise ConfigurationError(msg)
-        seen.add(policy.id)
-
-
-def validate_cost(cost: int, policies: Sequence[Policy]) -> None:
-    """Check that *cost* is an integer from 0 to the smallest capacity of *policies*."""
-    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
-        msg = f"cost must be an integer >= 0, not {cost!r}"
-        raise ConfigurationError(msg)
-    for policy in policies:
-        if cost > policy.capacity:
-            msg = f"cost {cost} exceeds the capacity of {policy!r}: it could never be admitted"
-            raise ConfigurationError(msg)

@@ -9,21 +9,16 @@ from typing import Literal
 
 from resilient._asgi import ASGIApp, Message, Receive, Scope, Send
 from resilient._routing import PathPattern
-from resilient.errors import BackendUnavailable, ConfigurationError
+from resilient.errors import BackendError, BackendUnavailable, ConfigurationError
 from resilient.keys import KeyFunc, as_key_func, by_ip
 from resilient.problem import send_problem
-from resilient.ratelimit.core import Decision, Policy, _Result
-from resilient.ratelimit.limiter import (
-    RateLimiter,
-    validate_cost,
-    validate_policies,
-)
-from resilient.ratelimit.memory import name_suffix
+from resilient.ratelimit.core import Decision, Policy, decision_of, validate_cost, validate_policies
+from resilient.ratelimit.limiter import RateLimiter
+from resilient.ratelimit.store import Admit
 
 __all__ = ["RateLimitMiddleware", "Rule"]
 
 _Headers = list[tuple[bytes, bytes]]
-_Hit = Callable[[str, Policy, int, int | None], _Result | None]
 _ALL_METHODS = frozenset[str]()
 # The quota headers of the hot path, kept by (remaining, reset seconds): a busy key comes
 # back to the same few pairs, and formatting them costs more than a lookup.
@@ -47,8 +42,6 @@ class Rule:
     """
 
     __slots__ = (
-        "_only_policy",
-        "_only_suffix",
         "_pattern",
         "_policy_field",
         "_policy_header",
@@ -75,6 +68,14 @@ class Rule:
         validate_cost(cost, policies)
         if isinstance(methods, str):
             methods = [methods]
+        if methods is not None:
+            methods = list(methods)
+            if not all(isinstance(m, str) and m for m in methods):
+                msg = f"methods must be HTTP method names, not {methods!r}"
+                raise ConfigurationError(msg)
+        if name is not None and not isinstance(name, str):
+            msg = f"a rule's name must be a string, not {name!r}"
+            raise ConfigurationError(msg)
         self.policies = policies
         self.path = path
         self.methods = frozenset(m.upper() for m in methods) if methods else _ALL_METHODS
@@ -89,10 +90,6 @@ class Rule:
         ).encode()
         self._policy_field = (b"ratelimit-policy", self._policy_header)
         self._state_prefixes = {p.id: f'"{p.name}";r='.encode() for p in policies}
-        self._only_policy = policies[0] if len(policies) == 1 else None
-        # With one policy, the name of the key's state in the memory store is
-        # _scope + key + _only_suffix: built in one step on the hot path.
-        self._only_suffix = name_suffix(policies[0]) if len(policies) == 1 else ""
 
     def applies(self, method: str, path: str) -> bool:
         """Return whether this rule applies to a request for *method* and *path*."""
@@ -137,6 +134,7 @@ class RateLimitMiddleware:
     """
 
     __slots__ = (
+        "_admits",
         "_exempt",
         "_header_cache",
         "_ietf",
@@ -163,6 +161,10 @@ class RateLimitMiddleware:
         if headers not in ("ietf", "legacy", "both", "none"):
             msg = f"headers must be 'ietf', 'legacy', 'both' or 'none', not {headers!r}"
             raise ConfigurationError(msg)
+        if isinstance(rules, Rule) or not isinstance(rules, Iterable):
+            msg = f"rules must be a list of Rule objects, not {rules!r}"
+            raise ConfigurationError(msg)
+        rules = tuple(rules)
         for rule in rules:
             if not isinstance(rule, Rule):
                 msg = f"rules must be Rule objects, not {rule!r}"
@@ -175,12 +177,18 @@ class RateLimitMiddleware:
         self._legacy = headers in ("legacy", "both")
         self._no_headers = headers == "none"
         self._header_cache: dict[tuple[int, int], tuple[tuple[bytes, bytes], ...]] = {}
-        # The hot path: the memory store's one-policy hit, which admits without a
-        # coroutine, when it is the whole job (one rule of one policy).
-        self._only: tuple[Rule, Policy, _Hit] | None = None
-        hit = limiter._hit_named
-        if hit is not None and len(self.rules) == 1 and self.rules[0]._only_policy is not None:
-            self._only = (self.rules[0], self.rules[0]._only_policy, hit)
+        # Per rule of one policy, the limiter's prepared hit, which admits at once (no
+        # coroutine, no Decision) where the backend allows it; None elsewhere.
+        self._admits: tuple[Admit | None, ...] = tuple(
+            limiter.admitter(rule.policies[0], cost=rule.cost, prefix=rule._scope)
+            if len(rule.policies) == 1
+            else None
+            for rule in self.rules
+        )
+        # The hot path, when that is the whole job: one rule of one policy.
+        self._only: tuple[Rule, Admit] | None = None
+        if len(self.rules) == 1 and self._admits[0] is not None:
+            self._only = (self.rules[0], self._admits[0])
 
     async def __call__(  # noqa: PLR0911 (the per-request path, kept in one frame)
         self, scope: Scope, receive: Receive, send: Send
@@ -197,8 +205,8 @@ class RateLimitMiddleware:
         if only is None:
             await self._check_rules(scope, receive, send, path)
             return
-        rule, policy, hit = only
-        # The hot path: one rule of one policy on the memory store. Rule.applies, inlined.
+        rule, admit = only
+        # The hot path: one rule of one policy, admitted at once. Rule.applies, inlined.
         if (rule.methods and scope["method"] not in rule.methods) or (
             rule._pattern is not None and not rule._pattern.matches(path)
         ):
@@ -210,11 +218,12 @@ class RateLimitMiddleware:
         if value is None:
             await self.app(scope, receive, send)
             return
-        limiter = self.limiter
-        now_ms = None if limiter.clock is None else limiter._now_ms()
-        # Admitted at once, without a coroutine, as the bare fields of the Outcome; None
-        # when denied, which the full check below answers (and records a block for).
-        fields = hit(f"{rule._scope}{value}{rule._only_suffix}", policy, rule.cost, now_ms)
+        # Admitted at once as the policy's Charge; None when denied, which the full check
+        # below answers (and records a block for), as it does a failing backend.
+        try:
+            fields = admit(value)
+        except BackendError:
+            fields = None
         if fields is None:
             await self._check_rules(scope, receive, send, path)
             return
@@ -226,7 +235,7 @@ class RateLimitMiddleware:
         reset = -(-fields[2] // 1000)  # reset_after_ms in whole seconds, rounded up
         extra = self._header_cache.get((remaining, reset))
         if extra is None:
-            extra = self._cache_headers(rule, policy, remaining, reset)
+            extra = self._cache_headers(rule, rule.policies[0], remaining, reset)
 
         def send_with_headers(message: Message) -> Awaitable[None]:
             # _with_headers, inlined: one call less per request.
@@ -242,20 +251,26 @@ class RateLimitMiddleware:
         method: str = scope["method"]
         limiter = self.limiter
         applied: list[tuple[Rule, Decision]] = []
-        for rule in self.rules:
+        for rule, admit in zip(self.rules, self._admits, strict=True):
             if not rule.applies(method, path):
                 continue
             value = rule.key.__call__(scope)
             if value is None:
                 continue
-            name = rule._scope + value
             try:
-                decision = limiter.check_nowait(
-                    name, rule.policies, rule.cost
-                ) or await limiter.check(name, rule.policies, rule.cost, consume=True)
-            except BackendUnavailable as exc:
-                await self._unavailable(send, exc)
-                return
+                fields = None if admit is None else admit(value)
+            except BackendError:
+                fields = None  # left to the full check, which applies the limiter's policy
+            if fields is not None:
+                policy = rule.policies[0]
+                decision = decision_of(policy, True, fields[1], fields[2], 0)
+            else:
+                try:
+                    name = rule._scope + value
+                    decision = await limiter.hit(name, *rule.policies, cost=rule.cost)
+                except BackendUnavailable as exc:
+                    await self._unavailable(send, exc)
+                    return
             if not decision.allowed:
                 await self._deny(send, rule, decision, applied)
                 return

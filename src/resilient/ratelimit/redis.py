@@ -32,7 +32,9 @@ class RedisRateLimitStore:
     def _spec(self, policy: Policy) -> str:
         spec = self._specs.get(policy.id)
         if spec is None:
-            fields = (policy.kind, policy.limit, policy.capacity, policy.period_ms, policy.block_ms)
+            # The algorithm by its code (Algorithm's value), as the script reads it.
+            kind = policy.kind.value
+            fields = (kind, policy.limit, policy.capacity, policy.period_ms, policy.block_ms)
             spec = self._specs[policy.id] = ",".join(map(str, fields))
         return spec
 
