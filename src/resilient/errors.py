@@ -27,6 +27,13 @@
         └── WrongTokenUse                        ... e.g. an ID token where an access token
                                                      is expected
 
+Names: a family, and a failure of the library's machinery or configuration, ends in
+``Error`` (``ResilienceError``, ``ConfigurationError``, ``BackendError``,
+``IdempotencyError``); a refusal is named for what happened (``RateLimitExceeded``,
+``BackendUnavailable``, ``IdempotencyConflict``, ``ExpiredToken``, ``Forbidden``), as
+``except RateLimitExceeded:`` reads. ``CircuitOpenError`` keeps the name breaker users
+look for (pybreaker's ``CircuitBreakerError``, Polly's ``BrokenCircuitException``).
+
 The message of an :class:`InvalidToken` is safe to show to the client (it never echoes
 the token, a key or a claim's value): ``JWTAuthMiddleware`` puts it in the
 ``error_description`` of its ``WWW-Authenticate`` header.

@@ -11,20 +11,9 @@ import pytest
 from resilient import ConfigurationError, MemoryBackend
 from resilient.cache import MISSING, Cache, cached
 from resilient.cache.memory import MemoryCacheStore
-from resilient.events import CacheMiss, CacheRefreshed, Event, StaleServed
-from resilient.testing import FakeClock
+from resilient.events import CacheMiss, CacheRefreshed, StaleServed
+from resilient.testing import FakeClock, RecordingObserver
 from tests.cache.conftest import Driver, Gate, Loader, until
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event, /) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 def make(clock: FakeClock, **options: Any) -> Cache:
@@ -55,7 +44,7 @@ async def test_1000_concurrent_misses_share_one_load(driver: Driver) -> None:
 
 
 async def test_a_failed_load_reaches_every_waiter_and_is_not_cached(driver: Driver) -> None:
-    clock, load, recorder = FakeClock(), Loader(), Recorder()
+    clock, load, recorder = FakeClock(), Loader(), RecordingObserver()
     load.gate, load.fail = Gate(), RuntimeError("database down")
     cache = make(clock, observer=recorder)
     callers = [asyncio.ensure_future(driver.get_or_load(cache, "k", load)) for _ in range(50)]
@@ -88,7 +77,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_load() -> None:
 
 
 async def test_stale_while_revalidate_serves_stale_and_refreshes_once(driver: Driver) -> None:
-    clock, load, recorder = FakeClock(), Loader(), Recorder()
+    clock, load, recorder = FakeClock(), Loader(), RecordingObserver()
     cache = make(clock, stale_while_revalidate=5.0, observer=recorder)
     await driver.get_or_load(cache, "k", load)
     clock.advance(11)  # expired, within the 5 s of stale-while-revalidate
@@ -140,7 +129,7 @@ async def test_stale_if_error_serves_stale_only_within_its_bound(driver: Driver)
 async def test_early_refresh_happens_before_expiry_exactly_once_under_concurrency(
     driver: Driver,
 ) -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     load = Loader(clock, compute=2.0)  # a slow value: 2 s to compute
     cache = make(clock, beta=1.0, rng=random.Random(7), observer=recorder)
     await driver.get_or_load(cache, "k", load)
@@ -351,7 +340,7 @@ async def test_a_tag_invalidated_while_its_value_loads_invalidates_what_it_store
 
 
 async def test_a_failing_refresh_leaves_the_value_served_and_tries_again(driver: Driver) -> None:
-    clock, load, recorder = FakeClock(), Loader(), Recorder()
+    clock, load, recorder = FakeClock(), Loader(), RecordingObserver()
     cache = make(clock, stale_while_revalidate=30.0, observer=recorder)
     await driver.get_or_load(cache, "k", load)
     clock.advance(11)
@@ -369,7 +358,7 @@ async def test_a_failing_refresh_leaves_the_value_served_and_tries_again(driver:
 
 
 def test_refresh_threads_are_one_per_key_and_bounded() -> None:
-    clock, recorder = FakeClock(), Recorder()
+    clock, recorder = FakeClock(), RecordingObserver()
     cache = make(clock, stale_while_revalidate=60.0, observer=recorder)
     gate = threading.Event()
     running: list[str] = []

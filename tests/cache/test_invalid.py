@@ -15,8 +15,8 @@ from resilient import MemoryBackend, RedisBackend
 from resilient.cache import MISSING, Cache, cached
 from resilient.cache.core import JSONSerializer
 from resilient.cache.redis import RedisCacheStore
-from resilient.events import CacheEntryInvalid, CacheLockWait, CacheMiss, Event, StaleServed
-from resilient.testing import FakeClock, RedisServer
+from resilient.events import CacheEntryInvalid, CacheLockWait, CacheMiss, StaleServed
+from resilient.testing import FakeClock, RecordingObserver, RedisServer
 from tests.cache.conftest import Driver
 
 # What a foreign writer leaves: a pickle, a truncated value, bytes that are not UTF-8,
@@ -28,17 +28,6 @@ BODIES = [
     b"NaN",
     b"",
 ]
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event, /) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 class Foreign:
@@ -68,7 +57,7 @@ def test_the_json_serializer_refuses_what_it_never_writes() -> None:
 async def test_a_foreign_entry_in_memory_is_a_miss_that_is_overwritten(
     body: bytes, driver: Driver
 ) -> None:
-    clock, seen = FakeClock(), Recorder()
+    clock, seen = FakeClock(), RecordingObserver()
     backend = MemoryBackend()
     await Cache(backend, clock=clock, serializer=Foreign(body)).set("product:1", "x")
     cache = Cache(backend, clock=clock, jitter=0.0, observer=seen)
@@ -88,7 +77,7 @@ async def test_a_foreign_entry_in_memory_is_a_miss_that_is_overwritten(
 
 
 async def test_a_foreign_entry_is_never_served_stale(driver: Driver) -> None:
-    clock, seen = FakeClock(), Recorder()
+    clock, seen = FakeClock(), RecordingObserver()
     backend = MemoryBackend()
     options: dict[str, Any] = {"ttl": 10.0, "stale_while_revalidate": 60.0, "stale_if_error": 60.0}
     await Cache(backend, clock=clock, serializer=Foreign(b"\x80\x04"), **options).set("k", "x")
@@ -113,7 +102,7 @@ async def test_a_foreign_entry_is_never_served_stale(driver: Driver) -> None:
 
 
 async def test_the_decorators_and_the_sync_form_treat_it_as_a_miss() -> None:
-    clock, seen = FakeClock(), Recorder()
+    clock, seen = FakeClock(), RecordingObserver()
     backend = MemoryBackend()
     foreign = Cache(backend, clock=clock, serializer=Foreign(b"\x80\x04\x95"))
     cache = Cache(backend, clock=clock, jitter=0.0, observer=seen)
@@ -170,7 +159,7 @@ async def stored(raw: redis.asyncio.Redis, backend: RedisBackend, key: str) -> b
 async def test_foreign_bytes_on_redis_are_a_miss_that_is_overwritten(
     raw: redis.asyncio.Redis, body: bytes, l1: int
 ) -> None:
-    clock, seen = FakeClock(), Recorder()
+    clock, seen = FakeClock(), RecordingObserver()
     clock.advance(1_700_000_000)  # a wall-clock time: Redis keeps the deadlines in ms
     async with RedisBackend(raw) as backend:
         cache = Cache(backend, clock=clock, jitter=0.0, observer=seen, l1=l1, max_wait=30.0)
@@ -210,7 +199,7 @@ async def test_foreign_bytes_on_redis_are_a_miss_that_is_overwritten(
 async def test_a_bad_header_on_redis_is_a_miss_that_is_overwritten(
     raw: redis.asyncio.Redis, value: bytes
 ) -> None:
-    clock, seen = FakeClock(), Recorder()
+    clock, seen = FakeClock(), RecordingObserver()
     clock.advance(1_700_000_000)
     async with RedisBackend(raw) as backend:
         cache = Cache(backend, clock=clock, jitter=0.0, observer=seen, max_wait=30.0)
@@ -229,7 +218,7 @@ async def test_a_bad_header_on_redis_is_a_miss_that_is_overwritten(
 async def test_the_in_process_tier_never_keeps_an_entry_it_cannot_read(
     raw: redis.asyncio.Redis,
 ) -> None:
-    clock, seen = FakeClock(), Recorder()
+    clock, seen = FakeClock(), RecordingObserver()
     clock.advance(1_700_000_000)
     async with RedisBackend(raw) as backend:
         cache = Cache(backend, clock=clock, jitter=0.0, observer=seen, l1=8)
