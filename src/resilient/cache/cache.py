@@ -517,11 +517,20 @@ class Cache:
         """Return the load of *key* in flight (starting one if none is), shielded for callers."""
         task = self._flights.get(key)
         if task is None or task.done():  # done: an earlier load, its callback still pending
-            load = self._load(key, loader, ttl, tuple(tags))
-            task = asyncio.get_running_loop().create_task(load)
-            self._flights[key] = task
-            task.add_done_callback(self._landed(key))
+            task = self._take_off(key, loader, ttl, tags)
         return asyncio.shield(task)
+
+    def _take_off(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+        tags: Iterable[str],
+    ) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(self._load(key, loader, ttl, tuple(tags)))
+        self._flights[key] = task
+        task.add_done_callback(self._landed(key))
+        return task
 
     def _landed(self, key: str) -> Callable[[asyncio.Task[Any]], None]:
         def landed(task: asyncio.Task[Any]) -> None:
@@ -542,7 +551,7 @@ class Cache:
         flight = self._flights.get(key)
         if flight is not None and not flight.done():
             return False  # one refresher per key
-        self._flight(key, loader, ttl, tags)
+        self._take_off(key, loader, ttl, tags)  # nobody waits: its outcome is retrieved
         return True
 
     async def _load(

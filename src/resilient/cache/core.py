@@ -245,7 +245,7 @@ def lookup(cache: Settings, key: str, now: float) -> Flow:
     ``stale_while_revalidate`` seconds while one refresh runs; a miss waits for the load,
     and if the load fails, an expired value is served for ``stale_if_error`` seconds. An
     entry that cannot be read is a miss, never served stale. A failing store is a miss
-    too: the value is loaded directly. The driver reads the entry at *now* too.
+    too: the value is loaded directly. The driver reads the entry at the same *now*.
     """
     entry: Entry | None
     try:
