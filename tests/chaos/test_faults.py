@@ -67,6 +67,9 @@ class Window:
     lost_at: float | None = None  # when Redis lost its data (None: it lost nothing)
     lost_slots: list[tuple[int, int]] | None = None  # only these slots (None: all)
     quarantine: float = 0.0  # seconds the shop refuses orders once it noticed the loss
+    # The earliest moment the data's replacement could answer (the restarted server's
+    # spawn): a claim may reach it, and stamp the loss, before `end` is measured.
+    served_from: float | None = None
     ends: str = "the fault's end"  # what ends the fault, for the report
     notes: list[str] = field(default_factory=list)
 
@@ -195,7 +198,10 @@ def audit_runs(shop: ShopProcesses, load: Load, window: Window, report: FaultRep
     offset = time.time() - time.monotonic()  # monotonic to Unix time
     start = window.start + offset
     lost_at = None if window.lost_at is None else window.lost_at + offset
-    quarantined = (window.end + offset, window.end + window.quarantine + offset)
+    # The quarantine runs one lease from the loss's stamp, made by the first claim the new
+    # server answered: no earlier than its spawn, possibly before `end` was measured.
+    stamped = window.end if window.served_from is None else window.served_from
+    quarantined = (window.end + offset, stamped + window.quarantine + offset)
     if window.quarantine and lost_at is not None:
         # Each worker's quarantine starts at its first claim after the restart, so no
         # claim can begin a run from the restart until one quarantine after it.
@@ -343,11 +349,13 @@ async def test_kill_9_and_restart_empty(
         start = time.monotonic()
         await asyncio.to_thread(server.kill)
         await asyncio.sleep(1.0)
+        spawned = time.monotonic()
         await asyncio.to_thread(server.start)
         return Window(
             start,
             time.monotonic(),
             lost_at=start,
+            served_from=spawned,
             quarantine=QUARANTINE,
             ends="killed until restarted",
             notes=["Redis down for 1 s"],
